@@ -1,0 +1,1 @@
+"""Subcommands of the ``tether`` CLI, one module each (see ``tether.cli``)."""

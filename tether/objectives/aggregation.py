@@ -1,0 +1,82 @@
+"""Loss aggregation: one function, four named modes (verl ``agg_loss``; DESIGN habit 3).
+
+With per-token losses ``l_{i,t}`` and mask ``m_{i,t}``:
+
+- ``token-mean``:               ``sum_{i,t} m l / N_tok``
+- ``seq-mean-token-mean``:      ``sum_i (sum_t m l / sum_t m) / N_seq``
+- ``seq-mean-token-sum``:       ``sum_i sum_t m l / N_seq``
+- ``seq-mean-token-sum-norm``:  ``sum_i sum_t m l / (N_seq * L)`` with a constant ``L`` (Dr.GRPO)
+
+``N_tok`` and ``N_seq`` are *global* counts over the optimiser step (all micro-batches); they
+default to the counts in the tensors given (``N_seq`` counts sequences with at least one loss
+token). Because every term is a per-sequence quantity divided by a global constant, the sum of
+the micro-batch losses equals the whole-batch loss, and so do the gradients.
+
+Note on ``seq-mean-token-sum-norm``: verl divides by ``L`` only (not by the number of
+sequences); tether keeps the ``seq-mean`` in the name honest and divides by ``N_seq * L``.
+To reproduce verl's scale multiply by ``N_seq`` (or the learning rate).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+
+class AggMode(str, Enum):
+    TOKEN_MEAN = "token-mean"
+    SEQ_MEAN_TOKEN_MEAN = "seq-mean-token-mean"
+    SEQ_MEAN_TOKEN_SUM = "seq-mean-token-sum"
+    SEQ_MEAN_TOKEN_SUM_NORM = "seq-mean-token-sum-norm"
+
+    @classmethod
+    def parse(cls, value: str | AggMode) -> AggMode:
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown aggregation mode '{value}'; valid modes: {valid}") from None
+
+
+def count_tokens(mask_BT: Tensor) -> Tensor:
+    """Number of loss tokens (the local ``N_tok``)."""
+    return mask_BT.to(torch.float64).sum()
+
+
+def count_sequences(mask_BT: Tensor) -> Tensor:
+    """Number of sequences with at least one loss token (the local ``N_seq``)."""
+    return (mask_BT.to(torch.float64).sum(-1) > 0).to(torch.float64).sum()
+
+
+def _as_denominator(value: float | Tensor | None, default: Tensor, like: Tensor) -> Tensor:
+    d = default if value is None else torch.as_tensor(value, dtype=torch.float64)
+    return d.clamp(min=1.0).to(dtype=like.dtype, device=like.device)
+
+
+def aggregate(
+    loss_BT: Tensor,
+    mask_BT: Tensor,
+    mode: str | AggMode = AggMode.TOKEN_MEAN,
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    horizon: int | None = None,
+) -> Tensor:
+    """Reduce a per-token loss ``[B, T]`` to a scalar with the named mode (see module doc)."""
+    mode = AggMode.parse(mode)
+    m = mask_BT.to(loss_BT.dtype)
+    masked = torch.where(mask_BT.bool(), loss_BT, torch.zeros_like(loss_BT))
+    if mode is AggMode.TOKEN_MEAN:
+        return masked.sum() / _as_denominator(num_tokens, count_tokens(mask_BT), loss_BT)
+    n_seq = _as_denominator(num_seqs, count_sequences(mask_BT), loss_BT)
+    seq_sum_B = masked.sum(-1)
+    if mode is AggMode.SEQ_MEAN_TOKEN_MEAN:
+        return (seq_sum_B / m.sum(-1).clamp(min=1.0)).sum() / n_seq
+    if mode is AggMode.SEQ_MEAN_TOKEN_SUM:
+        return seq_sum_B.sum() / n_seq
+    length = loss_BT.shape[-1] if horizon is None else horizon
+    if length < 1:
+        raise ValueError(f"aggregate: horizon must be >= 1, got {length}")
+    return seq_sum_B.sum() / (n_seq * length)

@@ -1,0 +1,85 @@
+"""The typed bundle of per-token tensors every preset consumes.
+
+Shape suffixes (see docs/architecture.md): ``_B`` batch (sequences), ``_T`` token positions,
+``_V`` vocabulary, ``_G`` groups. All per-token tensors are right-padded ``[B, T]`` and aligned:
+position ``t`` holds the log-probability of token ``y_t`` given its prefix.
+
+Normalisers (``num_tokens``, ``num_seqs``, ``horizon``) are *global* counts over the whole
+optimiser step (all micro-batches, all ranks). Passing them makes the loss of a micro-batch the
+exact share of the full-batch loss, so micro-batching and gradient accumulation do not change the
+loss or its gradient. Left as ``None`` they default to the counts of the tensors given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LossInputs:
+    logp_theta_BT: Tensor
+    """log pi_theta(y_t | s_t), carries the gradient."""
+    logp_old_BT: Tensor
+    """log pi_old: the trainer's policy at the start of the update (no gradient)."""
+    advantages_BT: Tensor
+    """Per-token advantages (sequence advantages broadcast over tokens)."""
+    mask_BT: Tensor
+    """1 on tokens the policy generated and that enter the loss, 0 on prompt, tool output, padding."""
+    logp_mu_BT: Tensor | None = None
+    """log mu: the behaviour policy that sampled y (the rollout engine)."""
+    logp_prox_BT: Tensor | None = None
+    """log pi_prox: a proximal anchor policy (decoupled PPO, P4O, PPO-EWMA)."""
+    logp_ref_BT: Tensor | None = None
+    """log pi_ref: a frozen reference for a KL penalty."""
+    expert_B: Tensor | None = None
+    """Bool per sequence: True for external expert / off-policy traces (CalibRL, RL-PLUS)."""
+    logp_expert_old_BT: Tensor | None = None
+    """pi_old log-probs of the group's expert response aligned by position (CalibRL baseline)."""
+    num_tokens: float | Tensor | None = None
+    """Global count of loss tokens (token-mean normaliser)."""
+    num_seqs: float | Tensor | None = None
+    """Global count of sequences with at least one loss token (seq-mean normaliser)."""
+    horizon: int | None = None
+    """Constant length normaliser for seq-mean-token-sum-norm (default: padded width T)."""
+
+    def __post_init__(self) -> None:
+        shape = self.logp_theta_BT.shape
+        if self.logp_theta_BT.dim() != 2:
+            raise ValueError(f"LossInputs.logp_theta_BT must be [B, T], got shape {tuple(shape)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_BT") and value is not None and value.shape != shape:
+                raise ValueError(
+                    f"LossInputs.{f.name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                    "(the shape of logp_theta_BT)"
+                )
+        if self.expert_B is not None and self.expert_B.shape != shape[:1]:
+            raise ValueError(f"LossInputs.expert_B has shape {tuple(self.expert_B.shape)}, expected ({shape[0]},)")
+
+    @property
+    def maskf_BT(self) -> Tensor:
+        """The loss mask as the floating dtype of the log-probs."""
+        return self.mask_BT.to(self.logp_theta_BT.dtype)
+
+    def require(self, *names: str, preset: str) -> None:
+        """Raise a clear error if an optional input a preset needs is missing."""
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"objective '{preset}' needs LossInputs.{', '.join(missing)}, which was not given")
+
+
+def masked_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Mean of ``x`` over valid entries; 0 when nothing is valid. Used for metrics."""
+    m = mask_BT.to(x_BT.dtype)
+    return (x_BT * m).sum() / m.sum().clamp(min=1.0)
+
+
+def detach_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+def zeros_like_loss(x: Tensor) -> Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)

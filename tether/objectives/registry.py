@@ -1,0 +1,96 @@
+"""The preset registry: named compositions of the pure objective functions.
+
+A preset is a loss function ``fn(inputs: LossInputs, **hparams) -> (loss, metrics)`` plus its
+default hyper-parameters, the advantage estimator it is meant to be used with, its loss
+aggregation, and its source. Presets are resolved once at start-up (``get_preset``); an unknown
+name or an unknown hyper-parameter is an error that lists the valid ones.
+
+Preset modules register themselves on import; ``load_all`` imports every module of
+``tether.objectives`` once so that the registry is complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch import Tensor
+
+from tether.objectives.inputs import LossInputs
+
+LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    """One line: what it is."""
+    fn: LossFn
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Hyper-parameters with their defaults (from methods.md); includes ``agg``."""
+    advantage: str = "grpo"
+    """Name of the advantage estimator in ``tether.objectives.advantages.ADVANTAGES``."""
+    source: str = ""
+    """Paper / code the defaults come from."""
+    requires: tuple[str, ...] = ()
+    """Optional ``LossInputs`` fields that must be present (e.g. ``logp_mu_BT``)."""
+    equation: str = ""
+    """The per-token loss in plain text, for docs and ``tether objectives --verbose``."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        params = dict(self.defaults)
+        for key, value in (overrides or {}).items():
+            if key not in params:
+                valid = ", ".join(sorted(params)) or "(none)"
+                raise ValueError(f"objective '{self.name}' has no hyper-parameter '{key}'; valid: {valid}")
+            params[key] = value
+        return params
+
+    def __call__(self, inputs: LossInputs, **overrides: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        inputs.require(*self.requires, preset=self.name)
+        return self.fn(inputs, **self.resolve(overrides))
+
+
+_PRESETS: dict[str, Preset] = {}
+_LOADED = False
+
+
+def register(preset: Preset) -> Preset:
+    if preset.name in _PRESETS:
+        raise ValueError(f"objective preset '{preset.name}' registered twice")
+    _PRESETS[preset.name] = preset
+    return preset
+
+
+def load_all() -> None:
+    """Import every module of ``tether.objectives`` so each preset registers itself."""
+    global _LOADED
+    if _LOADED:
+        return
+    import tether.objectives as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    _LOADED = True
+
+
+def presets() -> dict[str, Preset]:
+    load_all()
+    return dict(_PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    load_all()
+    try:
+        return _PRESETS[name]
+    except KeyError:
+        valid = ", ".join(sorted(_PRESETS))
+        raise ValueError(f"unknown objective '{name}'; valid objectives: {valid}") from None
