@@ -1,0 +1,88 @@
+"""The one typed config of ``tether train``. Every field has a default and a one-line help; the
+CLI flags are generated from it (``tether train --help``) and ``--config FILE`` reads TOML/YAML."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from tether.configs import opt
+
+
+class KLPlacement(str, enum.Enum):
+    NONE = "none"
+    REWARD = "reward"
+    LOSS = "loss"
+
+
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    task: str = opt("arithmetic", "built-in task name (arithmetic, countdown) or a JSONL file path")
+    reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function")
+    skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing")
+    reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)")
+    model: str = opt("tiny", "model: 'tiny' (built-in, warm-started) or a path")
+    objective: str = opt("grpo", "objective preset (tether objectives lists them)")
+    objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}')
+    steps: int = opt(40, "number of RL steps (one optimiser update phase each)")
+    seed: int = opt(0, "seed of everything: task sampling, generation, initialisation")
+    prompts_per_step: int = opt(16, "prompts per step")
+    group_size: int = opt(8, "completions per prompt (the GRPO group)")
+    max_new_tokens: int = opt(12, "generation length limit")
+    temperature: float = opt(1.0, "sampling temperature")
+    top_k: int | None = opt(None, "top-k truncation at sampling (none: off)")
+    top_p: float | None = opt(None, "top-p truncation at sampling (none: off)")
+    replay_truncation: bool = opt(True, "recompute log-probs under the same top-k/top-p support the engine used")
+    epochs: int = opt(1, "passes over each step's rollouts")
+    minibatches: int = opt(1, "optimiser steps per epoch (the rollout batch is split into this many)")
+    micro_batch_size: int | None = opt(None, "sequences per forward/backward (gradient accumulation); none: whole mini-batch")
+    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    lr_schedule: LRSchedule = opt(LRSchedule.CONSTANT, "learning-rate schedule after warm-up")
+    warmup_steps: int = opt(0, "linear warm-up optimiser steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "global gradient-norm clip")
+    kl_coef: float = opt(0.0, "coefficient of the KL to the reference (initial) policy")
+    kl_estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus")
+    kl_placement: KLPlacement = opt(KLPlacement.NONE, "where the KL goes: none, reward, loss")
+    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
+    overlong_buffer: int | None = opt(None, "soft overlong penalty buffer L_buf in tokens (none: off)")
+    overlong_penalty: float = opt(1.0, "soft overlong penalty at the length limit (DAPO c)")
+    warmstart_steps: int = opt(300, "SFT warm-start steps for the built-in model (cached on disk)")
+    eval_size: int = opt(200, "held-out problems for greedy accuracy before and after")
+    checkpoint_every: int = opt(10, "checkpoint every N steps (atomic)")
+    max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps")
+    threads: int | None = opt(None, "torch CPU threads (none: all cores)")
+    out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
+    resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
+    progress: bool = opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
+                    "checkpoint_every", "max_bad_steps", "eval_size"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("warmstart_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"config field 'lr' must be > 0, got {self.lr}")
+        if self.kl_coef < 0:
+            raise ValueError(f"config field 'kl_coef' must be >= 0, got {self.kl_coef}")
+        if self.kl_placement is not KLPlacement.NONE and self.kl_coef == 0:
+            raise ValueError("config field 'kl_coef' must be > 0 when kl_placement is not 'none'")
+        if self.kl_estimator not in ("k1", "k2", "k3", "k3plus"):
+            raise ValueError(f"config field 'kl_estimator' must be one of k1, k2, k3, k3plus, got {self.kl_estimator!r}")
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            raise ValueError("config field 'minibatches' must divide prompts_per_step * group_size")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"config field 'micro_batch_size' must be >= 1, got {self.micro_batch_size}")
+        if self.reward_timeout_s <= 0:
+            raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
+        if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
