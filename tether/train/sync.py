@@ -73,7 +73,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ref_model.load_state_dict(ckpt["ref_model"])
     engine.load_weights(model.state_dict(), version=state.step)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step if ckpt else None)
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None)
 
     if state.accuracy_before is None:
         state.accuracy_before = setup.evaluate(policy, task, cfg)
