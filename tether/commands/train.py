@@ -1,0 +1,35 @@
+"""``tether train``: RL post-training with any objective preset (flags generated from TrainConfig)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tether.configs import add_dataclass_arguments, config_from_args
+from tether.train.config import TrainConfig
+
+NAME = "train"
+HELP = "Run RL post-training (default: the built-in model on arithmetic, CPU, a few minutes)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(p, TrainConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tether.train.summary import print_summary
+    from tether.train.sync import TrainingStopped, train
+
+    if args.resume and args.config is None:
+        saved = Path(args.resume) / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume {args.resume}: no config.json there (not a tether run directory?)")
+        args.config = str(saved)  # the run's own config; explicit flags still override it
+    cfg = config_from_args(TrainConfig, args)
+    try:
+        summary = train(cfg)
+    except TrainingStopped as e:
+        print(f"tether train: stopped: {e}")
+        return 3
+    print_summary(summary)
+    return 0
