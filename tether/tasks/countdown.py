@@ -41,7 +41,7 @@ class ExpressionError(ValueError):
 # ------------------------------------------------------------------------------ parse and evaluate
 # Node: int (a literal) or tuple (op, left, right).
 
-_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
+_TOKEN = re.compile(r"\s*(?:([0-9]+)|([-+*/()]))", re.ASCII)
 
 
 def tokenize(text: str) -> list[str]:
@@ -186,7 +186,7 @@ def countdown_answer(target: int, numbers: list[int]) -> str:
 
 def parse_countdown_answer(answer: str) -> tuple[int, list[int]]:
     """``"31|3,7,25,2"`` -> ``(31, [3, 7, 25, 2])``; raises ValueError on another format."""
-    m = re.fullmatch(r"\s*(\d+)\s*\|\s*(\d+(?:\s*,\s*\d+)*)\s*", answer)
+    m = re.fullmatch(r"\s*([0-9]+)\s*\|\s*([0-9]+(?:\s*,\s*[0-9]+)*)\s*", answer, re.ASCII)
     if m is None:
         raise ValueError(f"countdown answer must look like '31|3,7,25,2', got {answer!r}")
     return int(m.group(1)), [int(x) for x in m.group(2).split(",")]

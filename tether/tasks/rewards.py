@@ -36,7 +36,7 @@ log = logging.getLogger("tether.tasks.rewards")
 
 # ---------------------------------------------------------------------------------------- built-ins
 
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
 
 
 def first_line(completion: str) -> str:
