@@ -37,8 +37,9 @@ def read_jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield RawRow(line_no, None, ("invalid_utf8", f"not valid UTF-8 (byte {e.start})"))
+                yield RawRow(line_no, None, ("invalid_utf8", f"not valid UTF-8 (byte {e.start + 1} of the line)"))
                 continue
+            text = text.rstrip("\r\n")
             if line_no == 1 and text.startswith("\ufeff"):
                 text = text[1:]
             if not text.strip():
@@ -70,7 +71,7 @@ def read_csv(path: Path) -> Iterator[RawRow]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line_no = data.count(b"\n", 0, e.start) + 1
-        yield RawRow(line_no, None, ("invalid_utf8", f"not valid UTF-8 (byte {e.start}); the file cannot be read"))
+        yield RawRow(line_no, None, ("invalid_utf8", f"not valid UTF-8 (byte offset {e.start} of the file); the file cannot be read"))
         return
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
