@@ -220,3 +220,11 @@ def test_score_logs_failures_and_batch_counts(caplog):
         score_batch(flaky, ["p", "q"], ["a"], ["a", "b"])
     with pytest.raises(ValueError, match="timeout_s"):
         score(flaky, "p", "a", "a", timeout_s=0)
+
+
+def test_long_exception_messages_are_truncated_in_the_reason():
+    def verbose(prompt, completion, answer):
+        raise ValueError("x" * 10_000)
+
+    r = score(verbose, "p", "c", "a")
+    assert r.failed and r.reason.startswith("exception: ValueError: xxx") and len(r.reason) == 300

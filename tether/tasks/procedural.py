@@ -23,6 +23,12 @@ class ProceduralTask:
     """Hash salt of the split (<= 16 bytes); changing it changes the held-out set."""
     heldout_fraction: float = 0.1
     eval_size: int = 200
+    n_skipped: int = 0
+    """Generated tasks have no bad rows; present so every task reports it like ``JsonlTask``."""
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        return {}
 
     def draw(self, rng: random.Random) -> tuple[str, Example]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -258,6 +258,11 @@ def _to_reward(value: object) -> ScoreResult:
     return ScoreResult(r)
 
 
+def _exception_reason(e: BaseException) -> str:
+    text = f"exception: {type(e).__name__}: {e}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _failed(reason: str, prompt: str) -> ScoreResult:
     log.warning("reward failed (%s) for prompt %r; sample gets reward 0", reason, prompt[:80])
     return ScoreResult(0.0, True, reason)
@@ -280,7 +285,7 @@ def score(
         try:
             value = reward_fn(prompt, completion, answer)
         except Exception as e:
-            return _failed(f"exception: {type(e).__name__}: {e}", prompt)
+            return _failed(_exception_reason(e), prompt)
         result = _to_reward(value)
         return _failed(result.reason, prompt) if result.failed else result
 
@@ -308,7 +313,7 @@ def score(
         return _failed("timeout", prompt)
     if "error" in box:
         e = box["error"]
-        return _failed(f"exception: {type(e).__name__}: {e}", prompt)
+        return _failed(_exception_reason(e), prompt)
     result = _to_reward(box.get("value"))
     return _failed(result.reason, prompt) if result.failed else result
 
