@@ -327,3 +327,17 @@ def test_countdown_heldout_split_and_determinism():
 def test_countdown_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"CountdownConfig.{field}"):
         CountdownConfig(**kwargs)
+
+
+def test_default_builtin_tasks_fit_a_character_level_model():
+    """The built-in model is character-level over printable ASCII with a ~256 context: default
+    prompts plus solutions must be printable ASCII and short."""
+    for task in (ArithmeticTask(), CountdownTask(), CountdownTask(CountdownConfig(n_numbers=6, max_number=999,
+                                                                                  max_target=10**5))):
+        rng = random.Random(0)
+        examples = task.eval_examples() + [task.sample(rng) for _ in range(500)]
+        for ex in examples:
+            text = ex.prompt + ex.solution
+            assert text.isascii() and text.isprintable()
+            assert len(text) < 96
+        assert task.n_skipped == 0 and task.skipped_by_reason == {}
