@@ -20,8 +20,8 @@ def test_tasks_command_lists_shows_and_checks(tmp_path, capsys):
     data.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "", "answer": "1"}\n')
     assert main(["tasks", str(data)]) == 2
     assert f"{data}: line 2: field 'prompt': empty prompt" in capsys.readouterr().err
-    assert main(["tasks", str(data), "--skip-bad-rows"]) == 2  # one good row: nothing left to evaluate on
-    assert "no evaluation rows" in capsys.readouterr().err
+    assert main(["tasks", str(data), "--skip-bad-rows"]) == 2  # the one good row ("a") hashes into eval
+    assert "no training rows (2 rows read, 1 skipped, 1 held out for evaluation)" in capsys.readouterr().err
     data.write_text("".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(60)) + '{"prompt": 3, "answer": "1"}\n')
     assert main(["tasks", str(data), "--skip-bad-rows", "--reward", "numeric"]) == 0
     out = capsys.readouterr().out
