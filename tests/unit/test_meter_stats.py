@@ -84,6 +84,7 @@ def _reference_stats(z, m, thresholds):
         "kl_k2": np.mean([0.5 * x * x for x in toks]),
         "kl_k3": np.mean([math.exp(x) - 1 - x for x in toks]),
         "chi2": np.mean([(math.exp(x) - 1) ** 2 for x in toks]),
+        "seq_logr_p99": np.quantile(seq, 0.99),
         "seq_abs_logr_p50": np.quantile(np.abs(seq), 0.5),
         "seq_abs_logr_p99": np.quantile(np.abs(seq), 0.99),
         "geo_abs_logr_p50": np.quantile(np.abs(geo), 0.5),

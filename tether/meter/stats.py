@@ -170,7 +170,7 @@ def ratio_stats(
     ``ess_geo`` (geometric-mean ratio), ``logr_mean``, ``logr_std``, ``abs_logr_mean``,
     ``logr_{p001..p999}``, ``logr_min``, ``logr_max``, ``abs_logr_p99``, ``abs_logr_max``,
     ``tail_gt_{tau}`` for each threshold, ``kl_k1``, ``kl_k2``, ``kl_k3``, ``chi2``, ``ppl_ratio``,
-    ``seq_abs_logr_p50``, ``seq_abs_logr_p99``, ``geo_abs_logr_p50``, ``geo_abs_logr_p99``.
+    ``seq_logr_p99``, ``seq_abs_logr_p50``, ``seq_abs_logr_p99``, ``geo_abs_logr_p50``, ``geo_abs_logr_p99``.
     """
     z, m = _prep(log_ratio_BT, mask_BT)
     zf, mf = z.reshape(-1), m.reshape(-1)
@@ -198,6 +198,7 @@ def ratio_stats(
     for name, term in kl_terms(zf).items():
         out[name] = _mean(term, mf)
     out["ppl_ratio"] = torch.exp(out["kl_k1"])
+    (out["seq_logr_p99"],) = quantiles(s_B, has_B, [0.99])
     out["seq_abs_logr_p50"], out["seq_abs_logr_p99"] = quantiles(s_B.abs(), has_B, [0.5, 0.99])
     out["geo_abs_logr_p50"], out["geo_abs_logr_p99"] = quantiles(g_B.abs(), has_B, [0.5, 0.99])
     return {f"{prefix}/{k}": v for k, v in out.items()}
