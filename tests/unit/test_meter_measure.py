@@ -129,3 +129,27 @@ def test_measure_does_not_track_gradients():
     theta = theta.clone().requires_grad_(True)
     got = measure(mask_BT=mask, logp_theta_BT=theta, logp_old_BT=old, logp_mu_BT=mu)
     assert all(not v.requires_grad for v in got.values() if isinstance(v, torch.Tensor))
+
+
+def test_fully_masked_batch_is_defined_everywhere():
+    theta, old, mu, behave, mask = _batch(8)
+    none = torch.zeros_like(mask)
+    got = to_floats(measure(mask_BT=none, logp_theta_BT=theta, logp_old_BT=old, logp_mu_BT=mu,
+                            logp_behave_old_BT=behave, entropy_BT=torch.ones_like(mu)))
+    for k, v in got.items():
+        bucket = "/by_" in k
+        if bucket and not k.endswith("/n"):
+            assert math.isnan(v), k  # documented: an empty bucket has no value
+        else:
+            assert math.isfinite(v), k
+    assert got["meter/total/ess_token"] == 1.0 and got["meter/decomp/n_tokens"] == 0.0
+
+
+def test_meter_imports_no_plotting_or_heavy_packages():
+    import subprocess
+    import sys
+
+    code = ("import sys, tether.meter, tether.meter.auto, tether.meter.budget, tether.meter.dump; "
+            "bad = [m for m in ('matplotlib', 'pandas', 'pyarrow', 'rich') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
