@@ -160,6 +160,6 @@ def to_floats(metrics: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(v, Tensor):
             by_device.setdefault(v.device, []).append(k)
     for keys in by_device.values():
-        values = torch.stack([metrics[k].detach().to(F64).reshape(()) for k in keys]).cpu().tolist()
+        values = torch.stack([metrics[k].detach().reshape(()) for k in keys]).to(F64).cpu().tolist()
         out.update(zip(keys, values))
     return out

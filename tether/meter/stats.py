@@ -123,9 +123,12 @@ def _quantile_sorted(sorted_N: Tensor, n: Tensor, q: float) -> Tensor:
     pos = q * (nf - 1).clamp(min=0.0)
     lo = pos.floor()
     hi = pos.ceil()
+    if sorted_N.numel() == 0:
+        return torch.zeros((), dtype=F64, device=sorted_N.device)
     last = (n - 1).clamp(min=0)
-    v_lo = sorted_N[lo.long().clamp(max=last)] if sorted_N.numel() else torch.zeros((), dtype=F64)
-    v_hi = sorted_N[hi.long().clamp(max=last)] if sorted_N.numel() else torch.zeros((), dtype=F64)
+    # index_select with a 1-element index tensor: no host sync (a 0-dim tensor index would be one)
+    v_lo = sorted_N.index_select(0, lo.long().clamp(max=last).reshape(1)).reshape(())
+    v_hi = sorted_N.index_select(0, hi.long().clamp(max=last).reshape(1)).reshape(())
     # lerp written so that equal neighbours give exactly that value
     val = torch.where(hi > lo, v_lo + (pos - lo) * (v_hi - v_lo), v_lo)
     return torch.where(n > 0, val, torch.zeros_like(val))
@@ -154,7 +157,8 @@ def _mean(x_N: Tensor, valid_N: Tensor, *, empty: float = 0.0) -> Tensor:
 
 def kl_terms(z: Tensor) -> dict[str, Tensor]:
     """Per-token KL / chi^2 terms for ``z = log p - log q``, tokens drawn from q (module docstring)."""
-    return {"kl_k1": -z, "kl_k2": 0.5 * z * z, "kl_k3": torch.expm1(z) - z, "chi2": torch.expm1(z) ** 2}
+    em1 = torch.expm1(z)
+    return {"kl_k1": -z, "kl_k2": 0.5 * z * z, "kl_k3": em1 - z, "chi2": em1 * em1}
 
 
 def ratio_stats(
@@ -205,18 +209,20 @@ def ratio_stats(
 
 
 def _bucket_token_stats(
-    z_N: Tensor, valid_N: Tensor, key_N: Tensor, edges: Sequence[float], *, prefix: str, group: str
+    z0_N: Tensor, k3_N: Tensor, valid_N: Tensor, key_N: Tensor, edges: Sequence[float], *, prefix: str, group: str
 ) -> dict[str, Tensor]:
-    """Per-bucket token count, mean |z|, mean z and mean k3 for buckets of ``key_N`` by ``edges``."""
+    """Per-bucket token count, mean |z|, mean z and mean k3 for buckets of ``key_N`` by ``edges``.
+
+    ``z0_N`` and ``k3_N`` are the log-ratio and its k3 term, already 0 off the mask.
+    """
     K = len(edges)
-    e = torch.tensor(list(edges), dtype=F64, device=z_N.device)
+    e = torch.tensor(list(edges), dtype=F64, device=z0_N.device)
     idx = (torch.bucketize(key_N.to(F64), e, right=True) - 1).clamp(min=0, max=K - 1)
     w = valid_N.to(F64)
-    z0 = torch.where(valid_N, z_N, torch.zeros_like(z_N))
-    k3 = torch.where(valid_N, torch.expm1(z0) - z0, torch.zeros_like(z0))
+    z0, k3 = z0_N, k3_N
 
     def per_bucket(v: Tensor) -> Tensor:
-        return torch.zeros(K, dtype=F64, device=z_N.device).index_add_(0, idx, v * w)
+        return torch.zeros(K, dtype=F64, device=z0.device).index_add_(0, idx, v * w)
 
     cnt = per_bucket(torch.ones_like(z0))
     nan = torch.full_like(cnt, torch.nan)
@@ -264,13 +270,15 @@ def profile_stats(
     """
     z, m = _prep(log_ratio_BT, mask_BT)
     zf, mf = z.reshape(-1), m.reshape(-1)
-    out = _bucket_token_stats(zf, mf, position_index(m).reshape(-1), position_edges, prefix=prefix, group="by_pos")
+    k3 = torch.where(mf, torch.expm1(zf) - zf, torch.zeros_like(zf))
+    pos = position_index(m).reshape(-1)
+    out = _bucket_token_stats(zf, k3, mf, pos, position_edges, prefix=prefix, group="by_pos")
     if logp_BT is not None:
         p = torch.exp(torch.where(m, logp_BT.detach().to(F64), torch.zeros_like(z))).reshape(-1)
-        out.update(_bucket_token_stats(zf, mf, p, prob_edges, prefix=prefix, group="by_prob"))
+        out.update(_bucket_token_stats(zf, k3, mf, p, prob_edges, prefix=prefix, group="by_prob"))
     if entropy_BT is not None:
         h = torch.where(m, entropy_BT.detach().to(F64), torch.zeros_like(z)).reshape(-1)
-        out.update(_bucket_token_stats(zf, mf, h, entropy_edges, prefix=prefix, group="by_entropy"))
+        out.update(_bucket_token_stats(zf, k3, mf, h, entropy_edges, prefix=prefix, group="by_entropy"))
     s_B, g_B, n_B = sequence_log_ratios(z, m)
     e = torch.tensor(list(length_edges), dtype=F64, device=z.device)
     K = len(length_edges)
