@@ -3,7 +3,7 @@
 The page needs no server: plots are PNG files in ``RUN_DIR/report/`` referenced by relative paths.
 Keys read (defined in docs/metrics.md, section "Keys the report reads"):
 
-    reward.png         reward/mean, length/mean, entropy/mean
+    reward.png         reward/mean, eval/accuracy, length/mean, entropy/mean
     ess.png            meter/{engine,staleness,drift,total}/{ess_token,ess_seq,ess_geo}
     quantiles.png      meter/{ratio}/logr_{p001,p01,p05,p50,p95,p99,p999} (ratio: total, else engine)
     decomposition.png  meter/decomp/{engine,staleness,total}/var  (cross = total - engine - staleness)
@@ -90,7 +90,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_training(records, path: Path) -> str | None:
-    keys = [k for k in ("reward/mean", "length/mean", "entropy/mean") if _has(records, k)]
+    keys = [k for k in ("reward/mean", "eval/accuracy", "length/mean", "entropy/mean") if _has(records, k)]
     if not keys:
         return "no reward/mean, length/mean or entropy/mean"
     plt = _plt()
