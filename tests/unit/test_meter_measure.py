@@ -153,3 +153,26 @@ def test_meter_imports_no_plotting_or_heavy_packages():
             "bad = [m for m in ('matplotlib', 'pandas', 'pyarrow', 'rich') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+
+
+def test_profiles_can_be_limited_to_some_ratios():
+    theta, old, mu, behave, mask = _batch(9)
+    got = measure(mask_BT=mask, logp_theta_BT=theta, logp_old_BT=old, logp_mu_BT=mu, profiles=("total",))
+    assert any(k.startswith("meter/total/by_pos/") for k in got)
+    assert not any(k.startswith("meter/drift/by_") or k.startswith("meter/engine/by_") for k in got)
+    with pytest.raises(ValueError, match="'totl'"):
+        measure(mask_BT=mask, logp_old_BT=old, logp_mu_BT=mu, profiles=("totl",))
+
+
+def test_minus_inf_on_padding_does_not_leak_and_single_token_quantiles():
+    B, T = 3, 5
+    mu = torch.full((B, T), -float("inf"), dtype=torch.float64)
+    old = torch.full((B, T), -float("inf"), dtype=torch.float64)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mu[1, 2], old[1, 2], mask[1, 2] = -1.0, -0.7, True  # exactly one valid token, log r = 0.3
+    got = to_floats(measure(mask_BT=mask, logp_old_BT=old, logp_mu_BT=mu))
+    for q in ("p001", "p01", "p50", "p99", "p999", "min", "max"):
+        assert got[f"meter/total/logr_{q}"] == pytest.approx(0.3, rel=1e-12), q
+    assert got["meter/total/ess_token"] == 1.0 and got["meter/total/ess_seq"] == 1.0
+    assert got["meter/total/kl_k3"] == pytest.approx(math.exp(0.3) - 1 - 0.3, rel=1e-12)
+    assert all(math.isfinite(v) for k, v in got.items() if "/by_" not in k)

@@ -101,14 +101,15 @@ def measure(
     current_version: int | None = None,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     objective_metrics: Mapping[str, Any] | None = None,
-    profiles: bool = True,
+    profiles: bool | Sequence[str] = True,
 ) -> dict[str, Tensor | str]:
     """Every meter metric of one batch (module docstring; definitions in docs/metrics.md).
 
     All log-prob tensors are ``[B, T]`` and aligned with ``mask_BT``. ``entropy_BT`` (nats, of the
     policy that gives the probability profile) enables the entropy profile. The probability profile
     buckets tokens by ``exp(logp_mu_BT)`` (the sampler's probability), or by ``exp(logp_old_BT)``
-    when mu is not given. ``profiles=False`` skips the per-bucket keys (cheaper, fewer keys).
+    when mu is not given. ``profiles``: True for every ratio, False for none, or the ratio names
+    to profile (e.g. ``("total",)``): each profiled ratio adds about 115 per-bucket keys.
     """
     shape = mask_BT.shape
     if mask_BT.dim() != 2:
@@ -127,13 +128,21 @@ def measure(
     if version_BT is not None and current_version is None:
         raise ValueError("measure: version_BT was given without current_version")
 
+    if isinstance(profiles, bool):
+        profiled = set(RATIO_NAMES) if profiles else set()
+    else:
+        profiled = set(profiles)
+        unknown = sorted(profiled - set(RATIO_NAMES))
+        if unknown:
+            raise ValueError(f"measure: profiles names unknown ratio {unknown[0]!r}; valid: {', '.join(RATIO_NAMES)}")
+
     out: dict[str, Tensor | str] = {}
     prob_logp = logp_mu_BT if logp_mu_BT is not None else logp_old_BT
     for name, (z_BT, m_BT) in _ratios(
         logp_theta_BT, logp_old_BT, logp_mu_BT, logp_behave_old_BT, mask_BT, version_BT, current_version
     ).items():
         out.update(ratio_stats(z_BT, m_BT, prefix=f"meter/{name}", thresholds=thresholds))
-        if profiles:
+        if name in profiled:
             out.update(profile_stats(z_BT, m_BT, prefix=f"meter/{name}", logp_BT=prob_logp, entropy_BT=entropy_BT))
     if version_BT is not None and current_version is not None:
         out.update(version_metrics(version_BT, mask_BT, current_version))
