@@ -80,6 +80,14 @@ def test_bad_input_names_file_line_and_column(tmp_path, capsys, mutate, message)
     assert message in capsys.readouterr().err
 
 
+def test_current_version_older_than_the_data_is_an_error(tmp_path, capsys):
+    f = _write_jsonl(tmp_path / "dump.jsonl", _records())
+    assert main(["meter", str(f), "--current-version", "4"]) == 2
+    assert "older than the newest token version 5" in capsys.readouterr().err
+    assert main(["meter", str(f), "--current-version", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["meter/version/age_max"] == 3.0
+
+
 def test_invalid_json_empty_and_missing_file(tmp_path, capsys):
     f = tmp_path / "dump.jsonl"
     f.write_text(json.dumps(_records(1)[0]) + "\n{not json\n")

@@ -45,8 +45,12 @@ def summarise(path: str, current_version: int | None = None) -> dict:
     from tether.meter.measure import measure, to_floats
 
     d = read_dump(path)
-    if d.version_BT is not None and current_version is None:
-        current_version = int(d.version_BT[d.mask_BT].max()) if d.mask_BT.any() else 0
+    if d.version_BT is not None:
+        newest = int(d.version_BT[d.mask_BT].max()) if d.mask_BT.any() else 0
+        if current_version is None:
+            current_version = newest
+        elif current_version < newest:
+            raise ValueError(f"{path}: --current-version {current_version} is older than the newest token version {newest} in the file")
     metrics = to_floats(measure(
         mask_BT=d.mask_BT, logp_theta_BT=d.logp_theta_BT, logp_old_BT=d.logp_old_BT, logp_mu_BT=d.logp_mu_BT,
         logp_behave_old_BT=d.logp_behave_old_BT, entropy_BT=d.entropy_BT, version_BT=d.version_BT,
