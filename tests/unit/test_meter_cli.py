@@ -1,0 +1,115 @@
+"""`tether meter FILE`: the summary equals measure() on the same tensors; bad input names file, line, column."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from tether.cli import main
+from tether.meter import measure, to_floats
+from tether.meter.dump import read_dump
+
+pytestmark = pytest.mark.unit
+
+
+def _records(n=12, seed=0, with_versions=True):
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        L = rng.randint(1, 20)
+        mu = [-rng.random() * 3 for _ in range(L)]
+        old = [x + rng.gauss(0, 0.1) for x in mu]
+        rec = {"logp_mu": mu, "logp_old": old, "mask": [int(rng.random() > 0.2) for _ in range(L)]}
+        if with_versions:
+            rec["version"] = [4 + (i % 2)] * L
+        recs.append(rec)
+    return recs
+
+
+def _write_jsonl(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_json_summary_equals_measure_on_the_same_tensors(tmp_path, capsys):
+    recs = _records()
+    f = _write_jsonl(tmp_path / "dump.jsonl", recs)
+    assert main(["meter", str(f), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    B, T = len(recs), max(len(r["logp_mu"]) for r in recs)
+    mu, old = torch.zeros(B, T, dtype=torch.float64), torch.zeros(B, T, dtype=torch.float64)
+    mask, ver = torch.zeros(B, T, dtype=torch.bool), torch.full((B, T), -1)
+    for b, r in enumerate(recs):
+        L = len(r["logp_mu"])
+        mu[b, :L], old[b, :L] = torch.tensor(r["logp_mu"], dtype=torch.float64), torch.tensor(r["logp_old"], dtype=torch.float64)
+        mask[b, :L], ver[b, :L] = torch.tensor(r["mask"]).bool(), torch.tensor(r["version"])
+    ref = to_floats(measure(mask_BT=mask, logp_old_BT=old, logp_mu_BT=mu, version_BT=ver, current_version=5))
+    for k in ("meter/total/ess_seq", "meter/total/logr_p99", "meter/engine/kl_k3", "meter/version/stale_frac"):
+        assert out[k] == pytest.approx(ref[k], rel=1e-12), k
+    # stale tokens (version 4 < 5) and no logp_behave_old: the decomposition says why it is missing
+    assert "older version" in out["meter/decomp/unavailable"]
+    assert out["meter/auto/level"] in {"token", "sequence", "geometric"}
+
+
+def test_table_output(tmp_path, capsys):
+    f = _write_jsonl(tmp_path / "dump.jsonl", _records(with_versions=False))
+    assert main(["meter", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "ESS sequence (product)" in out and "engine" in out and "suggested correction" in out
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.pop("logp_old"), "dump.jsonl:3: missing column 'logp_old'"),
+        (lambda r: r.update(logp_mu="oops"), "dump.jsonl:3: column 'logp_mu' must be a list"),
+        (lambda r: r["logp_old"].__setitem__(0, "x"), "dump.jsonl:3: column 'logp_old' entry 0 must be a number"),
+        (lambda r: r["logp_old"].append(0.0), "dump.jsonl:3: column 'logp_old' has"),
+        (lambda r: r["mask"].__setitem__(0, 2), "dump.jsonl:3: column 'mask' entry 0 must be 0 or 1"),
+        (lambda r: r.pop("version"), "dump.jsonl:3: missing column 'version'"),
+    ],
+)
+def test_bad_input_names_file_line_and_column(tmp_path, capsys, mutate, message):
+    recs = _records()
+    mutate(recs[2])
+    f = _write_jsonl(tmp_path / "dump.jsonl", recs)
+    assert main(["meter", str(f)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_current_version_older_than_the_data_is_an_error(tmp_path, capsys):
+    f = _write_jsonl(tmp_path / "dump.jsonl", _records())
+    assert main(["meter", str(f), "--current-version", "4"]) == 2
+    assert "older than the newest token version 5" in capsys.readouterr().err
+    assert main(["meter", str(f), "--current-version", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["meter/version/age_max"] == 3.0
+
+
+def test_invalid_json_empty_and_missing_file(tmp_path, capsys):
+    f = tmp_path / "dump.jsonl"
+    f.write_text(json.dumps(_records(1)[0]) + "\n{not json\n")
+    assert main(["meter", str(f)]) == 2
+    assert "dump.jsonl:2: invalid JSON" in capsys.readouterr().err
+    f.write_text("\n")
+    assert main(["meter", str(f)]) == 2
+    assert "no sequences" in capsys.readouterr().err
+    assert main(["meter", str(tmp_path / "absent.jsonl")]) == 2
+    assert "absent.jsonl" in capsys.readouterr().err
+
+
+def test_parquet_round_trip_and_row_errors(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    recs = _records()
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "dump.parquet")
+    _write_jsonl(tmp_path / "dump.jsonl", recs)
+    a, b = read_dump(tmp_path / "dump.parquet"), read_dump(tmp_path / "dump.jsonl")
+    assert torch.equal(a.mask_BT, b.mask_BT) and torch.equal(a.logp_old_BT, b.logp_old_BT)
+    assert torch.equal(a.version_BT, b.version_BT)
+    recs[4]["logp_old"] = recs[4]["logp_old"][:-1] + [0.0, 0.0]
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "bad.parquet")
+    assert main(["meter", str(tmp_path / "bad.parquet")]) == 2
+    assert "bad.parquet row 4: column 'logp_old' has" in capsys.readouterr().err
