@@ -29,6 +29,7 @@ from tether.train.config import KLPlacement, TrainConfig
 from tether.train.metrics_log import MetricsLog
 from tether.train.progress import StepProgress
 from tether.train.shaping import informative_groups, soft_overlong_penalty
+from tether.train.summary import write_summary
 
 
 class TrainingStopped(RuntimeError):
@@ -103,7 +104,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             keep_B = informative_groups(rewards_B, rollout.group_B) if cfg.dynamic_sampling else torch.ones_like(rewards_B, dtype=torch.bool)
             state.counters["dropped_groups"] += int((~keep_B).sum()) // cfg.group_size
             advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].to(logp_old_BT.dtype) * mask_BT
-            metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT)
+            metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
             # 5. update: epochs x mini-batches x micro-batches with global normalisers
             finite = bool(torch.isfinite(torch.where(mask_BT, logp_old_BT, 0)).all() and torch.isfinite(rollout.logp_mu_BT).all())
             if finite and keep_B.any():
@@ -143,8 +144,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     **({"ref_model": ref_model.state_dict()} if ref_model is not None else {}),
                 })
     accuracy_after = setup.evaluate(policy, task, cfg)
-    summary = setup.write_summary(run_dir, cfg, state, accuracy_after, tokens_total, time.perf_counter() - t_start)
-    return summary
+    counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
+    return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
+                         time.perf_counter() - t_start)
 
 
 def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp_old_BT, logp_ref_BT,

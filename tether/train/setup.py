@@ -1,0 +1,147 @@
+"""Building blocks of the RL loop that are plumbing, not algorithm: task, policy, optimiser,
+rollout, scoring, recomputation, evaluation, KL terms and mismatch metrics."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.rollout import Rollout, SamplingParams
+from tether.tasks.base import Example, Task
+from tether.train.config import LRSchedule, TrainConfig
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: Any
+    engine: Any
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    from tether.tasks.registry import get_task
+
+    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None)
+
+
+def build_policy(cfg: TrainConfig, task: Task) -> Policy:
+    from tether.models import builtin
+
+    if cfg.model != "tiny":
+        raise ValueError(f"config field 'model': unknown model {cfg.model!r}; available: tiny")
+    model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps)
+    from tether.engine.torch_engine import TorchEngine
+
+    engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return Policy(model=model, tokenizer=tokenizer, engine=engine)
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    total = cfg.steps * cfg.epochs * cfg.minibatches
+
+    def factor(i: int) -> float:
+        if cfg.warmup_steps and i < cfg.warmup_steps:
+            return (i + 1) / cfg.warmup_steps
+        if cfg.lr_schedule is LRSchedule.COSINE:
+            progress = (i - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def sample_examples(task: Task, cfg: TrainConfig, seed: int) -> list[Example]:
+    rng = random.Random(seed)
+    return [task.sample(rng) for _ in range(cfg.prompts_per_step)]
+
+
+def sampling_params(cfg: TrainConfig) -> SamplingParams:
+    return SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+
+
+def generate(policy: Policy, examples: list[Example], cfg: TrainConfig, seed: int) -> Rollout:
+    prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples for _ in range(cfg.group_size)]
+    group_B = torch.arange(len(examples)).repeat_interleave(cfg.group_size)
+    return policy.engine.generate(prompts, sampling_params(cfg), seed=seed, group_B=group_B)
+
+
+def completions(policy: Policy, rollout: Rollout) -> list[str]:
+    out = []
+    for i in range(rollout.batch_size):
+        start = int(rollout.prompt_len_B[i])
+        ids = rollout.tokens_BT[i, start:start + int(rollout.completion_len_B[i])].tolist()
+        if ids and ids[-1] == policy.tokenizer.eos_id and bool(rollout.finished_B[i]):
+            ids = ids[:-1]
+        out.append(policy.tokenizer.decode(ids))
+    return out
+
+
+def score(task: Task, policy: Policy, rollout: Rollout, examples: list[Example], cfg: TrainConfig) -> tuple[Tensor, int]:
+    from tether.tasks.rewards import score as score_one
+
+    texts = completions(policy, rollout)
+    rewards, failed = [], 0
+    for i, text in enumerate(texts):
+        ex = examples[i // cfg.group_size]
+        result = score_one(task.reward, ex.prompt, text, ex.answer, timeout_s=cfg.reward_timeout_s)
+        rewards.append(result.reward)
+        failed += int(result.failed)
+    return torch.tensor(rewards, dtype=torch.float32), failed
+
+
+def token_logprobs(model: torch.nn.Module, rollout: Rollout, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    from tether.models.logprobs import token_logprobs as recompute
+
+    return recompute(model, rollout, replay_truncation=cfg.replay_truncation)
+
+
+def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
+    """Greedy accuracy on the task's held-out split (first ``eval_size`` problems)."""
+    examples = task.eval_examples()[: cfg.eval_size]
+    greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=cfg.max_new_tokens)
+    prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples]
+    rollout = policy.engine.generate(prompts, greedy, seed=0)
+    texts = completions(policy, rollout)
+    return sum(task.reward(ex.prompt, t, ex.answer) for ex, t in zip(examples, texts)) / max(len(examples), 1)
+
+
+def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
+    from tether.objectives.kl import kl_penalty_in_reward
+
+    per_token = kl_penalty_in_reward(logp_BT, logp_ref_BT, mask_BT, coef=cfg.kl_coef, estimator=cfg.kl_estimator)
+    return per_token.sum(-1).to(torch.float32)
+
+
+def kl_loss_terms(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
+    from tether.objectives.kl import kl_penalty_in_loss
+
+    return kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl_estimator, coef=cfg.kl_coef)
+
+
+def mismatch_metrics(logp_old_BT: Tensor, rollout: Rollout, entropy_BT: Tensor, step: int) -> dict[str, Any]:
+    """The meter on pi_old vs mu (plus versions), as plain floats for metrics.jsonl."""
+    from tether.meter.measure import measure, to_floats
+
+    mask = rollout.loss_mask_BT
+    diff = (logp_old_BT - rollout.logp_mu_BT).abs()
+    stats = measure(mask_BT=mask, logp_old_BT=logp_old_BT, logp_mu_BT=rollout.logp_mu_BT, entropy_BT=entropy_BT,
+                    version_BT=rollout.version_BT, current_version=step, profiles=("total",))
+    stats["mismatch/abs_logp_diff_mean"] = (diff * mask).sum() / mask.sum().clamp(min=1)
+    stats["mismatch/abs_logp_diff_max"] = torch.where(mask, diff, 0).max() if mask.any() else torch.zeros(())
+    stats["entropy/mean"] = (entropy_BT * mask).sum() / mask.sum().clamp(min=1)
+    return to_floats(stats)
