@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from tether.engine.sampling import entropy_from_logprobs, replay_logprobs, sample_from_logprobs, sampling_logprobs
+from tether.engine.sampling import (
+    entropy_from_logprobs,
+    replay_logprobs,
+    sample_from_logprobs,
+    sampling_logprobs,
+)
 
 pytestmark = pytest.mark.unit
 
