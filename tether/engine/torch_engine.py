@@ -99,9 +99,7 @@ class TorchEngine:
             model = copy_module.deepcopy(model)
         if dtype is not None:
             model = model.to(dtype)
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model.eval()  # sampling runs under inference_mode; requires_grad is left alone
         self.eos_id = int(eos_id)
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
         self.encode = encode
