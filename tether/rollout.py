@@ -28,6 +28,8 @@ class SamplingParams:
     """Keep the smallest set with cumulative probability >= top_p (None: no top-p)."""
     max_new_tokens: int = 32
     """Generation stops after this many new tokens."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: a row stops once its completion ends with one of them (kept in the completion)."""
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -38,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] or None, got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be a tuple of non-empty strings, got {self.stop!r}")
 
     @property
     def truncates(self) -> bool:

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from tether.models.tiny import TinyConfig, TinyLM, save_hf
+from tether.models.tokenizer import CharTokenizer
+
+pytestmark = pytest.mark.engine
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(d_model=64, n_layers=2, n_heads=4, d_ff=128, max_len=64, init_std=0.2)
+    cfg.update(kw)
+    return TinyLM(TinyConfig(**cfg)).eval()
+
+
+def test_default_size_and_validation():
+    m = TinyLM(TinyConfig())
+    assert 1_000_000 <= m.num_params() <= 3_000_000
+    with pytest.raises(ValueError, match="n_heads"):
+        TinyConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="TinyConfig.n_layers"):
+        TinyConfig(n_layers=0)
+    with pytest.raises(ValueError, match="even"):
+        TinyConfig(d_model=12, n_heads=4)
+    with pytest.raises(ValueError, match="max_len"):
+        model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_hf_roundtrip_same_logits(tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    m = model(tie_embeddings=tied)
+    save_hf(m, CharTokenizer(), tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert hf.config.tie_word_embeddings == tied
+    tokens = torch.randint(0, 99, (3, 50))
+    with torch.no_grad():
+        ours, theirs = m(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max() < 1e-5
+    assert ours.abs().max() > 0.1  # not a degenerate comparison
+
+
+def test_kv_cache_and_left_padding_match_full_forward():
+    m = model()
+    tokens = torch.randint(3, 99, (2, 20))
+    with torch.no_grad():
+        full = m(tokens)
+        cache = m.new_cache(2, 32)
+        parts = [m(tokens[:, :9], cache=cache)] + [m(tokens[:, t:t + 1], cache=cache) for t in range(9, 20)]
+        assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+        # row 1 left-padded by 4: same logits on its real tokens as unpadded
+        padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), tokens[1:, :16]], 1)
+        valid = torch.arange(20)[None] >= 4
+        pos = (valid.cumsum(-1) - 1).clamp(min=0)
+        cache = m.new_cache(1, 24)
+        out = m(padded, positions_BT=pos, key_valid_BT=valid, cache=cache)
+        assert torch.isfinite(out).all()
+        assert (out[0, 4:] - full[1, :16]).abs().max() < 1e-5

@@ -1,0 +1,1 @@
+"""Rollout engine: batched sampling that records the behaviour distribution of every token."""

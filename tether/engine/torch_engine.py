@@ -1,0 +1,240 @@
+"""Batched autoregressive sampling with a KV cache, recording the behaviour distribution.
+
+``TorchEngine`` drives either the built-in :class:`~tether.models.tiny.TinyLM` (preallocated cache)
+or any ``transformers`` causal LM (its own ``past_key_values`` cache). Prompts are left-padded
+inside the engine (positions from the prompt start, padding masked out of attention); the returned
+:class:`~tether.rollout.Rollout` is right-padded, with masks from ``(prompt_len_B, completion_len_B)``
+only, so a pad id equal to the EOS id cannot hide the real EOS.
+
+For every generated token it records ``logp_mu`` under the distribution actually sampled from
+(after temperature, top-k, top-p: :func:`tether.engine.sampling.sampling_logprobs`), the kept
+count of that truncation (for :func:`~tether.engine.sampling.replay_logprobs`) and the weight
+version. Sampling noise comes from one ``torch.Generator`` seeded explicitly: same seed, weights
+and prompts give the same tokens.
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from tether.engine.sampling import sample_from_logprobs, sampling_logprobs
+from tether.rollout import Rollout, SamplingParams
+
+
+def is_builtin(model) -> bool:
+    from tether.models.tiny import TinyLM
+
+    return isinstance(model, TinyLM)
+
+
+class _BuiltinStepper:
+    """Prefill + one-token steps for :class:`TinyLM` over a preallocated :class:`KVCache`."""
+
+    def __init__(self, model, batch: int, max_len: int) -> None:
+        self.model = model
+        self.cache = model.new_cache(batch, max_len)
+
+    def prefill(self, tokens_BP: Tensor, valid_BP: Tensor, positions_BP: Tensor) -> Tensor:
+        return self.model(tokens_BP, positions_BT=positions_BP, key_valid_BT=valid_BP, cache=self.cache,
+                          last_only=True)[:, 0]
+
+    def step(self, tokens_B: Tensor, positions_B: Tensor) -> Tensor:
+        return self.model(tokens_B[:, None], positions_BT=positions_B[:, None], cache=self.cache)[:, 0]
+
+
+class _HFStepper:
+    """Prefill + one-token steps for a ``transformers`` causal LM through ``past_key_values``."""
+
+    def __init__(self, model, batch: int, max_len: int) -> None:
+        import inspect
+
+        self.model = model
+        self.cache = None
+        self.attn_BS = None
+        params = inspect.signature(model.forward).parameters
+        # transformers >= 5.x names the cache argument `cache`; older releases `past_key_values`
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def _call(self, ids, positions):
+        out = self.model(input_ids=ids, attention_mask=self.attn_BS, position_ids=positions, use_cache=True,
+                         return_dict=True, **{self.cache_arg: self.cache}, **self.extra)
+        self.cache = getattr(out, self.cache_arg)
+        return out.logits[:, -1].float()
+
+    def prefill(self, tokens_BP: Tensor, valid_BP: Tensor, positions_BP: Tensor) -> Tensor:
+        self.attn_BS = valid_BP.long()
+        return self._call(tokens_BP, positions_BP)
+
+    def step(self, tokens_B: Tensor, positions_B: Tensor) -> Tensor:
+        self.attn_BS = torch.cat([self.attn_BS, self.attn_BS.new_ones(self.attn_BS.shape[0], 1)], dim=1)
+        return self._call(tokens_B[:, None], positions_B[:, None])
+
+
+class TorchEngine:
+    """Rollout engine over a torch model it owns.
+
+    Args:
+        model: a :class:`TinyLM` or a ``transformers`` causal LM. The engine uses it as given
+            (pass ``copy=True`` to keep a private copy, so trainer updates reach it only via
+            :meth:`load_weights`).
+        eos_id: the end-of-sequence id (a row stops after generating it).
+        pad_id: filler for padding (defaults to ``eos_id``; masks never depend on it).
+        dtype: run the engine's model in this dtype (e.g. ``torch.bfloat16``); sampling maths stays
+            float32. Default: the model's dtype.
+        encode: ``str -> list[int]``, needed only to turn ``SamplingParams.stop`` strings into token
+            sequences (matched on ids, so exact for character tokenizers; for BPE tokenizers only
+            the canonical tokenisation of the stop string is matched).
+        version: initial weight version.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, eos_id: int, pad_id: int | None = None,
+                 dtype: torch.dtype | None = None, copy: bool = False,
+                 encode: Callable[[str], list[int]] | None = None, version: int = 0) -> None:
+        if copy:
+            model = copy_module.deepcopy(model)
+        if dtype is not None:
+            model = model.to(dtype)
+        self.model = model.eval()  # sampling runs under inference_mode; requires_grad is left alone
+        self.eos_id = int(eos_id)
+        self.pad_id = self.eos_id if pad_id is None else int(pad_id)
+        self.encode = encode
+        self.version = int(version)
+        self._builtin = is_builtin(model)
+        p = next(self.model.parameters())
+        self.device = p.device
+        self.vocab_size = model.config.vocab_size
+
+    @property
+    def max_len(self) -> int | None:
+        cfg = self.model.config
+        return getattr(cfg, "max_len", None) or getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None)
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: Mapping[str, Tensor], version: int) -> None:
+        """Copy ``state_dict`` into the engine's model in place (cast to its dtype) and set the
+        weight version of every token generated from now on. Keys must match exactly."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if missing or unexpected:
+            raise KeyError(f"TorchEngine.load_weights: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        for k, dst in own.items():
+            src = state_dict[k]
+            if src.shape != dst.shape:
+                raise ValueError(f"TorchEngine.load_weights: {k} has shape {tuple(src.shape)}, "
+                                 f"engine expects {tuple(dst.shape)}")
+            if src.data_ptr() != dst.data_ptr():
+                dst.copy_(src)
+        self.version = int(version)
+
+    def _stop_sequences(self, params: SamplingParams) -> list[Tensor]:
+        if not params.stop:
+            return []
+        if self.encode is None:
+            raise ValueError("TorchEngine: SamplingParams.stop needs the engine to be built with encode=")
+        return [torch.tensor(self.encode(s), dtype=torch.long, device=self.device) for s in params.stop]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed: int,
+                 group_B: Tensor | None = None, n: int = 1) -> Rollout:
+        """Sample ``n`` completions per prompt (rows ordered prompt-major). Returns a right-padded
+        :class:`Rollout`; ``group_B`` defaults to the prompt index."""
+        if n < 1:
+            raise ValueError(f"TorchEngine.generate: n must be >= 1, got {n}")
+        prompts = [list(p) for p in prompts for _ in range(n)]
+        B = len(prompts)
+        if B == 0:
+            raise ValueError("TorchEngine.generate: no prompts")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"TorchEngine.generate: prompt {i // n} is empty")
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        P, N = int(lens.max()), params.max_new_tokens
+        limit = self.max_len
+        if limit is not None and P + N > limit:
+            raise ValueError(f"TorchEngine.generate: longest prompt ({P}) + max_new_tokens ({N}) exceeds the "
+                             f"model's maximum length {limit}")
+        if group_B is None:
+            group_B = torch.arange(B // n).repeat_interleave(n)
+        elif len(group_B) != B:
+            raise ValueError(f"TorchEngine.generate: group_B has {len(group_B)} entries for {B} rows")
+        dev = self.device
+        # left-pad prompts for the batched prefill
+        tokens_BP = torch.full((B, P), self.pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens_BP[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid_BP = torch.arange(P)[None, :] >= (P - lens)[:, None]
+        positions_BP = (valid_BP.cumsum(-1) - 1).clamp(min=0)
+        tokens_BP, valid_BP, positions_BP, lens = (x.to(dev) for x in (tokens_BP, valid_BP, positions_BP, lens))
+
+        raw = self._sample(tokens_BP, valid_BP, positions_BP, lens, params, seed)
+        with torch.no_grad():  # plain tensors (not inference tensors): the trainer differentiates through them
+            raw = [x.clone() for x in raw]
+        return self._assemble(prompts, *raw, params, group_B)
+
+    @torch.inference_mode()
+    def _sample(self, tokens_BP, valid_BP, positions_BP, lens, params: SamplingParams, seed: int):
+        B, P = tokens_BP.shape
+        N, dev = params.max_new_tokens, self.device
+        stops = self._stop_sequences(params)
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        stepper = (_BuiltinStepper if self._builtin else _HFStepper)(self.model, B, P + N)
+        out_tok_BN = torch.full((B, N), self.pad_id, dtype=torch.long, device=dev)
+        out_logp_BN = torch.zeros(B, N, dtype=torch.float32, device=dev)
+        out_kept_BN = torch.full((B, N), self.vocab_size, dtype=torch.long, device=dev)
+        done_B = torch.zeros(B, dtype=torch.bool, device=dev)
+        comp_len_B = torch.zeros(B, dtype=torch.long, device=dev)
+        truncates = params.truncates
+
+        logits_BV = stepper.prefill(tokens_BP, valid_BP, positions_BP)
+        for t in range(N):
+            logp_BV, kept_B = sampling_logprobs(logits_BV.float(), params.temperature, params.top_k, params.top_p)
+            tok_B = sample_from_logprobs(logp_BV, gen)
+            active_B = ~done_B
+            out_tok_BN[:, t] = torch.where(active_B, tok_B, self.pad_id)
+            out_logp_BN[:, t] = torch.where(active_B, logp_BV.gather(1, tok_B[:, None])[:, 0], 0.0)
+            if truncates:
+                out_kept_BN[:, t] = torch.where(active_B, kept_B, self.vocab_size)
+            comp_len_B += active_B
+            stop_B = tok_B == self.eos_id
+            for s in stops:
+                L = len(s)
+                if L <= t + 1:
+                    stop_B |= (out_tok_BN[:, t + 1 - L:t + 1] == s).all(-1)
+            done_B |= active_B & stop_B
+            if t == N - 1 or bool(done_B.all()):
+                break
+            logits_BV = stepper.step(out_tok_BN[:, t], lens + t)
+
+        return lens, out_tok_BN, out_logp_BN, out_kept_BN, comp_len_B, done_B
+
+    def _assemble(self, prompts, lens_B, tok_BN, logp_BN, kept_BN, comp_len_B, done_B, params, group_B) -> Rollout:
+        """Right-padded record: row b = prompt_b, completion_b[:comp_len_b], padding."""
+        B, N = tok_BN.shape
+        dev = tok_BN.device
+        T = int((lens_B + comp_len_B).max())
+        tokens_BT = torch.full((B, T), self.pad_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens_BT[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+        cols_BN = lens_B[:, None] + torch.arange(N, device=dev)[None, :]
+        in_comp_BN = torch.arange(N, device=dev)[None, :] < comp_len_B[:, None]
+        cols_BN = torch.where(in_comp_BN, cols_BN, T)  # dump column for the unused tail
+        pad = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        tokens_BT = torch.cat([tokens_BT, pad + self.pad_id], 1).scatter_(1, cols_BN, tok_BN)[:, :T]
+        logp_BT = torch.zeros(B, T + 1, dtype=torch.float32, device=dev).scatter_(1, cols_BN, logp_BN)[:, :T]
+        kept_BT = None
+        if kept_BN is not None:
+            kept_BT = torch.full((B, T + 1), self.vocab_size, dtype=torch.long, device=dev)
+            kept_BT = kept_BT.scatter_(1, cols_BN, kept_BN)[:, :T]
+        if not params.truncates:
+            kept_BT = None
+        rollout = Rollout(tokens_BT=tokens_BT, prompt_len_B=lens_B.clone(), completion_len_B=comp_len_B,
+                          logp_mu_BT=logp_BT, version_BT=torch.zeros_like(tokens_BT), kept_count_BT=kept_BT,
+                          sampling=params, group_B=group_B.to(dev), finished_B=done_B)
+        rollout.version_BT = torch.where(rollout.loss_mask_BT, self.version, -1)
+        return rollout
