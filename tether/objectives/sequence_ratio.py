@@ -153,8 +153,8 @@ register(Preset(
     defaults={"agg": "seq-mean-token-mean", "eps_low": 3e-4, "eps_high": 4e-4},
     advantage="grpo",
     source=(
-        "Zheng et al. 2025 (GSPO, arXiv 2507.18071: clip ranges 3e-4 / 4e-4); "
-        "verl compute_policy_loss_gspo (no dual clip, seq-mean-token-mean)"
+        "Zheng et al. 2025 (GSPO, arXiv 2507.18071: clip ranges 3e-4 / 4e-4); verl compute_policy_loss_gspo "
+        "(no dual clip) and examples/gspo_trainer (clip_ratio_low 3e-4, clip_ratio_high 4e-4, seq-mean-token-mean)"
     ),
     equation=(
         "log s_i = mean_t m log r_t; s_it = sg(s_i) pi_theta(y_t)/sg(pi_theta(y_t)); "
