@@ -186,7 +186,11 @@ def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
 def p3o(
     inputs: LossInputs, *, agg: str, ess: float | Tensor | None, clip_low: float, clip_high: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """P3O preset: ``p3o_loss`` reduced over the global token count (FeynRL ``normalize_loss``)."""
+    """P3O preset: ``p3o_loss`` reduced over the global token count (FeynRL ``normalize_loss``).
+
+    ``ess=None`` computes ESS on the tensors given (FeynRL, per micro-batch); pass the step's global
+    ESS (``ess_from_sums`` of the summed ``ess_sums``) for a loss that is exact under micro-batching.
+    """
     loss_BT, metrics = p3o_loss(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.advantages_BT, inputs.mask_BT,
         ess=ess, clip_low=clip_low, clip_high=clip_high,
@@ -203,7 +207,11 @@ def p4o(
     clip_low: float,
     clip_high: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """P4O preset: ``p4o_loss`` with the proximal snapshot ``logp_prox_BT``."""
+    """P4O preset: ``p4o_loss`` with the proximal snapshot ``logp_prox_BT``.
+
+    ``ess_b`` / ``ess_p`` as P3O's ``ess``: ``None`` computes them on the tensors given; pass global
+    values for a loss that is exact under micro-batching.
+    """
     inputs.require("logp_prox_BT", preset="p4o")
     loss_BT, metrics = p4o_loss(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.logp_prox_BT, inputs.advantages_BT, inputs.mask_BT,
