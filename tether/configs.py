@@ -141,6 +141,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, default=_UNSET, choices=choices, help=help_text, metavar=f.name.upper())
 
 
+def given(args: argparse.Namespace, name: str) -> Any:
+    """The value of flag ``name`` if it was given on the command line, else None."""
+    v = getattr(args, name, _UNSET)
+    return None if v is _UNSET else v
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     values: dict[str, Any] = {}
     where = ""

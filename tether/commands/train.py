@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tether.configs import add_dataclass_arguments, config_from_args
+from tether.configs import add_dataclass_arguments, config_from_args, given
 from tether.train.config import TrainConfig
 
 NAME = "train"
@@ -20,10 +20,11 @@ def run(args: argparse.Namespace) -> int:
     from tether.train.summary import print_summary
     from tether.train.sync import TrainingStopped, train
 
-    if args.resume and args.config is None:
-        saved = Path(args.resume) / "config.json"
+    resume = given(args, "resume")
+    if resume and args.config is None:
+        saved = Path(resume) / "config.json"
         if not saved.exists():
-            raise FileNotFoundError(f"--resume {args.resume}: no config.json there (not a tether run directory?)")
+            raise FileNotFoundError(f"--resume {resume}: no config.json there (not a tether run directory?)")
         args.config = str(saved)  # the run's own config; explicit flags still override it
     cfg = config_from_args(TrainConfig, args)
     try:

@@ -184,7 +184,7 @@ def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp
                     ok = False
                     break
                 loss.backward()
-                mini_loss += float(loss)
+                mini_loss += float(loss.detach())
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
                 n_micro += 1
