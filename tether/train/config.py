@@ -23,6 +23,7 @@ class LRSchedule(str, enum.Enum):
 @dataclass
 class TrainConfig:
     task: str = opt("arithmetic", "built-in task name (arithmetic, countdown) or a JSONL file path")
+    task_options: dict | None = opt(None, 'JSON dict of task config fields, e.g. {"max_digits": 1, "ops": "+-"}')
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing")
     reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)")

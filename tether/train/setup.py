@@ -27,7 +27,7 @@ class Policy:
 def build_task(cfg: TrainConfig) -> Task:
     from tether.tasks.registry import get_task
 
-    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None)
+    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None, **(cfg.task_options or {}))
 
 
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:

@@ -1,0 +1,70 @@
+"""A run killed with SIGKILL at any moment resumes from its last checkpoint to bitwise-identical weights."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+ARGS = ["--steps", "8", "--checkpoint-every", "2", "--prompts-per-step", "4", "--group-size", "4",
+        "--max-new-tokens", "6", "--warmstart-steps", "30", "--eval-size", "10", "--threads", "2",
+        "--seed", "3", "--no-progress", "--objective", "ppo", "--epochs", "2", "--minibatches", "2"]
+
+
+def tether(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "tether", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "step_000008" / "state.pt", weights_only=False)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), k
+    assert a["run_state"]["step"] == b["run_state"]["step"] == 8
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    ref = tmp_path / "ref"
+    p = tether(*ARGS, "--out", str(ref))
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, out
+    want = final_state(ref)
+
+    for kill_after_checkpoint in (2, 4):
+        run = tmp_path / f"killed{kill_after_checkpoint}"
+        p = tether(*ARGS, "--out", str(run))
+        latest = run / "checkpoints" / "latest"
+        deadline = time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            if latest.exists() and int(latest.read_text().split("_")[1]) >= kill_after_checkpoint:
+                break
+            time.sleep(0.02)
+        assert p.poll() is None, "the run finished before it could be killed; make it longer"
+        time.sleep(0.05 * kill_after_checkpoint)  # land somewhere inside a later step
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        r = tether("--resume", str(run))
+        out, _ = r.communicate(timeout=240)
+        assert r.returncode == 0, out
+        assert_same_state(want, final_state(run))
+        ref_lines = (ref / "metrics.jsonl").read_text().splitlines()
+        got_lines = (run / "metrics.jsonl").read_text().splitlines()
+        assert len(got_lines) == len(ref_lines) == 8
+        import json
+
+        for a, b in zip(ref_lines, got_lines):
+            a, b = json.loads(a), json.loads(b)
+            assert a["reward/mean"] == b["reward/mean"] and a["loss"] == b["loss"]
