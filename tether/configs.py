@@ -73,9 +73,12 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
-        if typing.get_origin(tp) is dict:
+        if tp is dict or typing.get_origin(tp) is dict:
             if isinstance(value, str):
-                value = json.loads(value)
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"config field '{name}'{loc}: invalid JSON {value!r}: {e}") from None
             if not isinstance(value, dict):
                 raise TypeError
             return dict(value)
