@@ -59,7 +59,7 @@ def main() -> None:
             prompts = [tok.encode(f"{10 + i % 90}+{37 + i % 50}=") for i in range(B)]
             ids = torch.tensor(prompts)
 
-            def run_engine(e=engine, prompts=prompts):
+            def run_engine(e=engine, prompts=prompts, B=B):
                 r = e.generate(prompts, params, seed=0)
                 assert int(r.completion_len_B.sum()) == B * N
 
