@@ -58,3 +58,29 @@ def test_kv_cache_and_left_padding_match_full_forward():
         out = m(padded, positions_BT=pos, key_valid_BT=valid, cache=cache)
         assert torch.isfinite(out).all()
         assert (out[0, 4:] - full[1, :16]).abs().max() < 1e-5
+
+
+def test_fused_inference_path_tracks_updates_and_copies():
+    import copy
+
+    m = model()
+    tokens = torch.randint(3, 99, (2, 10))
+    with torch.no_grad():
+        ref = m(tokens)
+        m.fuse_projections_()
+        assert (m(tokens) - ref).abs().max() < 1e-5
+        assert list(m.state_dict()) == list(model().state_dict())
+        other = model(seed=1)
+        m.load_state_dict(other.state_dict())
+        assert (m(tokens) - other(tokens)).abs().max() < 1e-5
+        dup = copy.deepcopy(m)  # sharing lost: the unfused path must be used, and fusing again works
+        for p in dup.parameters():
+            p.mul_(0.5)
+        halved = dup(tokens)
+        dup.fuse_projections_()
+        assert (dup(tokens) - halved).abs().max() < 1e-5
+        assert (halved - m(tokens)).abs().max() > 1e-3
+    m.train()
+    m(tokens).sum().backward()  # gradients on: the unfused path, every projection gets a gradient
+    assert m.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert m.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

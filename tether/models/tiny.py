@@ -122,7 +122,7 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         H, K = self.n_heads, self.head_dim
         fused = getattr(self, "qkv_weight", None)
-        if fused is not None and not torch.is_grad_enabled():
+        if fused is not None and not torch.is_grad_enabled() and fused.data_ptr() == self.q_proj.weight.data_ptr():
             qkv = F.linear(x_BTD, fused).view(B, T, 3, H, K)
             qk, v = qkv[:, :, :2], qkv[:, :, 2].transpose(1, 2)
             qk = qk * cos_BTK[:, :, None, None] + _rotate_half(qk) * sin_BTK[:, :, None, None]
@@ -156,7 +156,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         fused = getattr(self, "gate_up_weight", None)
-        if fused is not None and not torch.is_grad_enabled():
+        if fused is not None and not torch.is_grad_enabled() and fused.data_ptr() == self.gate_proj.weight.data_ptr():
             gate, up = F.linear(x, fused).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -218,11 +218,12 @@ class TinyLM(nn.Module):
         parameters at views of it, so one matmul replaces three (two) when gradients are off.
         Parameter names, shapes and ``state_dict`` are unchanged and in-place updates
         (``load_state_dict``, ``copy_``, optimiser steps) reach the fused tensor; with gradients on,
-        the unfused path runs, so the model still trains."""
+        or when the sharing is lost (``copy.deepcopy``), the unfused path runs."""
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
-            if getattr(a, "qkv_weight", None) is not None:
-                continue
+            fused = getattr(a, "qkv_weight", None)
+            if fused is not None and fused.data_ptr() == a.q_proj.weight.data_ptr():
+                continue  # already fused (a deep copy loses the sharing: then fuse again)
             a.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             d = a.q_proj.weight.shape[0]
             a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data = a.qkv_weight.split(d)
