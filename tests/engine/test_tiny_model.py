@@ -40,6 +40,11 @@ def test_save_hf_roundtrip_same_logits(tmp_path, tied):
         ours, theirs = m(tokens), hf(tokens).logits
     assert (ours - theirs).abs().max() < 1e-5
     assert ours.abs().max() > 0.1  # not a degenerate comparison
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "12 + 34=\n~x"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == CharTokenizer().encode(text) and hf_tok.decode(ids) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.bos_token_id) == (2, 0, 1)
 
 
 def test_kv_cache_and_left_padding_match_full_forward():

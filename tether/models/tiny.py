@@ -310,7 +310,8 @@ def hf_config_dict(cfg: TinyConfig, *, bos_id: int | None = None, eos_id: int | 
 
 def save_hf(model: TinyLM, tokenizer, directory: str | Path) -> Path:
     """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` folder: ``config.json``,
-    ``model.safetensors`` (Llama key names), ``generation_config.json`` and the tokenizer vocabulary.
+    ``model.safetensors`` (Llama key names), ``generation_config.json``, the tokenizer vocabulary
+    and, when ``transformers`` is installed, an ``AutoTokenizer``-loadable tokenizer with the same ids.
 
     Needs ``safetensors`` (the ``hf`` extra).
     """
@@ -331,4 +332,9 @@ def save_hf(model: TinyLM, tokenizer, directory: str | Path) -> Path:
     (out / "tether_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if hasattr(tokenizer, "save"):
         tokenizer.save(out)
+    if hasattr(tokenizer, "save_hf"):
+        try:
+            tokenizer.save_hf(out)
+        except ImportError:  # transformers / tokenizers missing: weights and config are still usable
+            pass
     return out
