@@ -117,7 +117,10 @@ def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
     prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples]
     rollout = policy.engine.generate(prompts, greedy, seed=0)
     texts = completions(policy, rollout)
-    return sum(task.reward(ex.prompt, t, ex.answer) for ex, t in zip(examples, texts)) / max(len(examples), 1)
+    from tether.tasks.rewards import score as score_one
+
+    results = [score_one(task.reward, ex.prompt, t, ex.answer, timeout_s=cfg.reward_timeout_s) for ex, t in zip(examples, texts)]
+    return sum(r.reward for r in results) / max(len(examples), 1)
 
 
 def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
