@@ -23,6 +23,7 @@ import torch
 from tether.configs import to_dict
 from tether.objectives import LossInputs, aggregate, get_preset
 from tether.objectives.advantages import get_advantage
+from tether.objectives.kl import check_kl_combination
 from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
@@ -56,6 +57,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     preset = get_preset(cfg.objective)
     objective_args = preset.resolve(cfg.objective_args)  # validate overrides before any compute
     advantage_fn = get_advantage(preset.advantage)
+    if cfg.kl_placement is not KLPlacement.NONE:
+        check_kl_combination(cfg.kl_estimator, cfg.kl_placement.value)
 
     task = setup.build_task(cfg)
     policy = setup.build_policy(cfg, task)  # model, tokenizer, engine (its own copy of the weights)
