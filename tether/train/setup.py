@@ -24,10 +24,15 @@ class Policy:
     engine: Any
 
 
+DEFAULT_TASK_OPTIONS = {"arithmetic": {"max_digits": 2, "ops": "+"}}
+"""Task options used when ``task_options`` is not given (the default job must be learnable in minutes)."""
+
+
 def build_task(cfg: TrainConfig) -> Task:
     from tether.tasks.registry import get_task
 
-    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None, **(cfg.task_options or {}))
+    options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
+    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None, **options)
 
 
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:
