@@ -235,7 +235,8 @@ def ppo_ewma_loss(
     mu = torch.where(valid, mu, torch.zeros_like(mu))
     adj = torch.maximum(mu, lp.detach() - math.log(imp_samp_max))
     l1 = -A * torch.exp(lp - adj)
-    clipped = (lp - ewma).clamp(math.log1p(-eps), math.log1p(eps))
+    lo = math.log1p(-eps) if eps < 1.0 else -math.inf  # eps >= 1: no lower clip (eps = inf: no clip)
+    clipped = (lp - ewma).clamp(lo, math.log1p(eps))
     l2 = -A * torch.exp(clipped + ewma - adj)
     loss = torch.maximum(l1, l2)
     sq = (lp - ewma) ** 2
