@@ -1,0 +1,565 @@
+"""Rollout (train/inference) correction between pi_old and the behaviour policy mu.
+
+Notation (methods.md §0): ``delta_t = m_t * clamp(log pi_old(y_t) - log mu(y_t), -20, 20)`` is the
+behaviour log-ratio, ``rho_t = exp(delta_t)`` the token ratio, ``sum_t m_t delta_t`` the log of the
+sequence (product) ratio and ``(1/|y|) sum_t m_t delta_t`` the log of the geometric-mean ratio.
+``pi_old`` and ``mu`` carry no gradient, so every weight and mask here is detached: it multiplies
+the per-token policy loss and rescales its gradient, it never adds a gradient path of its own.
+
+Building blocks (pure functions, ``[B, T]`` in, ``[B, T]`` out; masks are ``bool`` with ``False`` on
+padding, weights are ``0`` on padding):
+
+- ``truncated_is_weights``: TIS, token or sequence level (verl ``rollout_corr_helper``, slime
+  ``vanilla_tis_function``, ROLL ``infer_is_mode``).
+- ``icepop_mask`` / ``icepop_weights``: IcePop two-sided token mask (Ling team, Ring-1T report;
+  slime ``icepop_function``; verl ``"lower_upper"`` threshold).
+- ``sequence_ratio_mask``: product-ratio or geometric-mean-ratio sequence mask (ROLL, verl Geo-RS).
+- ``divergence_rejection_mask``: rejection by k1/k2/k3 of ``log(pi_old/mu)`` with token / seq-sum /
+  seq-mean / seq-max aggregation (verl ``rollout_rs`` options).
+- ``catastrophic_veto_mask``: drop a sequence if any token ratio is below a threshold (ROLL, slime
+  ``rs_veto_threshold``, older verl ``rollout_token_veto_threshold``).
+- ``self_normalised_weights``: batch-normalised IS, weights divided by their batch mean (verl
+  ``rollout_is_batch_normalize``, slime ``tis_batch_normalize``).
+- ``opsm_mask``: DeepSeek-V3.2 off-policy sequence masking (TRL ``get_off_policy_mask``, slime
+  ``compute_opsm_mask``).
+
+Presets: ``tis``, ``icepop``, ``mis`` (PPO clip on ``r = pi_theta / pi_old`` times a detached
+correction of ``pi_old / mu``). Masked tokens contribute zero to the loss; the aggregation
+denominators are the caller's (the original loss mask or the global counts), as in TRL / slime /
+AReaL. See docs/objectives_notes/corrections.md for the choices and deviations from peers.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from tether.objectives.aggregation import aggregate
+from tether.objectives.inputs import LossInputs, masked_mean
+from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
+from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
+from tether.objectives.registry import Preset, register
+
+CATASTROPHIC_RATIO = 1e-4
+"""Token ratio below which a whole sequence is vetoed (ROLL, slime ``rs_veto_threshold``)."""
+
+
+class ISLevel(str, Enum):
+    TOKEN = "token"
+    SEQUENCE = "sequence"
+    GEOMETRIC = "geometric"
+
+    @classmethod
+    def parse(cls, value: str | ISLevel, *, field: str = "level") -> ISLevel:
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown {field} '{value}'; valid: {valid}") from None
+
+
+class Divergence(str, Enum):
+    K1 = "k1"
+    K2 = "k2"
+    K3 = "k3"
+
+
+class DivergenceAgg(str, Enum):
+    TOKEN = "token"
+    SEQ_SUM = "seq-sum"
+    SEQ_MEAN = "seq-mean"
+    SEQ_MAX = "seq-max"
+
+
+def _parse(enum: type[Enum], value: object, field: str) -> Enum:
+    try:
+        return enum(value)
+    except ValueError:
+        valid = ", ".join(m.value for m in enum)
+        raise ValueError(f"unknown {field} '{value}'; valid: {valid}") from None
+
+
+def log_bound(x: float) -> float:
+    """``log x`` with ``log 0 = -inf`` and ``log inf = inf`` (bounds are compared in log space)."""
+    if x < 0 or math.isnan(x):
+        raise ValueError(f"ratio bound must be >= 0, got {x}")
+    if x == 0:
+        return -math.inf
+    return math.log(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-ratios and metrics
+
+
+def behaviour_log_ratio(
+    logp_old_BT: Tensor, logp_mu_BT: Tensor, mask_BT: Tensor, *, clamp: float = LOG_RATIO_CLAMP
+) -> Tensor:
+    """Detached ``delta_t = m_t * clamp(log pi_old - log mu, -clamp, clamp)`` (0 on padding)."""
+    return token_log_ratio(logp_old_BT.detach(), logp_mu_BT.detach(), mask_BT, clamp=clamp)
+
+
+def level_log_ratio(delta_BT: Tensor, mask_BT: Tensor, level: str | ISLevel) -> Tensor:
+    """The log-ratio at a level, broadcast to ``[B, T]``: token ``delta_t``; sequence
+    ``clamp(sum_t m delta, -20, 20)``; geometric ``(1/|y|) sum_t m delta`` (0 on padding)."""
+    level = ISLevel.parse(level)
+    if level is ISLevel.TOKEN:
+        out = delta_BT
+    elif level is ISLevel.SEQUENCE:
+        out = sequence_log_ratio(delta_BT, mask_BT).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)[:, None]
+    else:
+        out = geometric_log_ratio(delta_BT, mask_BT)[:, None]
+    out = out.expand_as(delta_BT)
+    return torch.where(mask_BT.bool(), out, torch.zeros_like(delta_BT))
+
+
+def weight_metrics(w_BT: Tensor, mask_BT: Tensor, prefix: str) -> dict[str, Tensor]:
+    """``{prefix}/weight_mean|std|max`` over loss tokens (population std; 0 when no loss token)."""
+    w = w_BT.detach()
+    valid = mask_BT.bool()
+    mean = masked_mean(w, mask_BT)
+    var = masked_mean((w - mean) ** 2, mask_BT)
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    wmax = torch.where(valid.any(), torch.where(valid, w, torch.full_like(w, -math.inf)).max(), zero)
+    return {f"{prefix}/weight_mean": mean, f"{prefix}/weight_std": var.sqrt(), f"{prefix}/weight_max": wmax}
+
+
+def dropped_fraction(keep_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """Fraction of loss tokens a keep-mask removes (0 when there is no loss token)."""
+    return masked_mean((~keep_BT.bool()).to(torch.float64), mask_BT).detach()
+
+
+def mismatch_metrics(delta_BT: Tensor, mask_BT: Tensor, prefix: str = "mismatch") -> dict[str, Tensor]:
+    """Train-inference KL(mu || pi_old) estimates on the sampled tokens (ROLL ``inferkl``):
+    ``k1 = mean(-delta)``, ``k3 = mean(exp(delta) - 1 - delta)``."""
+    d = delta_BT.detach()
+    return {
+        f"{prefix}/kl_k1": masked_mean(-d, mask_BT),
+        f"{prefix}/kl_k3": masked_mean(torch.expm1(d) - d, mask_BT),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+def truncated_is_weights(
+    logp_old_BT: Tensor,
+    logp_mu_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    level: str | ISLevel = ISLevel.TOKEN,
+    cap: float = 2.0,
+    floor: float = 0.0,
+    prefix: str = "tis",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance-sampling weights of ``pi_old / mu`` (TIS), detached.
+
+    token:     ``w_t = clamp(exp(delta_t), floor, cap)``
+    sequence:  ``w = clamp(exp(clamp(sum_t m_t delta_t, -20, 20)), floor, cap)`` on every token
+    geometric: ``w = clamp(exp((1/|y|) sum_t m_t delta_t), floor, cap)`` on every token
+    (methods.md §0; verl ``compute_rollout_correction_weights``; slime ``--tis-clip`` /
+    ``--tis-clip-low``; ROLL ``infer_is_mode`` with ``[tau_min, tau_max]``). ``cap = inf`` gives
+    plain IS. Weights are 0 on padding.
+    Metrics: weight mean/std/max and ``clipfrac_high`` / ``clipfrac_low`` (loss-token fractions
+    whose raw weight was above ``cap`` / below ``floor``).
+    """
+    if not cap >= floor:
+        raise ValueError(f"truncated_is_weights: cap ({cap}) must be >= floor ({floor})")
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    log_w = level_log_ratio(delta, mask_BT, level)
+    hi = log_w > log_bound(cap)
+    lo = log_w < log_bound(floor)
+    w = torch.exp(log_w).clamp(min=floor, max=cap)
+    w = torch.where(mask_BT.bool(), w, torch.zeros_like(w))
+    dt = w.dtype
+    metrics = {
+        **weight_metrics(w, mask_BT, prefix),
+        f"{prefix}/clipfrac_high": masked_mean(hi.to(dt), mask_BT),
+        f"{prefix}/clipfrac_low": masked_mean(lo.to(dt), mask_BT),
+        **mismatch_metrics(delta, mask_BT),
+    }
+    return w, metrics
+
+
+def self_normalised_weights(
+    w_BT: Tensor, mask_BT: Tensor, *, level: str | ISLevel = ISLevel.TOKEN
+) -> tuple[Tensor, Tensor]:
+    """Self-normalised (batch-normalised) IS: ``w~ = w / mean(w)``, detached; returns ``(w~, mean)``.
+
+    token level: the mean is over loss tokens, ``sum_{i,t} m w / sum m``;
+    sequence / geometric level: the mean is over sequences with at least one loss token of their
+    (broadcast) weight, ``sum_i w_i / N_seq`` (verl ``rollout_is_batch_normalize``; slime
+    ``tis_batch_normalize``). If the mean is 0 (nothing valid, or every weight 0) the weights are
+    returned unchanged. The mean is local to the tensors given: micro-batches normalise
+    separately (pass the whole batch to normalise globally).
+    """
+    level = ISLevel.parse(level)
+    w = w_BT.detach()
+    m = mask_BT.to(w.dtype)
+    if level is ISLevel.TOKEN:
+        mean = (w * m).sum() / m.sum().clamp(min=1.0)
+    else:
+        has = m.sum(-1) > 0
+        # every loss token of a row carries the same weight: read it back as the row's token mean
+        w_B = (w * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        mean = torch.where(has, w_B, torch.zeros_like(w_B)).sum() / has.to(w.dtype).sum().clamp(min=1.0)
+    safe = torch.where(mean > 0, mean, torch.ones_like(mean))
+    return w / safe, mean
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks (True = keep)
+
+
+def icepop_mask(
+    logp_old_BT: Tensor, logp_mu_BT: Tensor, mask_BT: Tensor, *, low: float = 0.5, high: float = 5.0
+) -> Tensor:
+    """IcePop two-sided token mask: keep ``t`` iff ``low <= rho_t <= high`` (and ``m_t = 1``).
+
+    ``rho_t = pi_old(y_t) / mu(y_t)``. Defaults ``[0.5, 5]`` are the IcePop values (Ling team,
+    "Every Step Evolves" / Ring-1T, 2025; verl docs ``"0.5_5.0"``; AReaL ``upper`` default 5).
+    Compared in log space, so ratios of ``exp(+-50)`` do not overflow.
+    """
+    if not high >= low:
+        raise ValueError(f"icepop_mask: high ({high}) must be >= low ({low})")
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    keep = (delta >= log_bound(low)) & (delta <= log_bound(high))
+    return keep & mask_BT.bool()
+
+
+def icepop_weights(
+    logp_old_BT: Tensor,
+    logp_mu_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    low: float = 0.5,
+    high: float = 5.0,
+    prefix: str = "icepop",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """IcePop weights ``w_t = rho_t * 1[low <= rho_t <= high]``, detached (0 on padding).
+
+    This is IcePop's ``M(rho) = rho`` inside the band and ``0`` outside (slime ``icepop_function``,
+    verl ``"lower_upper"`` rollout_is threshold): the in-band tokens keep their IS correction.
+    Metrics: weight stats, ``maskfrac_low`` / ``maskfrac_high`` (tokens below / above the band).
+    """
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    keep = icepop_mask(logp_old_BT, logp_mu_BT, mask_BT, low=low, high=high)
+    w = torch.where(keep, torch.exp(delta), torch.zeros_like(delta))
+    dt = w.dtype
+    metrics = {
+        **weight_metrics(w, mask_BT, prefix),
+        f"{prefix}/maskfrac_low": masked_mean((delta < log_bound(low)).to(dt), mask_BT),
+        f"{prefix}/maskfrac_high": masked_mean((delta > log_bound(high)).to(dt), mask_BT),
+        **mismatch_metrics(delta, mask_BT),
+    }
+    return w, metrics
+
+
+def sequence_ratio_mask(
+    logp_old_BT: Tensor,
+    logp_mu_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    low: float,
+    high: float,
+    geometric: bool = False,
+) -> Tensor:
+    """Drop whole sequences whose ratio is outside ``[low, high]``; keep-mask broadcast to ``[B, T]``.
+
+    product:   ``s_i = exp(sum_t m delta_t)``  (ROLL ``sequence``; TRL ``sequence_mask``)
+    geometric: ``s_i = exp((1/|y_i|) sum_t m delta_t)``  (ROLL ``geometric``; verl Geo-RS
+    ``seq_mean_k1``). Compared in log space without the +-20 clamp on the sum (a sum beyond the
+    clamp is outside any finite band anyway). Rows without loss tokens have ``s = 1``.
+    """
+    if not high >= low:
+        raise ValueError(f"sequence_ratio_mask: high ({high}) must be >= low ({low})")
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    log_s = geometric_log_ratio(delta, mask_BT) if geometric else sequence_log_ratio(delta, mask_BT)
+    keep_B = (log_s >= log_bound(low)) & (log_s <= log_bound(high))
+    return keep_B[:, None] & mask_BT.bool()
+
+
+def divergence_rejection_mask(
+    logp_old_BT: Tensor,
+    logp_mu_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    estimator: str | Divergence,
+    agg: str | DivergenceAgg,
+    high: float,
+    low: float | None = None,
+) -> Tensor:
+    """Rejection by a divergence estimator of ``log(pi_old / mu)`` (verl ``rollout_rs``).
+
+    Per token, with ``delta_t`` the clamped behaviour log-ratio:
+      k1: ``delta_t`` (a log-ratio; bounds are *ratio* bounds ``[low, high]``, ``low`` defaults to
+          ``1/high`` as in verl);
+      k2: ``0.5 * delta_t^2``;  k3: ``exp(delta_t) - 1 - delta_t`` (>= 0, E_mu[k3] = KL(mu||pi_old));
+          for k2/k3 only the upper bound ``high`` is used.
+    Aggregation: ``token`` (each token on its own), ``seq-sum`` / ``seq-mean`` / ``seq-max`` of
+    the per-token values over loss tokens (``seq-max`` only for k2/k3, as in verl). Sequence
+    criteria drop the whole sequence. k1: keep iff ``log low <= stat <= log high``;
+    k2/k3: keep iff ``stat <= high``. Returns the keep-mask ``[B, T]``.
+    """
+    est = _parse(Divergence, estimator, "divergence estimator")
+    how = _parse(DivergenceAgg, agg, "divergence aggregation")
+    if est is Divergence.K1 and how is DivergenceAgg.SEQ_MAX:
+        raise ValueError("divergence_rejection_mask: seq-max is defined for k2/k3 only (as in verl)")
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    valid = mask_BT.bool()
+    if est is Divergence.K1:
+        per_tok = delta
+    elif est is Divergence.K2:
+        per_tok = 0.5 * delta**2
+    else:
+        per_tok = torch.expm1(delta) - delta
+    per_tok = torch.where(valid, per_tok, torch.zeros_like(per_tok))
+    m = mask_BT.to(per_tok.dtype)
+    if how is DivergenceAgg.TOKEN:
+        stat = per_tok
+    elif how is DivergenceAgg.SEQ_SUM:
+        stat = per_tok.sum(-1, keepdim=True)
+    elif how is DivergenceAgg.SEQ_MEAN:
+        stat = per_tok.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+    else:  # k2/k3 are >= 0 and padding is 0, so the row max over loss tokens is the plain row max
+        stat = per_tok.max(-1, keepdim=True).values
+    if est is Divergence.K1:
+        lo = 1.0 / high if low is None else low
+        if not high >= lo:
+            raise ValueError(f"divergence_rejection_mask: high ({high}) must be >= low ({lo})")
+        keep = (stat >= log_bound(lo)) & (stat <= log_bound(high))
+    else:
+        keep = stat <= high
+    return keep.expand_as(delta) & valid
+
+
+def catastrophic_veto_mask(
+    logp_old_BT: Tensor, logp_mu_BT: Tensor, mask_BT: Tensor, *, threshold: float = CATASTROPHIC_RATIO
+) -> Tensor:
+    """Catastrophic-token veto: drop a sequence if any loss token has ``rho_t < threshold``.
+
+    ROLL (catastrophic reject, 1e-4), slime ``rs_veto_threshold`` (1e-4), older verl
+    ``rollout_token_veto_threshold``. Returns the keep-mask ``[B, T]``.
+    """
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    bad = (delta < log_bound(threshold)) & mask_BT.bool()
+    return ~bad.any(-1, keepdim=True) & mask_BT.bool()
+
+
+def opsm_mask(
+    logp_theta_BT: Tensor,
+    logp_mu_BT: Tensor,
+    advantages_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    delta: float = 1e-4,
+) -> Tensor:
+    """Off-policy sequence masking (OPSM, DeepSeek-V3.2).
+
+    ``kl_i = sum_t m_t (log mu(y_t) - sg(log pi_theta(y_t))) / max(sum_t m_t, 1)`` (the sequence-mean
+    k1 estimate of KL(mu || pi_theta) on mu's samples); token ``t`` of row ``i`` is dropped iff
+    ``A_{i,t} < 0`` and ``kl_i > delta``. With sequence advantages broadcast over tokens this is
+    TRL ``get_off_policy_mask`` (keep iff ``A >= 0`` or ``kl <= delta``) and slime
+    ``compute_opsm_mask`` (which tests the per-token advantage, as here). Default ``delta = 1e-4``
+    is slime's ``--opsm-delta``. No clamp on the log difference (as in TRL / slime).
+    """
+    d = (logp_mu_BT.detach() - logp_theta_BT.detach())
+    valid = mask_BT.bool()
+    d = torch.where(valid, d, torch.zeros_like(d))
+    m = mask_BT.to(d.dtype)
+    kl_B = d.sum(-1) / m.sum(-1).clamp(min=1.0)
+    drop = (advantages_BT.detach() < 0) & (kl_B[:, None] > delta)
+    return ~drop & valid
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets
+
+
+def _require_mu(inputs: LossInputs, preset: str) -> Tensor:
+    inputs.require("logp_mu_BT", preset=preset)
+    assert inputs.logp_mu_BT is not None
+    return inputs.logp_mu_BT
+
+
+def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
+    return aggregate(
+        loss_BT, inputs.mask_BT, agg, num_tokens=inputs.num_tokens, num_seqs=inputs.num_seqs, horizon=inputs.horizon
+    )
+
+
+def _ppo(inputs: LossInputs, eps_low: float, eps_high: float, dual_clip_c: float | None) -> tuple[Tensor, dict]:
+    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+    return ppo_clip_loss(
+        lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
+    )
+
+
+def tis(
+    inputs: LossInputs,
+    *,
+    agg: str,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None,
+    level: str,
+    cap: float,
+    floor: float,
+    self_normalise: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clip on ``r = pi_theta/pi_old`` times truncated IS weights of ``pi_old/mu``.
+
+    ``l_t = w_t * l^PPO_t`` with ``w`` from ``truncated_is_weights`` (optionally self-normalised).
+    Gradient: ``w_t * grad l^PPO_t``.
+    """
+    mu = _require_mu(inputs, "tis")
+    w, metrics = truncated_is_weights(inputs.logp_old_BT, mu, inputs.mask_BT, level=level, cap=cap, floor=floor)
+    if self_normalise:
+        w, norm = self_normalised_weights(w, inputs.mask_BT, level=level)
+        metrics["tis/batch_norm_factor"] = norm
+        metrics.update(weight_metrics(w, inputs.mask_BT, "tis/normalised"))
+    loss_BT, pg = _ppo(inputs, eps_low, eps_high, dual_clip_c)
+    return _agg(inputs, w * loss_BT, agg), {**pg, **policy_metrics(inputs), **metrics}
+
+
+def icepop(
+    inputs: LossInputs,
+    *,
+    agg: str,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None,
+    low: float,
+    high: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clip on ``r = pi_theta/pi_old`` times IcePop weights ``rho_t 1[low <= rho_t <= high]``."""
+    mu = _require_mu(inputs, "icepop")
+    w, metrics = icepop_weights(inputs.logp_old_BT, mu, inputs.mask_BT, low=low, high=high)
+    loss_BT, pg = _ppo(inputs, eps_low, eps_high, dual_clip_c)
+    return _agg(inputs, w * loss_BT, agg), {**pg, **policy_metrics(inputs), **metrics}
+
+
+def masked_is_weights(
+    logp_old_BT: Tensor,
+    logp_mu_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    level: str | ISLevel = ISLevel.SEQUENCE,
+    low: float = 0.5,
+    high: float = 2.0,
+    weighted: bool = True,
+    veto: float | None = CATASTROPHIC_RATIO,
+    prefix: str = "mis",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Masked importance sampling (MIS): ``w = rho_L * 1[low <= rho_L <= high] * 1[no veto]``.
+
+    ``rho_L`` is the ratio at ``level``: token ``rho_t``; sequence ``exp(sum_t m delta_t)``;
+    geometric ``exp(mean_t delta_t)``. The band test uses the unclamped log-ratio; the weight uses
+    ``level_log_ratio`` (sequence sum clamped at +-20 before exp). ``weighted=False`` gives pure
+    rejection (weight 1 inside the band). ``veto``: catastrophic-token veto threshold (``None``
+    disables it). Detached; 0 on padding and dropped tokens.
+    Metrics: weight stats, ``maskfrac_band`` (outside the band), ``maskfrac_veto`` (vetoed) and
+    ``maskfrac`` (dropped for any reason), as loss-token fractions.
+    """
+    level = ISLevel.parse(level)
+    if not high >= low:
+        raise ValueError(f"masked_is_weights: high ({high}) must be >= low ({low})")
+    valid = mask_BT.bool()
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    if level is ISLevel.TOKEN:
+        band = icepop_mask(logp_old_BT, logp_mu_BT, mask_BT, low=low, high=high)
+    else:
+        band = sequence_ratio_mask(
+            logp_old_BT, logp_mu_BT, mask_BT, low=low, high=high, geometric=level is ISLevel.GEOMETRIC
+        )
+    keep = band
+    if veto is not None:
+        vetoed = catastrophic_veto_mask(logp_old_BT, logp_mu_BT, mask_BT, threshold=veto)
+        keep = keep & vetoed
+    else:
+        vetoed = valid
+    w = torch.exp(level_log_ratio(delta, mask_BT, level)) if weighted else torch.ones_like(delta)
+    w = torch.where(keep, w, torch.zeros_like(w))
+    metrics = {
+        **weight_metrics(w, mask_BT, prefix),
+        f"{prefix}/maskfrac_band": dropped_fraction(band, mask_BT).to(w.dtype),
+        f"{prefix}/maskfrac_veto": dropped_fraction(vetoed, mask_BT).to(w.dtype),
+        f"{prefix}/maskfrac": dropped_fraction(keep, mask_BT).to(w.dtype),
+        **mismatch_metrics(delta, mask_BT),
+    }
+    return w, metrics
+
+
+def mis(
+    inputs: LossInputs,
+    *,
+    agg: str,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None,
+    level: str,
+    low: float,
+    high: float,
+    weighted: bool,
+    veto: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clip on ``r = pi_theta/pi_old`` times masked IS weights of ``pi_old/mu``."""
+    mu = _require_mu(inputs, "mis")
+    w, metrics = masked_is_weights(
+        inputs.logp_old_BT, mu, inputs.mask_BT, level=level, low=low, high=high, weighted=weighted, veto=veto
+    )
+    loss_BT, pg = _ppo(inputs, eps_low, eps_high, dual_clip_c)
+    return _agg(inputs, w * loss_BT, agg), {**pg, **policy_metrics(inputs), **metrics}
+
+
+_PPO_DEFAULTS = {"agg": "token-mean", "eps_low": 0.2, "eps_high": 0.2, "dual_clip_c": 3.0}
+
+register(Preset(
+    name="tis",
+    description="PPO clip times truncated IS weights min(pi_old/mu, C) (C=2, token level).",
+    fn=tis,
+    defaults={**_PPO_DEFAULTS, "level": "token", "cap": 2.0, "floor": 0.0, "self_normalise": False},
+    advantage="grpo",
+    source=(
+        "Yao et al. 2025 (Your efficient RL framework secretly brings you off-policy RL training, TIS); "
+        "verl rollout_corr_helper (rollout_is_threshold=2.0); slime --tis-clip 2.0; ROLL infer_is tau_max 2.0"
+    ),
+    requires=("logp_mu_BT",),
+    equation=(
+        "w_t = min(exp(log pi_old - log mu), C) (sequence: exp(sum_t log pi_old/mu) broadcast), sg; "
+        "l_t = w_t * max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)); A<0: min(., -A c)"
+    ),
+))
+register(Preset(
+    name="icepop",
+    description="PPO clip times IcePop weights: pi_old/mu kept inside [0.5, 5], tokens outside masked.",
+    fn=icepop,
+    defaults={**_PPO_DEFAULTS, "low": 0.5, "high": 5.0},
+    advantage="grpo",
+    source=(
+        "Ling team 2025 (Every Step Evolves: Ring-1T, IcePop); slime icepop_function; "
+        "verl rollout_is threshold 'lower_upper'; AReaL RejectionSamplingConfig(action=mask, metric=ratio)"
+    ),
+    requires=("logp_mu_BT",),
+    equation="rho_t = pi_old/mu; w_t = rho_t 1[low <= rho_t <= high], sg; l_t = w_t * l^PPO_t",
+))
+register(Preset(
+    name="mis",
+    description="PPO clip times masked IS: sequences with pi_old/mu outside [0.5, 2] (or a 1e-4 token) dropped.",
+    fn=mis,
+    defaults={**_PPO_DEFAULTS, "level": "sequence", "low": 0.5, "high": 2.0, "weighted": True, "veto": 1e-4},
+    advantage="grpo",
+    source=(
+        "Liu, Li et al. 2025 (When Speed Kills Stability: seq-MIS); methods.md §0 MIS; "
+        "verl rollout_rs seq_sum_k1 (low = 1/high); ROLL catastrophic reject 1e-4; slime mis.py rs_veto_threshold"
+    ),
+    requires=("logp_mu_BT",),
+    equation=(
+        "rho_i = exp(sum_t m (log pi_old - log mu)); w_i = rho_i 1[low <= rho_i <= high] "
+        "1[min_t pi_old/mu >= veto], sg; l_t = w_i * l^PPO_t"
+    ),
+))
