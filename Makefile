@@ -6,7 +6,7 @@ demo:
 	.venv/bin/tether train
 
 test:
-	bash scripts/bootstrap.sh dev
+	bash scripts/bootstrap.sh dev,hf,parquet
 	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests
 
 lint:
