@@ -40,6 +40,11 @@ def test_save_hf_roundtrip_same_logits(tmp_path, tied):
         ours, theirs = m(tokens), hf(tokens).logits
     assert (ours - theirs).abs().max() < 1e-5
     assert ours.abs().max() > 0.1  # not a degenerate comparison
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "12 + 34=\n~x"
+    ids = hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == CharTokenizer().encode(text) and hf_tok.decode(ids) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id, hf_tok.bos_token_id) == (2, 0, 1)
 
 
 def test_kv_cache_and_left_padding_match_full_forward():
@@ -58,3 +63,29 @@ def test_kv_cache_and_left_padding_match_full_forward():
         out = m(padded, positions_BT=pos, key_valid_BT=valid, cache=cache)
         assert torch.isfinite(out).all()
         assert (out[0, 4:] - full[1, :16]).abs().max() < 1e-5
+
+
+def test_fused_inference_path_tracks_updates_and_copies():
+    import copy
+
+    m = model()
+    tokens = torch.randint(3, 99, (2, 10))
+    with torch.no_grad():
+        ref = m(tokens)
+        m.fuse_projections_()
+        assert (m(tokens) - ref).abs().max() < 1e-5
+        assert list(m.state_dict()) == list(model().state_dict())
+        other = model(seed=1)
+        m.load_state_dict(other.state_dict())
+        assert (m(tokens) - other(tokens)).abs().max() < 1e-5
+        dup = copy.deepcopy(m)  # sharing lost: the unfused path must be used, and fusing again works
+        for p in dup.parameters():
+            p.mul_(0.5)
+        halved = dup(tokens)
+        dup.fuse_projections_()
+        assert (dup(tokens) - halved).abs().max() < 1e-5
+        assert (halved - m(tokens)).abs().max() > 1e-3
+    m.train()
+    m(tokens).sum().backward()  # gradients on: the unfused path, every projection gets a gradient
+    assert m.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert m.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

@@ -105,6 +105,8 @@ class TorchEngine:
         self.encode = encode
         self.version = int(version)
         self._builtin = is_builtin(model)
+        if self._builtin:
+            model.fuse_projections_()
         p = next(self.model.parameters())
         self.device = p.device
         self.vocab_size = model.config.vocab_size

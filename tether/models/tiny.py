@@ -83,6 +83,7 @@ class KVCache:
         self.valid_BS = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+        self.has_padding = False
 
 
 class RMSNorm(nn.Module):
@@ -93,6 +94,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # same maths as below without the no-op casts (fewer ops per decode step)
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * h.to(dtype)
@@ -108,6 +111,7 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.q_proj = nn.Linear(d, d, bias=False)
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
@@ -116,12 +120,20 @@ class Attention(nn.Module):
     def forward(self, x_BTD: Tensor, cos_BTK: Tensor, sin_BTK: Tensor, mask_BTS: Tensor | None,
                 cache: KVCache | None, layer: int) -> Tensor:
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos_BTK[:, None], sin_BTK[:, None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        H, K = self.n_heads, self.head_dim
+        fused = getattr(self, "qkv_weight", None)
+        if fused is not None and not torch.is_grad_enabled() and fused.data_ptr() == self.q_proj.weight.data_ptr():
+            qkv = F.linear(x_BTD, fused).view(B, T, 3, H, K)
+            qk, v = qkv[:, :, :2], qkv[:, :, 2].transpose(1, 2)
+            qk = qk * cos_BTK[:, :, None, None] + _rotate_half(qk) * sin_BTK[:, :, None, None]
+            q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+        else:
+            q = self.q_proj(x_BTD).view(B, T, H, K).transpose(1, 2)
+            k = self.k_proj(x_BTD).view(B, T, H, K).transpose(1, 2)
+            v = self.v_proj(x_BTD).view(B, T, H, K).transpose(1, 2)
+            cos, sin = cos_BTK[:, None], sin_BTK[:, None]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
@@ -143,6 +155,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = getattr(self, "gate_up_weight", None)
+        if fused is not None and not torch.is_grad_enabled() and fused.data_ptr() == self.gate_proj.weight.data_ptr():
+            gate, up = F.linear(x, fused).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -196,6 +212,26 @@ class TinyLM(nn.Module):
             block.self_attn.o_proj.weight.data.mul_(1 / math.sqrt(2 * self.config.n_layers))
             block.mlp.down_proj.weight.data.mul_(1 / math.sqrt(2 * self.config.n_layers))
 
+    @torch.no_grad()
+    def fuse_projections_(self) -> TinyLM:
+        """For inference: store q/k/v (and gate/up) weights in one tensor each, re-pointing the
+        parameters at views of it, so one matmul replaces three (two) when gradients are off.
+        Parameter names, shapes and ``state_dict`` are unchanged and in-place updates
+        (``load_state_dict``, ``copy_``, optimiser steps) reach the fused tensor; with gradients on,
+        or when the sharing is lost (``copy.deepcopy``), the unfused path runs."""
+        for block in self.model.layers:
+            a, m = block.self_attn, block.mlp
+            fused = getattr(a, "qkv_weight", None)
+            if fused is not None and fused.data_ptr() == a.q_proj.weight.data_ptr():
+                continue  # already fused (a deep copy loses the sharing: then fuse again)
+            a.qkv_weight = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            d = a.q_proj.weight.shape[0]
+            a.q_proj.weight.data, a.k_proj.weight.data, a.v_proj.weight.data = a.qkv_weight.split(d)
+            m.gate_up_weight = torch.cat([m.gate_proj.weight, m.up_proj.weight])
+            f = m.gate_proj.weight.shape[0]
+            m.gate_proj.weight.data, m.up_proj.weight.data = m.gate_up_weight.split(f)
+        return self
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -229,10 +265,15 @@ class TinyLM(nn.Module):
             if start + T > cache.max_len:
                 raise ValueError(f"TinyLM: cache holds {cache.max_len} positions, needs {start + T}")
             cache.valid_BS[:, start:start + T] = True if key_valid_BT is None else key_valid_BT
+            if key_valid_BT is not None and not bool(key_valid_BT.all()):
+                cache.has_padding = True
             S = start + T
             if T == 1:
-                mask = cache.valid_BS[:, None, :S].clone()
-                mask[:, :, start] = True
+                if not cache.has_padding:
+                    mask = None
+                else:
+                    mask = cache.valid_BS[:, None, :S].clone()
+                    mask[:, :, start] = True
             else:
                 q_pos = torch.arange(start, S, device=x.device)
                 k_pos = torch.arange(S, device=x.device)
@@ -269,7 +310,8 @@ def hf_config_dict(cfg: TinyConfig, *, bos_id: int | None = None, eos_id: int | 
 
 def save_hf(model: TinyLM, tokenizer, directory: str | Path) -> Path:
     """Write ``model`` as a Hugging Face ``LlamaForCausalLM`` folder: ``config.json``,
-    ``model.safetensors`` (Llama key names), ``generation_config.json`` and the tokenizer vocabulary.
+    ``model.safetensors`` (Llama key names), ``generation_config.json``, the tokenizer vocabulary
+    and, when ``transformers`` is installed, an ``AutoTokenizer``-loadable tokenizer with the same ids.
 
     Needs ``safetensors`` (the ``hf`` extra).
     """
@@ -290,4 +332,9 @@ def save_hf(model: TinyLM, tokenizer, directory: str | Path) -> Path:
     (out / "tether_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     if hasattr(tokenizer, "save"):
         tokenizer.save(out)
+    if hasattr(tokenizer, "save_hf"):
+        try:
+            tokenizer.save_hf(out)
+        except ImportError:  # transformers / tokenizers missing: weights and config are still usable
+            pass
     return out

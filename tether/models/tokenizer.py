@@ -72,3 +72,18 @@ class CharTokenizer:
         path.write_text(json.dumps({"type": "char", "vocab": self.vocab(), "pad_id": self.pad_id,
                                     "bos_id": self.bos_id, "eos_id": self.eos_id}, indent=1))
         return path
+
+    def save_hf(self, directory: str | Path) -> Path:
+        """Write a ``transformers`` fast tokenizer with the same ids (``AutoTokenizer.from_pretrained``
+        loads it): word-level over single characters, no special tokens added on encode, pad/bos/eos
+        set. Needs ``tokenizers`` and ``transformers`` (the ``hf`` extra)."""
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tk = Tokenizer(models.WordLevel(vocab=self.vocab(), unk_token=None))
+        tk.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"[\s\S]"), behavior="isolated")
+        tk.decoder = decoders.Fuse()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[self.bos_id],
+                                       eos_token=SPECIALS[self.eos_id], pad_token=SPECIALS[self.pad_id])
+        fast.save_pretrained(str(directory))
+        return Path(directory)

@@ -97,7 +97,7 @@ def sft_loss(model: torch.nn.Module, tokens_BT: torch.Tensor, target_mask_BT: to
 
 
 def warm_start(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int,
-               cache_dir: str | Path | None = None, batch_size: int = 32, lr: float = 3e-3,
+               cache_dir: str | Path | None = None, batch_size: int = 64, lr: float = 2e-3,
                warmup: int = 20) -> WarmStartInfo:
     """SFT ``model`` in place for ``steps`` steps on ``task.sample`` examples, or load the cached result."""
     if steps < 0:

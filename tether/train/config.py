@@ -23,14 +23,16 @@ class LRSchedule(str, enum.Enum):
 @dataclass
 class TrainConfig:
     task: str = opt("arithmetic", "built-in task name (arithmetic, countdown) or a JSONL file path")
-    task_options: dict | None = opt(None, 'JSON dict of task config fields, e.g. {"max_digits": 1, "ops": "+-"}')
+    task_options: dict | None = opt(
+        None, 'JSON dict of task config fields, e.g. {"max_digits": 3, "ops": "+-"} (none: the default job\'s '
+        'arithmetic is 1-2 digit addition, which the warm start brings to about 30 % so RL has room)')
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing")
     reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)")
     model: str = opt("tiny", "model: 'tiny' (built-in, warm-started) or a path")
     objective: str = opt("grpo", "objective preset (tether objectives lists them)")
     objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}')
-    steps: int = opt(40, "number of RL steps (one optimiser update phase each)")
+    steps: int = opt(100, "number of RL steps (one optimiser update phase each)")
     seed: int = opt(0, "seed of everything: task sampling, generation, initialisation")
     prompts_per_step: int = opt(16, "prompts per step")
     group_size: int = opt(8, "completions per prompt (the GRPO group)")
@@ -42,7 +44,7 @@ class TrainConfig:
     epochs: int = opt(1, "passes over each step's rollouts")
     minibatches: int = opt(1, "optimiser steps per epoch (the rollout batch is split into this many)")
     micro_batch_size: int | None = opt(None, "sequences per forward/backward (gradient accumulation); none: whole mini-batch")
-    lr: float = opt(2e-4, "peak learning rate (AdamW)")
+    lr: float = opt(2e-5, "peak learning rate (AdamW)")
     lr_schedule: LRSchedule = opt(LRSchedule.CONSTANT, "learning-rate schedule after warm-up")
     warmup_steps: int = opt(0, "linear warm-up optimiser steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -53,7 +55,7 @@ class TrainConfig:
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
     overlong_buffer: int | None = opt(None, "soft overlong penalty buffer L_buf in tokens (none: off)")
     overlong_penalty: float = opt(1.0, "soft overlong penalty at the length limit (DAPO c)")
-    warmstart_steps: int = opt(300, "SFT warm-start steps for the built-in model (cached on disk)")
+    warmstart_steps: int = opt(400, "SFT warm-start steps for the built-in model (cached on disk)")
     eval_size: int = opt(200, "held-out problems for greedy accuracy before and after")
     checkpoint_every: int = opt(10, "checkpoint every N steps (atomic)")
     max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -23,6 +26,27 @@ def _fmt(v: Any) -> str:
         return f"{float(v):.3g}"
     except (TypeError, ValueError):
         return str(v)
+
+
+class Stopwatch:
+    """Wall time per named phase of one step: ``with clock("rollout"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}_s": v for k, v in self.seconds.items()}
 
 
 class StepProgress:

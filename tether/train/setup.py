@@ -24,10 +24,15 @@ class Policy:
     engine: Any
 
 
+DEFAULT_TASK_OPTIONS = {"arithmetic": {"max_digits": 2, "ops": "+"}}
+"""Task options used when ``task_options`` is not given (the default job must be learnable in minutes)."""
+
+
 def build_task(cfg: TrainConfig) -> Task:
     from tether.tasks.registry import get_task
 
-    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None, **(cfg.task_options or {}))
+    options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
+    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None, **options)
 
 
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:
@@ -117,7 +122,10 @@ def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
     prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples]
     rollout = policy.engine.generate(prompts, greedy, seed=0)
     texts = completions(policy, rollout)
-    return sum(task.reward(ex.prompt, t, ex.answer) for ex, t in zip(examples, texts)) / max(len(examples), 1)
+    from tether.tasks.rewards import score as score_one
+
+    results = [score_one(task.reward, ex.prompt, t, ex.answer, timeout_s=cfg.reward_timeout_s) for ex, t in zip(examples, texts)]
+    return sum(r.reward for r in results) / max(len(examples), 1)
 
 
 def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:

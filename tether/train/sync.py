@@ -19,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tether.objectives.advantages import get_advantage
 
 from tether.configs import to_dict
 from tether.objectives import LossInputs, aggregate, get_preset
+from tether.objectives.advantages import get_advantage
+from tether.objectives.kl import check_kl_combination
 from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
 from tether.train.metrics_log import MetricsLog
-from tether.train.progress import StepProgress
+from tether.train.progress import StepProgress, Stopwatch
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
 
@@ -56,6 +57,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     preset = get_preset(cfg.objective)
     objective_args = preset.resolve(cfg.objective_args)  # validate overrides before any compute
     advantage_fn = get_advantage(preset.advantage)
+    if cfg.kl_placement is not KLPlacement.NONE:
+        check_kl_combination(cfg.kl_estimator, cfg.kl_placement.value)
 
     task = setup.build_task(cfg)
     policy = setup.build_policy(cfg, task)  # model, tokenizer, engine (its own copy of the weights)
@@ -82,34 +85,37 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with StepProgress(total=cfg.steps, start=state.step, enabled=cfg.progress) as progress:
         while state.step < cfg.steps:
             step = state.step
-            t0 = time.perf_counter()
-            # 1. rollout: the engine samples and records log mu, versions, truncation
-            examples = setup.sample_examples(task, cfg, step_seed(cfg.seed, step))
-            rollout = setup.generate(policy, examples, cfg, seed=step_seed(cfg.seed, step, 1))
-            # 2. score (failed reward calls count and get 0), shape
-            rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
-            state.counters["reward_failed"] += failed
-            raw_reward_mean = rewards_B.mean()
-            if cfg.overlong_buffer is not None:
-                rewards_B = rewards_B + soft_overlong_penalty(
-                    rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
-            # 3. recompute pi_old with the trainer's weights (same sampling transform as the engine)
+            clock = Stopwatch()
+            with clock("rollout"):  # 1. the engine samples; records log mu, versions, truncation
+                examples = setup.sample_examples(task, cfg, step_seed(cfg.seed, step))
+                rollout = setup.generate(policy, examples, cfg, seed=step_seed(cfg.seed, step, 1))
+            with clock("score"):  # 2. score (failed reward calls count and get 0), shape
+                rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
+                state.counters["reward_failed"] += failed
+                raw_reward_mean = rewards_B.mean()
+                if cfg.overlong_buffer is not None:
+                    rewards_B = rewards_B + soft_overlong_penalty(
+                        rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
             mask_BT = rollout.loss_mask_BT
-            with torch.no_grad():
+            with clock("recompute"), torch.no_grad():  # 3. pi_old under the engine's sampling transform
                 logp_old_BT, entropy_BT = setup.token_logprobs(model, rollout, cfg)
                 logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
             if cfg.kl_placement is KLPlacement.REWARD:
                 rewards_B = rewards_B + setup.kl_reward(logp_old_BT, logp_ref_BT, mask_BT, cfg)
             # 4. advantages (the preset's estimator), dynamic sampling
-            keep_B = informative_groups(rewards_B, rollout.group_B) if cfg.dynamic_sampling else torch.ones_like(rewards_B, dtype=torch.bool)
+            keep_B = (informative_groups(rewards_B, rollout.group_B) if cfg.dynamic_sampling
+                      else torch.ones_like(rewards_B, dtype=torch.bool))
             state.counters["dropped_groups"] += int((~keep_B).sum()) // cfg.group_size
             advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].to(logp_old_BT.dtype) * mask_BT
-            metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
+            with clock("meter"):
+                metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
             # 5. update: epochs x mini-batches x micro-batches with global normalisers
-            finite = bool(torch.isfinite(torch.where(mask_BT, logp_old_BT, 0)).all() and torch.isfinite(rollout.logp_mu_BT).all())
+            finite = bool(torch.isfinite(torch.where(mask_BT, logp_old_BT, 0)).all()
+                          and torch.isfinite(rollout.logp_mu_BT).all())
             if finite and keep_B.any():
-                update = _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B,
-                                 logp_old_BT, logp_ref_BT, advantages_BT, step)
+                with clock("update"):
+                    update = _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B,
+                                     logp_old_BT, logp_ref_BT, advantages_BT, step)
                 finite = update.pop("finite")
                 metrics.update(update)
             if finite:
@@ -126,14 +132,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         f"The last good checkpoint in {run_dir / 'checkpoints'} is intact.")
             # 6. weights to the engine: the next rollout is version step + 1
             state.step += 1
-            engine.load_weights(model.state_dict(), version=state.step)
+            with clock("sync"):
+                engine.load_weights(model.state_dict(), version=state.step)
             n_tokens = int(rollout.completion_len_B.sum())
             tokens_total += n_tokens
-            dt = time.perf_counter() - t0
+            dt = clock.total()
             metrics.update({
                 "step": step, "reward/mean": raw_reward_mean, "reward/shaped_mean": rewards_B.mean(),
                 "reward/failed": failed, "length/mean": rollout.completion_len_B.float().mean(),
-                "time/step_s": dt, "perf/tokens_per_s": n_tokens / dt, "lr": scheduler.get_last_lr()[0],
+                **clock.metrics(), "time/step_s": dt, "perf/tokens_per_s": n_tokens / dt, "lr": scheduler.get_last_lr()[0],
             })
             log.write(metrics)
             progress.advance(metrics)

@@ -1,0 +1,77 @@
+"""Bad input and bad numbers during `tether train`: clear errors, counted failures, safe stops."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.objectives import LossInputs
+from tether.objectives.registry import _PRESETS, Preset
+from tether.train.checkpoint import load_latest_checkpoint
+from tether.train.config import TrainConfig
+from tether.train.sync import TrainingStopped, train
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(steps=4, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
+             progress=False, threads=2, checkpoint_every=1)
+
+
+def test_malformed_dataset_row_names_file_line_and_field(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
+    r = subprocess.run([sys.executable, "-m", "tether", "train", "--task", str(data), "--reward", "exact_match",
+                        "--out", str(tmp_path / "run"), "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2
+    assert "data.jsonl" in r.stderr and "line 2" in r.stderr and "answer" in r.stderr
+
+
+def test_skip_bad_rows_counts_them_in_the_summary(tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    lines = [json.dumps(r) for r in rows] + ["not json", '{"prompt": ""}', '{"prompt": 3, "answer": "1"}']
+    data.write_text("\n".join(lines) + "\n")
+    summary = train(TrainConfig(task=str(data), reward="exact_match", skip_bad_rows=True, out=str(tmp_path / "run"),
+                                **{**SMALL, "steps": 2}))
+    assert summary["count/bad_rows_skipped"] == 3
+
+
+def raising_reward(prompt, completion, answer):
+    if len(completion) % 2:
+        raise RuntimeError("reward server down")
+    return 1.0
+
+
+def test_reward_exceptions_are_counted_and_the_run_continues(tmp_path, monkeypatch):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) for a in range(200)) + "\n")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    summary = train(TrainConfig(task=str(data), reward="test_train_robustness:raising_reward",
+                                out=str(tmp_path / "run"), **SMALL))
+    assert summary["count/reward_failed"] > 0
+    assert summary["steps"] == SMALL["steps"]
+
+
+def _nan_after_two_steps(inputs: LossInputs, *, agg: str):
+    loss = -(inputs.advantages_BT * inputs.logp_theta_BT * inputs.maskf_BT).sum() / inputs.maskf_BT.sum()
+    return loss * torch.nan, {}
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_checkpoint_intact(tmp_path):
+    _PRESETS["test_nan"] = Preset(name="test_nan", description="always NaN", fn=_nan_after_two_steps,
+                                  defaults={"agg": "token-mean"}, advantage="grpo", source="test", equation="nan")
+    try:
+        cfg = TrainConfig(objective="test_nan", out=str(tmp_path / "run"), max_bad_steps=2, **{**SMALL, "steps": 6})
+        with pytest.raises(TrainingStopped, match="2 consecutive non-finite steps"):
+            train(cfg)
+    finally:
+        del _PRESETS["test_nan"]
+    state = load_latest_checkpoint(tmp_path / "run")
+    assert state["run_state"]["step"] == 1  # step 0 was bad but completed (weights untouched); step 1 stopped
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["alarm/non_finite"] == 1

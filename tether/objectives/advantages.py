@@ -1,0 +1,112 @@
+"""Advantage estimators: per-sequence rewards and group ids -> per-sequence advantages.
+
+Every estimator is ``fn(rewards_B, group_B, include_B=None) -> advantages_B``. ``group_B`` holds
+integer group (prompt) ids, in any order, groups of any size. ``include_B`` (bool) restricts which
+rows enter the group statistics (expert rows in CalibRL / RL-PLUS, rejected samples: peers.md §3
+item 14); every row still gets an advantage. Statistics are computed in float64.
+
+- ``grpo``:      ``A_i = (R_i - mean_g R) / (std_g R + 1e-6)``, std unbiased (n-1); a group with one
+                 included row gets mean 0 and std 1, so ``A_i = R_i`` (verl compute_grpo_outcome_advantage).
+- ``dr_grpo``:   ``A_i = R_i - mean_g R`` (Liu et al. 2025); one-row groups: mean 0.
+- ``rloo``:      ``A_i = R_i - mean_{j in g, j != i} R_j`` (Ahmadian et al. 2024); rows without another
+                 included member of their group get 0. Excluded rows use the mean of all included rows.
+- ``reinforce_pp``: REINFORCE++-baseline (Hu et al. 2025; OpenRLHF / verl): ``a_i = R_i - mean_g R``,
+                 then ``A_i = (a_i - mean_batch a) / (std_batch a + 1e-6)`` over included rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+EPS = 1e-6
+AdvantageFn = Callable[..., Tensor]
+
+
+def _group_stats(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row group count, sum and sum of squares over included rows; returns (idx, n, s, s2) per group."""
+    r = rewards_B.to(torch.float64)
+    inc = torch.ones_like(r, dtype=torch.bool) if include_B is None else include_B.to(torch.bool)
+    _, idx = torch.unique(group_B, return_inverse=True)
+    G = int(idx.max()) + 1 if idx.numel() else 0
+    w = inc.to(torch.float64)
+    n = torch.zeros(G, dtype=torch.float64).index_add_(0, idx, w)
+    s = torch.zeros(G, dtype=torch.float64).index_add_(0, idx, w * r)
+    s2 = torch.zeros(G, dtype=torch.float64).index_add_(0, idx, w * r * r)
+    return idx, n, s, s2
+
+
+def _check(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None) -> None:
+    if rewards_B.dim() != 1 or group_B.shape != rewards_B.shape:
+        raise ValueError(f"advantages: rewards_B {tuple(rewards_B.shape)} and group_B {tuple(group_B.shape)} must be equal 1-D shapes")
+    if include_B is not None and include_B.shape != rewards_B.shape:
+        raise ValueError(f"advantages: include_B has shape {tuple(include_B.shape)}, expected {tuple(rewards_B.shape)}")
+
+
+def _out(x: Tensor, like: Tensor) -> Tensor:
+    return x.to(like.dtype if like.is_floating_point() else torch.float32)
+
+
+def group_mean_std(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row (group mean, unbiased group std, group count) over included rows (float64)."""
+    idx, n, s, s2 = _group_stats(rewards_B, group_B, include_B)
+    mean = s / n.clamp(min=1)
+    var = (s2 - n * mean * mean) / (n - 1).clamp(min=1)
+    std = var.clamp(min=0).sqrt()
+    return mean[idx], std[idx], n[idx]
+
+
+def grpo(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None) -> Tensor:
+    _check(rewards_B, group_B, include_B)
+    mean, std, n = group_mean_std(rewards_B, group_B, include_B)
+    single = n <= 1
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    std = torch.where(single, torch.ones_like(std), std)
+    return _out((rewards_B.to(torch.float64) - mean) / (std + EPS), rewards_B)
+
+
+def dr_grpo(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None) -> Tensor:
+    _check(rewards_B, group_B, include_B)
+    mean, _, n = group_mean_std(rewards_B, group_B, include_B)
+    mean = torch.where(n <= 1, torch.zeros_like(mean), mean)
+    return _out(rewards_B.to(torch.float64) - mean, rewards_B)
+
+
+def rloo(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None) -> Tensor:
+    _check(rewards_B, group_B, include_B)
+    r = rewards_B.to(torch.float64)
+    inc = torch.ones_like(r, dtype=torch.bool) if include_B is None else include_B.to(torch.bool)
+    idx, n, s, _ = _group_stats(rewards_B, group_B, include_B)
+    own = inc.to(torch.float64)
+    others = (n[idx] - own)
+    baseline = (s[idx] - own * r) / others.clamp(min=1)
+    return _out(torch.where(others > 0, r - baseline, torch.zeros_like(r)), rewards_B)
+
+
+def reinforce_pp(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None) -> Tensor:
+    _check(rewards_B, group_B, include_B)
+    a = dr_grpo(rewards_B.to(torch.float64), group_B, include_B)
+    inc = torch.ones_like(a, dtype=torch.bool) if include_B is None else include_B.to(torch.bool)
+    sel = a[inc]
+    if sel.numel() == 0:
+        return _out(torch.zeros_like(a), rewards_B)
+    mu = sel.mean()
+    sd = sel.std() if sel.numel() > 1 else torch.ones((), dtype=torch.float64)
+    return _out((a - mu) / (sd + EPS), rewards_B)
+
+
+ADVANTAGES: dict[str, AdvantageFn] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo, "reinforce_pp": reinforce_pp}
+
+
+def get_advantage(name: str) -> AdvantageFn:
+    try:
+        return ADVANTAGES[name]
+    except KeyError:
+        raise ValueError(f"unknown advantage estimator '{name}'; valid: {', '.join(sorted(ADVANTAGES))}") from None
+
+
+def broadcast_to_tokens(advantages_B: Tensor, mask_BT: Tensor) -> Tensor:
+    """``A_{i,t} = A_i * m_{i,t}``."""
+    return advantages_B[:, None].to(torch.float64 if not advantages_B.is_floating_point() else advantages_B.dtype) * mask_BT
