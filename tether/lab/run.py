@@ -33,12 +33,20 @@ from tether.lab.policy import (
 )
 from tether.objectives import get_preset, presets
 
+DEFAULT_OBJECTIVES = ("grpo", "tis", "ctpo", "gspo", "p3o", "sequence_is", "cumulative_is", "token_is")
+
+
+def default_objectives() -> list[str]:
+    """The default set, less presets not registered in this build (names given explicitly are strict)."""
+    known = presets()
+    return [n for n in DEFAULT_OBJECTIVES if n in known or n in RAW_ESTIMATORS]
+
 
 @dataclass
 class LabConfig:
     mismatch: str = "precision"
     strengths: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3, 1.0])
-    objectives: list[str] = field(default_factory=lambda: ["grpo", "tis", "ctpo", "gspo", "p3o"])
+    objectives: list[str] = field(default_factory=lambda: default_objectives())
     vocab: int = 4
     horizon: int = 6
     reward: str = "pattern"
