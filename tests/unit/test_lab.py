@@ -9,6 +9,7 @@ import torch
 
 from tether.lab.estimators import (
     exact_moments,
+    is_separable,
     monte_carlo_moments,
     preset_coefficients,
     raw_coefficients,
@@ -172,6 +173,18 @@ def test_p3o_equals_on_policy_score_function_when_mu_is_pi():
     torch.testing.assert_close(c_p3o, raw_coefficients("on_policy", logp, logp, adv), rtol=1e-8, atol=1e-12)
     mc = monte_carlo_moments("p3o", theta, space, logp, logp, adv, g, batch=8, num_batches=2000, seed=1)
     assert mc.bias < 4 * mc.bias_se + 1e-3
+
+
+def test_separability_check_flags_batch_statistics():
+    space, theta, rewards, logp, adv, g = _setup(seed=9)
+    logp_mu = token_logp_from_probs(behaviour_probs(theta, "staleness", 0.3), space)
+    assert is_separable("grpo", logp, logp_mu, adv, old="mu")
+    assert is_separable("ctpo", logp, logp_mu, adv, old="mu")
+    assert not is_separable("p3o", logp, logp_mu, adv, old="mu")
+    # p3o's ESS really couples sequences: coefficients on a subset differ from the full batch's
+    full = preset_coefficients("p3o", logp, logp_mu, adv, old="mu")
+    sub = preset_coefficients("p3o", logp[:20], logp_mu[:20], adv[:20], old="mu")
+    assert not torch.allclose(full[:20], sub, rtol=1e-6)
 
 
 def test_mismatch_models_identity_at_zero_and_valid_distributions():

@@ -32,7 +32,8 @@ from tether.objectives.ratios import cumulative_log_ratio, sequence_log_ratio, t
 
 RAW_ESTIMATORS = ("on_policy", "token_is", "sequence_is", "cumulative_is")
 NON_SEPARABLE = frozenset({"p3o", "p4o"})
-"""Presets whose loss couples sequences through a batch statistic (the ESS): Monte Carlo only."""
+"""Presets known to couple sequences through a batch statistic (the ESS): Monte Carlo only. Any other
+preset is checked by ``is_separable`` before its exact moments are used."""
 UNSUPPORTED_INPUTS = ("expert_B", "logp_expert_old_BT", "logp_ref_BT")
 MU_FLOOR = -1e4
 """log mu of tokens mu never samples (truncation) is floored here; such sequences get weight 0."""
@@ -114,6 +115,20 @@ def preset_coefficients(name: str, logp_pi_NT: Tensor, logp_mu_NT: Tensor, adv_N
     (grad,) = torch.autograd.grad(loss, x)
     scale = agg_scale(preset.defaults.get("agg", "token-mean"), logp_pi_NT.shape[1])
     return -grad * logp_pi_NT.shape[0] * scale
+
+
+def is_separable(name: str, logp_pi_NT: Tensor, logp_mu_NT: Tensor, adv_N: Tensor, *, old: str = "pi",
+                 subset: int = 64, seed: int = 0) -> bool:
+    """Whether preset ``name`` is per-sequence separable here: the coefficients read off a random
+    ``subset`` of sequences equal those read off the whole batch (false for batch statistics such
+    as P3O's ESS or self-normalised weights whenever those are not constant)."""
+    if name in NON_SEPARABLE:
+        return False
+    full = preset_coefficients(name, logp_pi_NT, logp_mu_NT, adv_N, old=old)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(logp_pi_NT.shape[0], generator=g)[:subset]
+    sub = preset_coefficients(name, logp_pi_NT[rows], logp_mu_NT[rows], adv_N[rows], old=old)
+    return bool(torch.allclose(full[rows], sub, rtol=1e-9, atol=1e-12))
 
 
 def exact_moments(logits_PV: Tensor, space: Space, c_NT: Tensor, mu_N: Tensor, grad_J: Tensor) -> Moments:

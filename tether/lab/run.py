@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from tether.lab.estimators import (
-    NON_SEPARABLE,
     RAW_ESTIMATORS,
     exact_moments,
+    is_separable,
     monte_carlo_moments,
     preset_coefficients,
     preset_inputs,
@@ -94,7 +94,7 @@ def measure(cfg: LabConfig) -> dict:
                 continue
             if name in RAW_ESTIMATORS:
                 m = exact_moments(theta, space, raw_coefficients(name, logp_pi, logp_mu, adv), mu_N, grad_J)
-            elif name in NON_SEPARABLE:
+            elif not is_separable(name, logp_pi, logp_mu, adv, old=cfg.old, seed=cfg.seed):
                 m = monte_carlo_moments(
                     name, theta, space, logp_pi, logp_mu, adv, grad_J,
                     batch=cfg.mc_batch, num_batches=cfg.mc_batches, old=cfg.old, seed=cfg.seed,
