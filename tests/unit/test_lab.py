@@ -224,6 +224,10 @@ def test_run_lab_writes_json_and_png_and_rejects_unknown_names(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "bias.png").stat().st_size > 1000
     assert len(data["results"]) == 6 and len(data["steps"]) == 6
+    for st in data["steps"]:
+        assert len(st["J"]) == 4 and isinstance(st["diverged"], bool)
+        assert st["J"][0] == pytest.approx(data["J"], rel=1e-12)
+        assert st["J"][-1] != st["J"][0]
     seq0 = [r for r in res["results"] if r["objective"] == "sequence_is"]
     assert seq0[0]["bias"] < 1e-8 and seq0[1]["bias"] < 1e-8
     with pytest.raises(ValueError, match="valid: .*grpo"):
