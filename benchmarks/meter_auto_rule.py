@@ -196,13 +196,15 @@ def lab(batches: int = 10) -> None:
     print("|" + "---|" * (10 + len(fixed)))
     g = torch.Generator().manual_seed(0)
     regrets: dict[str, list[float]] = {}
+    sweep: list[tuple[float, float, float, float]] = []  # (n * ESS_seq of the batch, token MSE, seq MSE, best)
     for kind in ("staleness", "precision", "noise", "temperature", "truncation"):
         for strength in (0.1, 0.3, 1.0):
             logp_mu = token_logp_from_probs(behaviour_probs(theta, kind, strength, seed=0), space)
             mu_N = seq_probs(logp_mu)
             p = mu_N / mu_N.sum()
             logw = (logp_pi - logp_mu.clamp(min=-1e4)).sum(1)
-            ess_pop = 1.0 / float(torch.where(p > 0, p * torch.exp(2 * logw), 0.0).sum())  # 1/(1 + chi^2) = 1/E_mu W^2
+            w = torch.where(p > 0, torch.exp(logw), 0.0)
+            ess_pop = float((p * w).sum() ** 2 / (p * w * w).sum())  # (E_mu W)^2 / E_mu W^2 (W sums to < 1 under truncation)
             for n in (64, 1024):
                 ref = {k: rel_mse(logp_mu, mu_N, n, level=lv, threshold=th) for k, (lv, th) in fixed.items()}
                 picks = {"token": 0, "sequence": 0, "geometric": 0}
@@ -218,6 +220,7 @@ def lab(batches: int = 10) -> None:
                     seq_cap = min(max(float(np.exp(min(stats["meter/total/seq_logr_p99"], 700.0))), 2.0), 10.0)
                     mt = rel_mse(logp_mu, mu_N, n, level="token", threshold=tok_cap)
                     ms = rel_mse(logp_mu, mu_N, n, level="sequence", threshold=seq_cap)
+                    sweep.append((stats["meter/total/n_seqs"] * stats["meter/total/ess_seq"], mt, ms, min(ref.values())))
                     got["token(auto)"].append(mt)
                     got["seq(auto)"].append(ms)
                     got["rule"].append({"token": mt, "sequence": ms}.get(d.level.value) or
@@ -234,6 +237,12 @@ def lab(batches: int = 10) -> None:
     print("| policy | mean | median | max |\n|---|---|---|---|")
     for k, v in regrets.items():
         print(f"| {'auto rule' if k == 'rule' else 'always ' + k} | {np.mean(v):.3f} | {np.median(v):.3f} | {np.max(v):.3f} |")
+    print("\nthe level threshold K (sequence iff n * ESS_seq(batch) >= K), per batch, MSE / best fixed:")
+    print("| K | mean | max | picks the better level |\n|---|---|---|---|")
+    for K in (8, 16, 32, 64, 128):
+        r = [(ms if e >= K else mt) / b for e, mt, ms, b in sweep]
+        acc = np.mean([(ms if e >= K else mt) == min(mt, ms) for e, mt, ms, _ in sweep])
+        print(f"| {K} | {np.mean(r):.3f} | {np.max(r):.3f} | {acc:.0%} |")
 
 
 def main() -> None:

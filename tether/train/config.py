@@ -64,7 +64,7 @@ class TrainConfig:
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
     progress: bool = opt(True, "show a progress bar")
-    budget_ratio: MeterRatio = opt(MeterRatio.TOTAL, "mismatch budget: the ratio its thresholds apply to (engine, staleness, drift, total)")
+    budget_ratio: MeterRatio = opt(MeterRatio.TOTAL, "mismatch budget: the ratio its thresholds read: total (pi_old/mu) or engine (fresh tokens)")
     budget_min_ess_token: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_token < this (none: off)")
     budget_min_ess_seq: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_seq < this (none: off)")
     budget_max_abs_logr_p99: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/abs_logr_p99 > this (none: off)")
