@@ -192,3 +192,13 @@ def test_auto_preset_matches_loop_references_at_each_level():
         preset(x, level="token", threshold=0.5)
     with pytest.raises(ValueError, match="level"):
         preset(x, level="chunk", threshold=2.0)
+
+
+def test_a_resumed_run_keeps_its_tightening():
+    """The scales live in the run state (saved in the checkpoint): a new control built from it applies them."""
+    cfg = TrainConfig(objective="tis", budget_max_kl=0.01, budget_action="tighten")
+    state = {"lr_scale": 1.0, "tighten_scale": 0.25}
+    opt, sched = _opt()
+    m = _stats(0.01)
+    args = MismatchControl(cfg, get_preset("tis").resolve(None), state, {}).apply(m, opt, sched, step=5)
+    assert m["budget/alarms"] == 0 and args["cap"] == pytest.approx(1.25) and m["budget/tighten_scale"] == 0.25
