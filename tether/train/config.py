@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from tether.configs import opt
+from tether.meter.budget import BudgetAction, MeterRatio
 
 
 class KLPlacement(str, enum.Enum):
@@ -63,6 +64,14 @@ class TrainConfig:
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
     progress: bool = opt(True, "show a progress bar")
+    budget_ratio: MeterRatio = opt(MeterRatio.TOTAL, "mismatch budget: the ratio its thresholds read: total (pi_old/mu) or engine (fresh tokens)")
+    budget_min_ess_token: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_token < this (none: off)")
+    budget_min_ess_seq: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_seq < this (none: off)")
+    budget_max_abs_logr_p99: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/abs_logr_p99 > this (none: off)")
+    budget_max_kl: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/kl_k3 > this (none: off)")
+    budget_action: BudgetAction = opt(BudgetAction.WARN, "on a budget alarm: warn, tighten (the correction), lower_lr, stop")
+    budget_lr_factor: float = opt(0.5, "lower_lr multiplies the learning rate by this on every step with an alarm")
+    budget_tighten_factor: float = opt(0.5, "tighten moves caps, bands and clip ranges this factor closer to 1 per alarm step")
 
     def __post_init__(self) -> None:
         positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
@@ -89,3 +98,6 @@ class TrainConfig:
             raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
+        from tether.train.mismatch_control import validate_config  # the budget_* fields
+
+        validate_config(self)

@@ -28,6 +28,7 @@ from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
 from tether.train.metrics_log import MetricsLog
+from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
@@ -43,6 +44,7 @@ class RunState:
     bad_steps: int = 0
     accuracy_before: float | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"reward_failed": 0, "skipped_steps": 0, "dropped_groups": 0})
+    mismatch_control: dict[str, float] = field(default_factory=dict)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -77,6 +79,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ref_model.load_state_dict(ckpt["ref_model"])
     engine.load_weights(model.state_dict(), version=state.step)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto correction
     log = MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None)
 
     if state.accuracy_before is None:
@@ -109,12 +112,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].to(logp_old_BT.dtype) * mask_BT
             with clock("meter"):
                 metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
+                step_args = control.apply(metrics, optimizer, scheduler, step=step, console=progress.console,
+                                          where=str(run_dir / "checkpoints"))
             # 5. update: epochs x mini-batches x micro-batches with global normalisers
             finite = bool(torch.isfinite(torch.where(mask_BT, logp_old_BT, 0)).all()
                           and torch.isfinite(rollout.logp_mu_BT).all())
             if finite and keep_B.any():
                 with clock("update"):
-                    update = _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B,
+                    update = _update(cfg, preset, step_args, model, optimizer, rollout, keep_B,
                                      logp_old_BT, logp_ref_BT, advantages_BT, step)
                 finite = update.pop("finite")
                 metrics.update(update)
