@@ -16,14 +16,38 @@ SG_LOG_RATIO_MAX = 10.0
 """Stop-gradient ratio forms (GSPO, CTPO) clamp the log-ratio at +10 (verl, CTPO)."""
 
 
+class _TokenLogRatio(torch.autograd.Function):
+    """``m * clamp(a - b, -c, c)`` whose backward keeps one bool mask instead of the float difference."""
+
+    @staticmethod
+    def forward(ctx, a_BT: Tensor, b_BT: Tensor, valid_BT: Tensor, clamp: float) -> Tensor:  # type: ignore[override]
+        diff = a_BT - b_BT
+        delta = diff.clamp(-clamp, clamp)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # clamp passes the gradient on [-c, c] inclusive, i.e. where it returned its input unchanged
+            ctx.save_for_backward((delta == diff) & valid_BT)
+        return torch.where(valid_BT, delta, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_BT: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        (passes,) = ctx.saved_tensors
+        g = torch.where(passes, grad_BT, 0.0)
+        return (g if ctx.needs_input_grad[0] else None), (-g if ctx.needs_input_grad[1] else None), None, None
+
+
 def token_log_ratio(logp_num_BT: Tensor, logp_den_BT: Tensor, mask_BT: Tensor, *, clamp: float = LOG_RATIO_CLAMP) -> Tensor:
     """Token log-ratio ``delta_t = m_t * clamp(log p_t - log q_t, -clamp, clamp)``.
 
-    Gradient flows through whichever argument carries it (normally ``logp_num`` = log pi_theta).
+    Gradient flows through whichever argument carries it (normally ``logp_num`` = log pi_theta):
+    ``d delta_t / d log p_t = m_t 1[|log p_t - log q_t| <= clamp]``.
     Padding gets exactly 0, so masked positions never produce NaN or Inf downstream.
     """
+    valid = mask_BT.bool()
+    needs_grad = torch.is_grad_enabled() and (logp_num_BT.requires_grad or logp_den_BT.requires_grad)
+    if needs_grad and logp_num_BT.shape == logp_den_BT.shape == valid.shape:
+        return _TokenLogRatio.apply(logp_num_BT, logp_den_BT, valid, clamp)
     delta = (logp_num_BT - logp_den_BT).clamp(-clamp, clamp)
-    return torch.where(mask_BT.bool(), delta, torch.zeros_like(delta))
+    return torch.where(valid, delta, 0.0)
 
 
 def sequence_log_ratio(log_ratio_BT: Tensor, mask_BT: Tensor) -> Tensor:
@@ -64,8 +88,9 @@ def gspo_log_ratio(
     ``log s_{i,t} = sg(log s_i) + log pi_theta(y_t) - sg(log pi_theta(y_t))`` (clamped at ``max_log``).
     Value: ``s_i`` on every token; gradient: ``s_i * grad log pi_theta(y_t)``.
     """
-    delta = token_log_ratio(logp_theta_BT, logp_old_BT, mask_BT, clamp=clamp)
-    log_s_B = geometric_log_ratio(delta, mask_BT)
+    with torch.no_grad():  # the value is detached below: no graph for it
+        delta = token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT, clamp=clamp)
+        log_s_B = geometric_log_ratio(delta, mask_BT)
     return straight_through_log_ratio(log_s_B[:, None].expand_as(delta), logp_theta_BT, max_log=max_log)
 
 
@@ -86,11 +111,11 @@ def cumulative_log_ratio(
     clamped at ``max_log``: value ``rho_t``, gradient ``rho_t * grad log pi_theta(y_t)``.
     Only loss tokens enter the product (tool output and padding do not).
     """
-    m = mask_BT.to(logp_theta_BT.dtype)
-    delta = token_log_ratio(logp_theta_BT, logp_old_BT, mask_BT, clamp=clamp)
-    cum = torch.cumsum(delta, dim=-1)
-    if geomean:
-        cum = cum / torch.cumsum(m, dim=-1).clamp(min=1.0)
+    with torch.no_grad():  # the value is detached below: no graph for it
+        delta = token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT, clamp=clamp)
+        cum = torch.cumsum(delta, dim=-1)
+        if geomean:
+            cum = cum / masked_positions(mask_BT).to(cum.dtype).clamp(min=1.0)
     return straight_through_log_ratio(cum, logp_theta_BT, max_log=max_log)
 
 
