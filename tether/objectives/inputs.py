@@ -12,6 +12,7 @@ loss or its gradient. Left as ``None`` they default to the counts of the tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -77,6 +78,16 @@ def float_mask(mask_BT: Tensor, dtype: torch.dtype) -> Tensor:
     if mask_BT.dtype == torch.bool:
         return mask_BT.view(torch.uint8).to(dtype)
     return mask_BT.to(dtype)
+
+
+def indicator(compare: Callable[..., Tensor], a: Tensor, b: Tensor | float, dtype: torch.dtype | None = None) -> Tensor:
+    """``compare(a, b)`` (``torch.gt``, ``torch.lt``, ...) as 0./1. of a floating ``dtype`` (default ``a``'s).
+
+    Written straight into a floating tensor the comparison is one vectorised CPU kernel; a ``bool``
+    result followed by a cast is several times slower. No gradient.
+    """
+    shape = a.shape if not isinstance(b, Tensor) or b.shape == a.shape else torch.broadcast_shapes(a.shape, b.shape)
+    return compare(a, b, out=torch.empty(shape, dtype=dtype or a.dtype, device=a.device))
 
 
 def _masked_sum(x_BT: Tensor, m_BT: Tensor) -> Tensor:

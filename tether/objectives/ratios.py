@@ -70,8 +70,26 @@ def straight_through_log_ratio(
     value ``rho_t`` and gradient ``rho_t * grad log pi_theta(y_t)``: the prefix / sequence
     correction acts as a weight only (GSPO's and CTPO's stop-gradient decomposition).
     """
-    out = value_log_ratio_BT.detach() + logp_theta_BT - logp_theta_BT.detach()
+    value = value_log_ratio_BT.detach()
+    if torch.is_grad_enabled() and logp_theta_BT.requires_grad and value.shape == logp_theta_BT.shape:
+        return _StraightThrough.apply(value, logp_theta_BT, max_log)
+    out = value + logp_theta_BT - logp_theta_BT.detach()
     return out.clamp(max=max_log)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``clamp(v + x - sg(x), max)`` whose backward keeps one bool mask (where the clamp passes)."""
+
+    @staticmethod
+    def forward(ctx, value_BT: Tensor, x_BT: Tensor, max_log: float) -> Tensor:  # type: ignore[override]
+        out = value_BT + x_BT - x_BT
+        ctx.save_for_backward(out <= max_log)
+        return out.clamp(max=max_log)
+
+    @staticmethod
+    def backward(ctx, grad_BT: Tensor) -> tuple[None, Tensor, None]:  # type: ignore[override]
+        (passes,) = ctx.saved_tensors
+        return None, torch.where(passes, grad_BT, 0.0), None
 
 
 def gspo_log_ratio(
@@ -88,10 +106,17 @@ def gspo_log_ratio(
     ``log s_{i,t} = sg(log s_i) + log pi_theta(y_t) - sg(log pi_theta(y_t))`` (clamped at ``max_log``).
     Value: ``s_i`` on every token; gradient: ``s_i * grad log pi_theta(y_t)``.
     """
+    return _gspo_log_ratio(logp_theta_BT, logp_old_BT, mask_BT, clamp=clamp, max_log=max_log)[0]
+
+
+def _gspo_log_ratio(
+    logp_theta_BT: Tensor, logp_old_BT: Tensor, mask_BT: Tensor, *, clamp: float, max_log: float
+) -> tuple[Tensor, Tensor]:
+    """``(gspo_log_ratio, delta)`` with ``delta`` the detached token log-ratio it was built from."""
     with torch.no_grad():  # the value is detached below: no graph for it
         delta = token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT, clamp=clamp)
         log_s_B = geometric_log_ratio(delta, mask_BT)
-    return straight_through_log_ratio(log_s_B[:, None].expand_as(delta), logp_theta_BT, max_log=max_log)
+    return straight_through_log_ratio(log_s_B[:, None].expand_as(delta), logp_theta_BT, max_log=max_log), delta
 
 
 def cumulative_log_ratio(
@@ -111,14 +136,26 @@ def cumulative_log_ratio(
     clamped at ``max_log``: value ``rho_t``, gradient ``rho_t * grad log pi_theta(y_t)``.
     Only loss tokens enter the product (tool output and padding do not).
     """
+    return _cumulative_log_ratio(logp_theta_BT, logp_old_BT, mask_BT, geomean=geomean, clamp=clamp, max_log=max_log)[0]
+
+
+def _cumulative_log_ratio(
+    logp_theta_BT: Tensor, logp_old_BT: Tensor, mask_BT: Tensor, *, geomean: bool, clamp: float, max_log: float,
+    positions_BT: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(cumulative_log_ratio, delta)`` with ``delta`` the detached token log-ratio it was built from;
+    ``positions_BT``: ``masked_positions(mask)`` if the caller has it."""
     with torch.no_grad():  # the value is detached below: no graph for it
         delta = token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT, clamp=clamp)
         cum = torch.cumsum(delta, dim=-1)
         if geomean:
-            cum = cum / masked_positions(mask_BT).to(cum.dtype).clamp(min=1.0)
-    return straight_through_log_ratio(cum, logp_theta_BT, max_log=max_log)
+            pos = masked_positions(mask_BT) if positions_BT is None else positions_BT
+            cum = cum / pos.to(cum.dtype).clamp(min=1.0)
+    return straight_through_log_ratio(cum, logp_theta_BT, max_log=max_log), delta
 
 
 def masked_positions(mask_BT: Tensor) -> Tensor:
     """1-indexed position among loss tokens, ``p_t = sum_{j<=t} m_j`` (CTPO-LA's position)."""
+    if mask_BT.dtype == torch.bool:  # read the bool mask as bytes (a faster cast than bool -> long)
+        return torch.cumsum(mask_BT.view(torch.uint8), dim=-1, dtype=torch.long)
     return torch.cumsum(mask_BT.to(torch.long), dim=-1)
