@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
-from tether.objectives.inputs import LossInputs, masked_mean
+from tether.objectives.closed_form import elementwise_loss
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_mean, masked_means
 from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -49,11 +50,18 @@ def calibrl_guidance_loss(
     0 on masked positions; un-aggregated.
     """
     A = advantages_BT.detach()
-    sign = torch.where(A > 0, torch.ones_like(A), -torch.ones_like(A))
-    u = -sign * (logp_theta_BT - logp_expert_old_BT.detach())
-    u = torch.where(mask_BT.bool(), u, torch.zeros_like(u))
-    g = A.abs() * torch.nn.functional.leaky_relu(u, negative_slope=slope)
-    return torch.where(mask_BT.bool(), g, torch.zeros_like(g))
+    base = logp_expert_old_BT.detach()
+    valid = mask_BT.bool()
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+        # d g / d log pi_theta = |A| LeakyReLU'(u) (-sign) = -A * (1 if u > 0 else slope) on loss tokens
+        sign = torch.where(A > 0, 1.0, -1.0).to(A.dtype)
+        u = torch.where(valid, -sign * (x - base), 0.0)
+        g = torch.where(valid, A.abs() * torch.nn.functional.leaky_relu(u, negative_slope=slope), 0.0)
+        grad = torch.where(valid, -A * torch.where(u > 0, 1.0, slope).to(A.dtype), 0.0)
+        return g, grad
+
+    return elementwise_loss(logp_theta_BT, value_and_grad)[0]
 
 
 def calibrl(
@@ -73,16 +81,17 @@ def calibrl(
     """
     expert, m_on = _row_masks(inputs)
     lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, m_on)
+    # the 0/1 on-policy weight zeroes expert rows and padding (the PPO loss is finite there)
     pg_BT, metrics = ppo_clip_loss(
-        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
+        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+        weight_BT=float_mask(m_on, lr.dtype),
     )
-    pg_BT = torch.where(m_on, pg_BT, torch.zeros_like(pg_BT))
     g_BT = calibrl_guidance_loss(
         inputs.logp_theta_BT, inputs.logp_expert_old_BT, inputs.advantages_BT, m_on, slope=guide_slope
     )
     pg = _agg(inputs, pg_BT, agg)
     guided = _agg(inputs, g_BT, agg)
-    above = (inputs.logp_theta_BT.detach() > inputs.logp_expert_old_BT).to(pg_BT.dtype)
+    above = indicator(torch.gt, inputs.logp_theta_BT.detach(), inputs.logp_expert_old_BT.detach(), pg_BT.dtype)
     metrics.update({
         "calibrl/pg_loss": pg.detach(),
         "calibrl/guided_loss": guided.detach(),
@@ -102,12 +111,20 @@ def rlplus_off_policy_loss(
     ``-A^c r^MIS``. 0 on masked positions.
     """
     m = mask_BT.bool()
-    p = torch.exp(torch.where(m, logp_theta_BT, torch.zeros_like(logp_theta_BT)))
-    p_old = torch.exp(torch.where(m, logp_old_BT.detach(), torch.zeros_like(logp_old_BT)))
-    r = p / (0.75 * p_old + 0.25)
-    a_c = advantages_BT.detach() * (1.0 - p.detach()).clamp(min=0.0) ** exploration_power
-    loss = -r * a_c
-    return torch.where(m, loss, torch.zeros_like(loss)), r
+    A = advantages_BT.detach()
+    p_old = torch.exp(torch.where(m, logp_old_BT.detach(), 0.0))
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # d r / d log pi_theta = r, so d l / d log pi_theta = -A^c r on loss tokens (A^c is detached)
+        p = torch.exp(torch.where(m, x, 0.0))
+        r = p / (0.75 * p_old + 0.25)
+        a_c = A * (1.0 - p).clamp(min=0.0) ** exploration_power
+        loss = torch.where(m, -r * a_c, 0.0)
+        grad = torch.where(m, -a_c * r, 0.0)
+        return loss, grad, r
+
+    loss, r = elementwise_loss(logp_theta_BT, value_and_grad)
+    return loss, r
 
 
 def rl_plus(
@@ -117,19 +134,22 @@ def rl_plus(
     expert, m_on = _row_masks(inputs)
     m_off = inputs.mask_BT.bool() & expert
     lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, m_on)
-    on_BT, metrics = ppo_clip_loss(lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high)
+    # the 0/1 on-policy weight zeroes expert rows and padding (the PPO loss is finite there)
+    on_BT, metrics = ppo_clip_loss(
+        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, weight_BT=float_mask(m_on, lr.dtype)
+    )
     off_BT, r_off = rlplus_off_policy_loss(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.advantages_BT, m_off, exploration_power=exploration_power
     )
-    loss_BT = torch.where(m_on, on_BT, torch.zeros_like(on_BT)) + off_BT
-    p = inputs.logp_theta_BT.detach().exp()
-    metrics.update({
-        "rlplus/on_pg_loss": _agg(inputs, torch.where(m_on, on_BT, torch.zeros_like(on_BT)), agg).detach(),
-        "rlplus/off_pg_loss": _agg(inputs, off_BT, agg).detach(),
-        "rlplus/off_policy_prob": masked_mean(p, m_off),
-        "rlplus/on_policy_prob": masked_mean(p, m_on),
-        "rlplus/off_ratio_mean": masked_mean(r_off.detach(), m_off),
-    })
+    loss_BT = on_BT + off_BT
+    with torch.no_grad():
+        p = inputs.logp_theta_BT.detach().exp()
+        metrics.update({
+            "rlplus/on_pg_loss": _agg(inputs, on_BT.detach(), agg),
+            "rlplus/off_pg_loss": _agg(inputs, off_BT.detach(), agg),
+            **masked_means({"rlplus/off_policy_prob": p, "rlplus/off_ratio_mean": r_off.detach()}, m_off),
+            "rlplus/on_policy_prob": masked_mean(p, m_on),
+        })
     return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
 
 
