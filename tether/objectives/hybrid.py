@@ -17,7 +17,7 @@ from torch import Tensor
 from tether.objectives.aggregation import aggregate
 from tether.objectives.closed_form import elementwise_loss
 from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_mean, masked_means
-from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
+from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
 
@@ -55,10 +55,11 @@ def calibrl_guidance_loss(
 
     def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
         # d g / d log pi_theta = |A| LeakyReLU'(u) (-sign) = -A * (1 if u > 0 else slope) on loss tokens
-        sign = torch.where(A > 0, 1.0, -1.0).to(A.dtype)
-        u = torch.where(valid, -sign * (x - base), 0.0)
+        neg_sign = 1.0 - 2.0 * indicator(torch.gt, A, 0.0)  # -(2 pass - 1), exactly -1 or 1
+        u = torch.where(valid, neg_sign * (x - base), 0.0)
         g = torch.where(valid, A.abs() * torch.nn.functional.leaky_relu(u, negative_slope=slope), 0.0)
-        grad = torch.where(valid, -A * torch.where(u > 0, 1.0, slope).to(A.dtype), 0.0)
+        slope_u = torch.lerp(torch.full_like(u, slope), torch.ones_like(u), indicator(torch.gt, u, 0.0))
+        grad = torch.where(valid, -A * slope_u, 0.0)
         return g, grad
 
     return elementwise_loss(logp_theta_BT, value_and_grad)[0]
@@ -80,9 +81,10 @@ def calibrl(
     log-probs of the group's expert response, aligned by position, 0 beyond its length).
     """
     expert, m_on = _row_masks(inputs)
-    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, m_on)
-    # the 0/1 on-policy weight zeroes expert rows and padding (the PPO loss is finite there)
-    pg_BT, metrics = ppo_clip_loss(
+    # the token log-ratio over all loss tokens (shared with the policy metrics); the 0/1 on-policy
+    # weight zeroes the PPO loss and its gradient on expert rows and padding (finite there)
+    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+    pg_BT, ratio, metrics = _ppo_clip(
         lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
         weight_BT=float_mask(m_on, lr.dtype),
     )
@@ -98,7 +100,7 @@ def calibrl(
         "calibrl/above_expert_frac": masked_mean(above, m_on),
         "calibrl/expert_frac": inputs.expert_B.to(pg_BT.dtype).mean(),
     })
-    return pg + guide_coef * guided, {**metrics, **policy_metrics(inputs)}
+    return pg + guide_coef * guided, {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=ratio)}
 
 
 def rlplus_off_policy_loss(
@@ -120,8 +122,7 @@ def rlplus_off_policy_loss(
         r = p / (0.75 * p_old + 0.25)
         a_c = A * (1.0 - p).clamp(min=0.0) ** exploration_power
         loss = torch.where(m, -r * a_c, 0.0)
-        grad = torch.where(m, -a_c * r, 0.0)
-        return loss, grad, r
+        return loss, loss, r  # the loss is -A^c r: it is its own derivative
 
     loss, r = elementwise_loss(logp_theta_BT, value_and_grad)
     return loss, r
@@ -133,10 +134,12 @@ def rl_plus(
     """RL-PLUS: multiple-importance-sampling loss on expert rows, (unclipped) IS-PPO on on-policy rows."""
     expert, m_on = _row_masks(inputs)
     m_off = inputs.mask_BT.bool() & expert
-    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, m_on)
-    # the 0/1 on-policy weight zeroes expert rows and padding (the PPO loss is finite there)
-    on_BT, metrics = ppo_clip_loss(
-        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, weight_BT=float_mask(m_on, lr.dtype)
+    # the token log-ratio over all loss tokens (shared with the policy metrics); the 0/1 on-policy
+    # weight zeroes the PPO loss and its gradient on expert rows and padding (finite there)
+    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+    on_BT, ratio, metrics = _ppo_clip(
+        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=None,
+        weight_BT=float_mask(m_on, lr.dtype),
     )
     off_BT, r_off = rlplus_off_policy_loss(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.advantages_BT, m_off, exploration_power=exploration_power
@@ -150,7 +153,7 @@ def rl_plus(
             **masked_means({"rlplus/off_policy_prob": p, "rlplus/off_ratio_mean": r_off.detach()}, m_off),
             "rlplus/on_policy_prob": masked_mean(p, m_on),
         })
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=ratio)}
 
 
 register(Preset(
