@@ -39,8 +39,9 @@ def ess_sums(weights_BT: Tensor, mask_BT: Tensor) -> Tensor:
     Sum these over micro-batches / ranks, then call ``ess_from_sums``.
     """
     m = mask_BT.bool()
-    w = torch.where(m, weights_BT.detach().to(torch.float64), torch.zeros((), dtype=torch.float64))
-    return torch.stack([w.sum(), (w * w).sum(), m.to(torch.float64).sum()])
+    w = torch.where(m, weights_BT.detach().to(torch.float64), 0.0)
+    flat = w.reshape(-1)
+    return torch.stack([w.sum(), torch.dot(flat, flat), m.count_nonzero().to(torch.float64)])
 
 
 def ess_from_sums(sums: Tensor) -> Tensor:

@@ -125,8 +125,10 @@ def masked_means(values: dict[str, Tensor], mask_BT: Tensor, dtype: torch.dtype 
                 if x.dtype not in m:
                     m[x.dtype] = float_mask(valid, x.dtype)
                 sums.append(_masked_sum(x.detach(), m[x.dtype]).to(dtype))
-        n = valid.count_nonzero().to(dtype).clamp(min=1.0)
-        means = torch.stack(sums) / n
+        # the count: sum of a float 0/1 mask already built (exact up to 2^24 tokens in float32,
+        # like the sums themselves), else an integer count
+        n = next(iter(m.values())).sum().to(dtype) if m else valid.count_nonzero().to(dtype)
+        means = torch.stack(sums) / n.clamp(min=1.0)
     return dict(zip(values, means.unbind()))
 
 

@@ -40,7 +40,7 @@ def clipped_surrogate(
     """The pessimistic surrogate shared by PPO and CTPO-LA, with its derivative in closed form.
 
     ``r = exp(x)`` with ``x = log_ratio``; ``r_c = ratio_clipped(x, r)`` (a clip of ``r`` that equals
-    ``r`` exactly inside the trust region); ``l1 = -A r``; ``l2 = -A r_c``; ``l = max(l1, l2)``;
+    ``r`` exactly inside the trust region, returned as a new tensor); ``l1 = -A r``; ``l2 = -A r_c``; ``l = max(l1, l2)``;
     with a dual clip ``c`` (a number or a per-token tensor): ``l = min(l, -A c)`` where ``A < 0``;
     with a detached weight: ``l = w * l``. Returns ``(l, r, clipped, dual)``: ``clipped`` is
     ``1[l2 > l1]`` and ``dual`` (``None`` without a dual clip) ``1[A < 0 and -A c < max(l1, l2)]``,
@@ -60,23 +60,24 @@ def clipped_surrogate(
     w = None if weight_BT is None else weight_BT.detach()
 
     def value_and_grad(x: Tensor) -> tuple[Tensor, ...]:
+        # (in-place updates reuse buffers of intermediates that are not needed again)
         neg_A = -A
         ratio = torch.exp(x)
         l1 = neg_A * ratio
-        l2 = neg_A * ratio_clipped(x, ratio)
+        l2 = ratio_clipped(x, ratio).mul_(neg_A)
         loss = torch.maximum(l1, l2)
         clipped = indicator(torch.gt, l2, l1)
-        stop = clipped
+        keep = 1.0 - clipped
         dual = None
         if dual_BT is not None:
             l3 = neg_A * dual_BT
-            dual = indicator(torch.lt, l3, loss) * indicator(torch.lt, A, 0.0, loss.dtype)
+            dual = indicator(torch.lt, l3, loss).mul_(indicator(torch.lt, A, 0.0, loss.dtype))
             loss = torch.lerp(loss, l3, dual)  # = where(A < 0, min(loss, l3), loss)
-            stop = torch.maximum(clipped, dual)
-        grad = l1 * (1.0 - stop)
+            keep.sub_(dual).clamp_(min=0.0)  # 1 - max(clipped, dual)
+        grad = l1.mul_(keep)
         if w is not None:
             loss = w * loss
-            grad = grad * w
+            grad.mul_(w)
         extra = (ratio, clipped) if dual is None else (ratio, clipped, dual)
         return (loss, grad, *extra)
 
