@@ -6,7 +6,10 @@ Same random tensors for every preset (B=64, T=1024, float32, ~25% padding); REIN
 Time: every round runs each preset once (loss + backward, metrics included), in a fresh random
 order per round, after untimed warm-up rounds; a preset's time is the median over rounds. Running
 the presets interleaved means a burst of load on a shared machine hits every preset alike instead
-of whichever happened to be measured at that moment.
+of whichever happened to be measured at that moment. ``--clock wall`` (default) times wall-clock;
+``--clock cpu`` times this process's CPU time, which on a loaded machine leaves out the time the
+process waits for a core. With several threads every op is a parallel region whose barrier waits
+for a descheduled thread, so on a shared machine measure ``--threads 1 --clock cpu``.
 
 Memory, two measures (CPU allocations are not tracked by ``torch.cuda``):
 
@@ -18,7 +21,7 @@ Memory, two measures (CPU allocations are not tracked by ``torch.cuda``):
 
 Printed as ratios to REINFORCE; the goal is every preset <= 3x in time and in both memories.
 
-    python benchmarks/objectives.py [--B 64] [--T 1024] [--rounds 30] [--threads N]
+    python benchmarks/objectives.py [--B 64] [--T 1024] [--rounds 30] [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -65,12 +68,15 @@ def build(t: dict[str, torch.Tensor]) -> tuple[LossInputs, torch.Tensor]:
     return inp, theta
 
 
-def time_once(preset, t) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_once(preset, t, clock=time.perf_counter) -> float:
     inp, _ = build(t)
-    t0 = time.perf_counter()
+    t0 = clock()
     loss, _ = preset(inp)
     loss.backward()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def saved_bytes(preset, t) -> int:
@@ -116,6 +122,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round preset order")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall-clock or process CPU time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -127,7 +134,7 @@ def main() -> None:
     for r in range(args.warmup + args.rounds):
         order.shuffle(names)
         for n in names:
-            dt = time_once(items[n], t)
+            dt = time_once(items[n], t, CLOCKS[args.clock])
             if r >= args.warmup:
                 times[n].append(dt)
     names.sort()
@@ -136,7 +143,7 @@ def main() -> None:
     peak = {n: peak_bytes(items[n], t) for n in names}
     b_t, b_s, b_p = med["reinforce"], max(saved["reinforce"], 1), max(peak["reinforce"], 1)
     print(
-        f"B={args.B} T={args.T} threads={torch.get_num_threads()} rounds={args.rounds} (median) "
+        f"B={args.B} T={args.T} threads={torch.get_num_threads()} clock={args.clock} rounds={args.rounds} (median) "
         f"torch={torch.__version__}"
     )
     print("| preset | fwd+bwd ms | time / REINFORCE | saved MiB | saved / REINFORCE | peak MiB | peak / REINFORCE |")
