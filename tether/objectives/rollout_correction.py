@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
-from tether.objectives.inputs import LossInputs, float_mask, masked_means
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
 from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -187,8 +187,8 @@ def truncated_is_weights(
     no_token = torch.zeros((), dtype=torch.bool, device=w.device)  # an infinite bound clips nothing
     flags = masked_means(
         {
-            f"{prefix}/clipfrac_high": log_w > log_cap if log_cap < math.inf else no_token,
-            f"{prefix}/clipfrac_low": log_w < log_floor if log_floor > -math.inf else no_token,
+            f"{prefix}/clipfrac_high": indicator(torch.gt, log_w, log_cap) if log_cap < math.inf else no_token,
+            f"{prefix}/clipfrac_low": indicator(torch.lt, log_w, log_floor) if log_floor > -math.inf else no_token,
         },
         valid,
         dtype=w.dtype,
@@ -266,14 +266,12 @@ def icepop_weights(
         raise ValueError(f"icepop_mask: high ({high}) must be >= low ({low})")
     valid = mask_BT.bool()
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    keep = _band_keep(delta, valid, low, high)
-    # exp(delta) is finite (|delta| <= 20): multiplying by the 0/1 keep-mask zeroes the rest exactly
-    w = torch.exp(delta) * float_mask(keep, delta.dtype)
-    flags = masked_means(
-        {f"{prefix}/maskfrac_low": delta < log_bound(low), f"{prefix}/maskfrac_high": delta > log_bound(high)},
-        valid,
-        dtype=w.dtype,
-    )
+    below = indicator(torch.lt, delta, log_bound(low))
+    above = indicator(torch.gt, delta, log_bound(high))
+    # keep = m (1 - below) (1 - above); exp(delta) is finite (|delta| <= 20), so the 0/1 products
+    # zero the dropped tokens and the padding exactly
+    w = torch.exp(delta).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
+    flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid, dtype=w.dtype)
     metrics = {**weight_metrics(w, valid, prefix), **flags, **mismatch_metrics(delta, valid)}
     return w, metrics
 
