@@ -184,15 +184,15 @@ def truncated_is_weights(
     # exp of a log-ratio clamped to +-20 is finite, so multiplying by the 0/1 mask zeroes padding exactly
     w = torch.exp(log_w).clamp(min=floor, max=cap) * float_mask(valid, log_w.dtype)
     log_cap, log_floor = log_bound(cap), log_bound(floor)
-    no_token = torch.zeros((), dtype=torch.bool, device=w.device)  # an infinite bound clips nothing
-    flags = masked_means(
-        {
-            f"{prefix}/clipfrac_high": indicator(torch.gt, log_w, log_cap) if log_cap < math.inf else no_token,
-            f"{prefix}/clipfrac_low": indicator(torch.lt, log_w, log_floor) if log_floor > -math.inf else no_token,
-        },
-        valid,
-        dtype=w.dtype,
-    )
+    # an infinite bound (cap = inf, floor = 0) clips nothing: its fraction is 0 without a pass over the tokens
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    flags = {f"{prefix}/clipfrac_high": zero, f"{prefix}/clipfrac_low": zero.clone()}
+    bounded = {}
+    if log_cap < math.inf:
+        bounded[f"{prefix}/clipfrac_high"] = indicator(torch.gt, log_w, log_cap)
+    if log_floor > -math.inf:
+        bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_floor)
+    flags.update(masked_means(bounded, valid, dtype=w.dtype))
     metrics = {**weight_metrics(w, valid, prefix), **flags, **mismatch_metrics(delta, valid)}
     return w, metrics
 
