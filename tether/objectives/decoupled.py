@@ -27,6 +27,7 @@ from tether.objectives.rollout_correction import (
     CATASTROPHIC_RATIO,
     ISLevel,
     _agg,
+    _weight_and_mismatch_metrics,
     behaviour_log_ratio,
     catastrophic_veto_mask,
     dropped_fraction,
@@ -73,10 +74,11 @@ def behaviour_weights(
     if cap is not None:
         w = w * (1.0 - over) if mode is CapMode.MASK else w.clamp(max=cap)
     w = w * float_mask(valid, w.dtype)
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix, kl_prefix=f"{prefix}/behave")
     metrics = {
-        **weight_metrics(w, valid, prefix),
+        **{k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")},
         f"{prefix}/capfrac": masked_mean(over, valid),
-        **mismatch_metrics(delta, valid, prefix=f"{prefix}/behave"),
+        **{k: wm[k] for k in (f"{prefix}/behave/kl_k1", f"{prefix}/behave/kl_k3")},
     }
     return w, metrics
 

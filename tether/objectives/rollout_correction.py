@@ -130,6 +130,28 @@ def weight_metrics(w_BT: Tensor, mask_BT: Tensor, prefix: str) -> dict[str, Tens
     return {f"{prefix}/weight_mean": mean, f"{prefix}/weight_std": var.sqrt(), f"{prefix}/weight_max": wmax}
 
 
+def _weight_and_mismatch_metrics(
+    w_BT: Tensor, delta_BT: Tensor, valid_BT: Tensor, prefix: str, kl_prefix: str = "mismatch"
+) -> dict[str, Tensor]:
+    """``weight_metrics(w) | mismatch_metrics(delta)`` in one pass (one mask, one count, one division)
+    for a correction weight that is ``>= 0`` and ``0`` on padding, as every weight built here is: then
+    the max over loss tokens is the plain max (0 when there is none)."""
+    with torch.no_grad():
+        w, d = w_BT.detach(), delta_BT.detach()
+        m = float_mask(valid_BT, w.dtype)
+        n = m.sum().clamp(min=1.0)
+        mean = _dot(w, m) / n
+        dev = (w - mean).mul_(m)
+        sums = torch.stack([_dot(dev, dev), _dot(d, m), _dot(torch.expm1(d).sub_(d), m)]) / n
+        return {
+            f"{prefix}/weight_mean": mean,
+            f"{prefix}/weight_std": sums[0].sqrt(),
+            f"{prefix}/weight_max": w.max(),
+            f"{kl_prefix}/kl_k1": -sums[1],
+            f"{kl_prefix}/kl_k3": sums[2],
+        }
+
+
 def _dot(a_BT: Tensor, b_BT: Tensor) -> Tensor:
     return torch.dot(a_BT.reshape(-1), b_BT.reshape(-1))
 
@@ -193,7 +215,10 @@ def truncated_is_weights(
     if log_floor > -math.inf:
         bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_floor)
     flags.update(masked_means(bounded, valid, dtype=w.dtype))
-    metrics = {**weight_metrics(w, valid, prefix), **flags, **mismatch_metrics(delta, valid)}
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
+    metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
+    metrics.update(flags)
+    metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
     return w, metrics
 
 
@@ -272,7 +297,10 @@ def icepop_weights(
     # zero the dropped tokens and the padding exactly
     w = torch.exp(delta).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
     flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid, dtype=w.dtype)
-    metrics = {**weight_metrics(w, valid, prefix), **flags, **mismatch_metrics(delta, valid)}
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
+    metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
+    metrics.update(flags)
+    metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
     return w, metrics
 
 
@@ -536,12 +564,13 @@ def masked_is_weights(
         frac_veto = torch.zeros((), dtype=torch.float64, device=delta.device)
     else:
         frac_veto = (len_B * ~vetoed_B).sum() / n
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
     metrics = {
-        **weight_metrics(w, valid, prefix),
+        **{k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")},
         f"{prefix}/maskfrac_band": frac_band.to(dt),
         f"{prefix}/maskfrac_veto": frac_veto.to(dt),
         f"{prefix}/maskfrac": frac_any.to(dt),
-        **mismatch_metrics(delta, valid),
+        **{k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")},
     }
     return w, metrics
 
