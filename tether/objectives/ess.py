@@ -69,17 +69,21 @@ def kl_k3(logp_BT: Tensor, logp_anchor_BT: Tensor, mask_BT: Tensor) -> Tensor:
     """
     valid = mask_BT.bool()
     anchor = logp_anchor_BT
-    if not (torch.is_grad_enabled() and logp_BT.requires_grad) or anchor.requires_grad or logp_BT.shape != valid.shape:
+    if anchor.requires_grad or logp_BT.shape != valid.shape:
         z = torch.where(valid, logp_BT - anchor, torch.zeros_like(logp_BT))
         return z + torch.exp(torch.clamp(-z, -KL_EXP_CLAMP, KL_EXP_CLAMP)) - 1.0
+    if not (torch.is_grad_enabled() and logp_BT.requires_grad):
+        with torch.no_grad():  # same value, intermediates updated in place
+            z = torch.where(valid, logp_BT - anchor, 0.0)
+            return torch.clamp(-z, -KL_EXP_CLAMP, KL_EXP_CLAMP).exp_().add_(z).sub_(1.0)
 
     def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
         # d k3 / d log pi = m (1 - exp(-z) 1[|z| <= 10]) (the clamp passes the gradient on [-10, 10])
         z = torch.where(valid, x - anchor, 0.0)
         neg_z = -z
-        e = torch.exp(torch.clamp(neg_z, -KL_EXP_CLAMP, KL_EXP_CLAMP))
-        passes = e * indicator(torch.le, neg_z.abs(), KL_EXP_CLAMP)  # exact: e <= exp(10) is finite
-        return z + e - 1.0, torch.where(valid, 1.0 - passes, 0.0)
+        e = torch.clamp(neg_z, -KL_EXP_CLAMP, KL_EXP_CLAMP).exp_()
+        passes = indicator(torch.le, neg_z.abs_(), KL_EXP_CLAMP).mul_(e)  # exact: e <= exp(10) is finite
+        return e.add_(z).sub_(1.0), torch.where(valid, passes.neg_().add_(1.0), 0.0)
 
     return elementwise_loss(logp_BT, value_and_grad)[0]
 
@@ -160,7 +164,7 @@ def mixture_log_prob(logp_old_BT: Tensor, logp_prox_BT: Tensor, ess_b: Tensor, e
     la_b = torch.log(torch.where(safe, a_b, torch.ones_like(a_b)))
     la_p = torch.log(torch.where(safe, a_p, torch.ones_like(a_p)))
     mix = torch.logaddexp(la_b + logp_old_BT.detach(), la_p + logp_prox_BT.detach())
-    mix = mix - torch.log(torch.where(safe, total, torch.full_like(total, 2.0)))
+    mix.sub_(torch.log(torch.where(safe, total, torch.full_like(total, 2.0))))
     return torch.where(safe, mix, logp_old_BT.detach())
 
 
