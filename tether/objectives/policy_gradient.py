@@ -40,8 +40,8 @@ def clipped_surrogate(
     """The pessimistic surrogate shared by PPO and CTPO-LA, with its derivative in closed form.
 
     ``r = exp(x)`` with ``x = log_ratio``; ``r_c = ratio_clipped(x, r)`` (a clip of ``r`` that equals
-    ``r`` exactly inside the trust region, returned as a new tensor); ``l1 = -A r``; ``l2 = -A r_c``; ``l = max(l1, l2)``;
-    with a dual clip ``c`` (a number or a per-token tensor): ``l = min(l, -A c)`` where ``A < 0``;
+    ``r`` exactly inside the trust region, returned as a new tensor); ``l1 = -A r``; ``l2 = -A r_c``;
+    ``l = max(l1, l2)``; with a dual clip ``c`` (a number or a per-token tensor): ``l = min(l, -A c)`` where ``A < 0``;
     with a detached weight: ``l = w * l``. Returns ``(l, r, clipped, dual)``: ``clipped`` is
     ``1[l2 > l1]`` and ``dual`` (``None`` without a dual clip) ``1[A < 0 and -A c < max(l1, l2)]``,
     both as 0./1. of ``r``'s dtype; ``r`` and the indicators are detached.
@@ -53,8 +53,8 @@ def clipped_surrogate(
     ``-A c`` is constant. This is the gradient autograd records op by op, except on exact floating
     point ties outside the trust region (``-A r == -A r_c`` with ``r != r_c``, or ``r == c``), where
     autograd splits the gradient in halves between the two equal branches.
-    Selections are written as products with 0/1 indicators, exact because every term is finite
-    (``|x| <= 20`` after the caller's clamp).
+    Selections are written as products with 0/1 indicators, exact while ``x`` is finite (every caller
+    clamps it: at +-20 for token ratios, at +10 for the stop-gradient sequence and prefix ratios).
     """
     A = advantages_BT.detach()
     w = None if weight_BT is None else weight_BT.detach()
