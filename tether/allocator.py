@@ -4,11 +4,13 @@ glibc's malloc returns large freed blocks to the OS and page-faults them back on
 allocation; a training step allocates and frees the same activation buffers every step, so on CPU
 it pays those faults every step (see docs/benchmarks.md, "Training step"). jemalloc and tcmalloc keep
 the pages. A library can only replace malloc if it is loaded before anything else, so the ``tether``
-entry point re-executes itself once with ``LD_PRELOAD`` naming the first library found.
+entry point re-executes itself once with ``LD_PRELOAD`` naming it.
 
 Control with the environment variable ``TETHER_MALLOC``:
 
-- unset or ``auto``: jemalloc, else tcmalloc, else the system malloc (silently);
+- unset or ``auto``: tcmalloc if installed, else the system malloc (silently). Not jemalloc: on the
+  tiny model's training step it page-faulted ~40 000 times per step (glibc ~650, tcmalloc ~320)
+  and used 12 % more CPU than glibc (``benchmarks/allocator.py``, docs/benchmarks.md);
 - ``jemalloc`` / ``tcmalloc``: that one (a warning and the system malloc if it is not installed);
 - ``system``: never re-execute.
 
@@ -51,7 +53,7 @@ def choose_malloc(env: dict[str, str], dirs: Sequence[str] = _DIRS) -> str | Non
     if wanted == "system":
         return None
     if wanted == "auto":
-        return find_malloc("jemalloc", dirs) or find_malloc("tcmalloc", dirs)
+        return find_malloc("tcmalloc", dirs)
     if wanted not in _SONAMES:
         print(f"tether: {ENV}={wanted!r} is not one of auto, jemalloc, tcmalloc, system; using the system malloc",
               file=sys.stderr)
