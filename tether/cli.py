@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the console command (not a library call): swap in jemalloc/tcmalloc if installed
+    if argv is None:  # the console command, not a library call: a faster malloc if installed (allocator.py)
         from tether.allocator import reexec_with_fast_malloc
 
         reexec_with_fast_malloc(sys.argv[1:])
