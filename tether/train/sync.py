@@ -100,9 +100,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     rewards_B = rewards_B + soft_overlong_penalty(
                         rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
             mask_BT = rollout.loss_mask_BT
-            with clock("recompute"), torch.no_grad():  # 3. pi_old under the engine's sampling transform
-                logp_old_BT, entropy_BT = setup.token_logprobs(model, rollout, cfg)
-                logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
+            # 3. pi_old under the engine's sampling transform. With one mini-batch and no micro-batching
+            # the update's forward is at these same weights over these same rows: run it once, with
+            # gradients, and hand its graph to the update (pi_old is its detached value).
+            one_forward = cfg.minibatches == 1 and (cfg.micro_batch_size or rollout.batch_size) >= rollout.batch_size
+            with clock("recompute"):
+                with torch.set_grad_enabled(one_forward):
+                    logp_theta_BT, entropy_BT = setup.token_logprobs(model, rollout, cfg)
+                logp_old_BT, entropy_BT = logp_theta_BT.detach(), entropy_BT.detach()
+                with torch.no_grad():
+                    logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
             if cfg.kl_placement is KLPlacement.REWARD:
                 rewards_B = rewards_B + setup.kl_reward(logp_old_BT, logp_ref_BT, mask_BT, cfg)
             # 4. advantages (the preset's estimator), dynamic sampling
@@ -120,7 +127,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if finite and keep_B.any():
                 with clock("update"):
                     update = _update(cfg, preset, step_args, model, optimizer, rollout, keep_B,
-                                     logp_old_BT, logp_ref_BT, advantages_BT, step)
+                                     logp_old_BT, logp_ref_BT, advantages_BT, step,
+                                     first_logp_theta_BT=logp_theta_BT if one_forward else None)
                 finite = update.pop("finite")
                 metrics.update(update)
             if finite:
@@ -162,11 +170,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp_old_BT, logp_ref_BT,
-            advantages_BT, step) -> dict[str, Any]:
+            advantages_BT, step, first_logp_theta_BT=None) -> dict[str, Any]:
     """Mini-batch epochs over one step's rollouts; returns averaged metrics and a finiteness flag.
 
     A mini-batch whose loss or gradient is non-finite is skipped (its gradient is dropped, no
-    optimiser step); the step then counts as bad.
+    optimiser step); the step then counts as bad. ``first_logp_theta_BT`` (all rows, with its
+    graph, computed at the current weights) stands in for the first micro-batch's forward.
     """
     rows = torch.nonzero(keep_B).flatten()
     n_mini = min(cfg.minibatches, len(rows))
@@ -183,7 +192,10 @@ def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp
             mini_loss, ok = 0.0, True
             for micro in mini.split(cfg.micro_batch_size or len(mini)):
                 sub = rollout.select(micro)
-                logp_theta_BT, _ = setup.token_logprobs(model, sub, cfg)
+                if first_logp_theta_BT is not None:  # same weights, same rows: reuse that forward
+                    logp_theta_BT, first_logp_theta_BT = first_logp_theta_BT[micro], None
+                else:
+                    logp_theta_BT, _ = setup.token_logprobs(model, sub, cfg)
                 inputs = LossInputs(
                     logp_theta_BT=logp_theta_BT, logp_old_BT=logp_old_BT[micro], advantages_BT=advantages_BT[micro],
                     mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=logp_old_BT[micro],
