@@ -208,8 +208,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 # 2. old logits: pi_{theta_s} (skipped by loglinear, which needs no extra forward) and the anchor
                 with clock("recompute"), torch.no_grad():
                     need_current = cfg.old_logits is not OldLogits.LOGLINEAR or cfg.kl_placement is KLPlacement.REWARD
+                    t0 = time.perf_counter()
                     current_BT, entropy_BT = setup.token_logprobs(model, rollout, cfg) if need_current else (None, None)
+                    current_s = time.perf_counter() - t0
                     anchor_BT, behave_BT, old_s = old_logits.anchor(rollout, current_BT)
+                    if cfg.old_logits is OldLogits.RECOMPUTE:  # its anchor is that forward
+                        old_s += current_s
                     logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
                 if cfg.kl_placement is KLPlacement.REWARD:
                     rewards_B = rewards_B + setup.kl_reward(current_BT, logp_ref_BT, mask_BT, cfg)
