@@ -12,7 +12,7 @@ Reported per row: held-out greedy accuracy before -> after (200 problems), the m
 run (engine |log pi_old/mu|, total token ESS, staleness KL when snapshots make it exact), seconds per
 step, the old-logit strategy's extra seconds per step and extra bytes, samples/s.
 
-    python benchmarks/offpolicy.py [--steps 40] [--seeds 0] [--jobs 2] [--only lag2] [--out DIR]
+    python benchmarks/offpolicy.py [--steps 40] [--seeds 0] [--jobs 2] [--only 'lag 2'] [--out DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -60,13 +60,20 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def run_one(source: str, correction: str, flags: list[str], seed: int, steps: int, out: Path, threads: int) -> dict:
-    run = out / f"{source}-{correction}-{seed}".replace(" ", "_").replace("/", "_").replace(",", "")
+def _run_dir(out: Path, source: str, correction: str, flags: list[str], seed: int) -> Path:
+    return out / f"{source}-{correction}-{seed}".replace(" ", "_").replace("/", "_").replace(",", "")
+
+
+def run_one(source: str, correction: str, flags: list[str], seed: int, steps: int, out: Path, threads: int,
+            reuse: bool = False) -> dict:
+    run = _run_dir(out, source, correction, flags, seed)
     cmd = [sys.executable, "-m", "tether", "train", "--steps", str(steps), "--seed", str(seed), "--threads",
            str(threads), "--no-progress", "--out", str(run), "--checkpoint-every", str(steps), *flags]
-    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"source": source, "correction": correction, "seed": seed, "error": p.stdout[-2000:] + p.stderr[-2000:]}
+    if not (reuse and (run / "summary.json").exists()):
+        p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        if p.returncode != 0:
+            return {"source": source, "correction": correction, "seed": seed,
+                    "error": p.stdout[-2000:] + p.stderr[-2000:]}
     summary = json.loads((run / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     batch = 16 * 8
@@ -92,7 +99,7 @@ def fmt(x, spec=".3g") -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| source | correction | held-out acc % (before -> after, mean ± sd) | engine abs log-ratio | "
+    head = ("| source | correction | held-out acc change, points (mean ± sd; per seed before->after) | engine abs log-ratio | "
             "total abs log-ratio | total ESS | staleness KL | s/step | old-logit s/step | old-logit MB | samples/s |")
     lines = [head, "|" + "---|" * 11]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -103,9 +110,10 @@ def table(results: list[dict]) -> str:
         if not ok:
             lines.append(f"| {source} | {corr} | failed: {rs[0]['error'][-200:]!r} |")
             continue
-        after = [100 * r["acc_after"] for r in ok]
-        sd = statistics.stdev(after) if len(after) > 1 else 0.0
-        acc = f"{100 * ok[0]['acc_before']:.1f} -> {statistics.mean(after):.1f} ± {sd:.1f} (n={len(ok)})"
+        delta = [100 * (r["acc_after"] - r["acc_before"]) for r in ok]
+        sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
+        per_seed = ", ".join(f"{100 * r['acc_before']:.1f}->{100 * r['acc_after']:.1f}" for r in ok)
+        acc = f"{statistics.mean(delta):+.1f} ± {sd:.1f} (n={len(ok)}: {per_seed})"
         m = {k: statistics.mean([r[k] for r in ok if r[k] is not None]) if any(r[k] is not None for r in ok) else None
              for k in ("engine_abs_logr", "total_abs_logr", "total_ess_token", "staleness_kl_k3", "step_s", "old_logits_s",
                        "old_logits_mb", "samples_per_s")}
@@ -124,12 +132,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--only", default=None, help="substring of the source names to run")
     ap.add_argument("--out", default=None, help="run directories (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true", help="rows whose run directory has a summary are not rerun")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: tabulate the run directories in --out")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="tether-offpolicy-"))
     rows = [r for r in ROWS if args.only is None or args.only in r[0]]
     todo = [(s, c, f, seed) for s, c, f in rows for seed in args.seeds]
+    if args.table_only:
+        results = [run_one(*t, args.steps, out, args.threads, True) for t in todo
+                   if (_run_dir(out, *t) / "summary.json").exists()]
+        print(table(results))
+        return
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda t: run_one(*t, args.steps, out, args.threads), todo))
+        results = list(pool.map(lambda t: run_one(*t, args.steps, out, args.threads, args.reuse), todo))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"steps {args.steps}, seeds {args.seeds}; runs in {out}")
     print(table(results))
