@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tether.rollout import Rollout, SamplingParams
 from tether.tasks.base import Example, Task
-from tether.train.config import LRSchedule, TrainConfig
+from tether.train.config import LRSchedule, RolloutPrecision, TrainConfig
 
 
 @dataclass
@@ -44,6 +44,13 @@ def build_policy(cfg: TrainConfig, task: Task) -> Policy:
     from tether.engine.torch_engine import TorchEngine
 
     engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    if cfg.rollout_precision is not RolloutPrecision.FP32:  # numerics mismatch on purpose (docs/async.md)
+        from tether.engine.precision import PrecisionEngine, install_train_precision
+
+        engine = PrecisionEngine(copy.deepcopy(model), precision=cfg.rollout_precision, unified=cfg.unified_precision,
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        if cfg.unified_precision:
+            install_train_precision(model, cfg.rollout_precision)
     return Policy(model=model, tokenizer=tokenizer, engine=engine)
 
 

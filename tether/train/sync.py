@@ -170,12 +170,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp_old_BT, logp_ref_BT,
-            advantages_BT, step, first_logp_theta_BT=None) -> dict[str, Any]:
+            advantages_BT, step, first_logp_theta_BT=None, prox_fn=None) -> dict[str, Any]:
     """Mini-batch epochs over one step's rollouts; returns averaged metrics and a finiteness flag.
 
     A mini-batch whose loss or gradient is non-finite is skipped (its gradient is dropped, no
     optimiser step); the step then counts as bad. ``first_logp_theta_BT`` (all rows, with its
     graph, computed at the current weights) stands in for the first micro-batch's forward.
+    ``prox_fn(logp_theta_BT, rows) -> logp_old`` (async loop, old_logits=loglinear) makes the
+    anchor from each micro-batch's own forward.
     """
     rows = torch.nonzero(keep_B).flatten()
     n_mini = min(cfg.minibatches, len(rows))
@@ -196,9 +198,10 @@ def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp
                     logp_theta_BT, first_logp_theta_BT = first_logp_theta_BT[micro], None
                 else:
                     logp_theta_BT, _ = setup.token_logprobs(model, sub, cfg)
+                old_BT = logp_old_BT[micro] if prox_fn is None else prox_fn(logp_theta_BT, micro)
                 inputs = LossInputs(
-                    logp_theta_BT=logp_theta_BT, logp_old_BT=logp_old_BT[micro], advantages_BT=advantages_BT[micro],
-                    mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=logp_old_BT[micro],
+                    logp_theta_BT=logp_theta_BT, logp_old_BT=old_BT, advantages_BT=advantages_BT[micro],
+                    mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=old_BT,
                     logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[micro], **norm)
                 loss, metrics = preset.fn(inputs, **objective_args)
                 if cfg.kl_placement is KLPlacement.LOSS:
