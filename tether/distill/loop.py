@@ -40,7 +40,7 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
 
 
-def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module):
+def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows=None):
     from tether.distill.blackbox import BlackBox
     from tether.distill.opd import OPD, OPSD
     from tether.distill.rl import RL
@@ -54,7 +54,7 @@ def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module):
             p.requires_grad_(False)
         return OPSD(teacher)
     if cfg.algorithm in (Algorithm.SFT, Algorithm.PEAR):
-        return OffPolicySFT(cfg, tokenizer, need_behaviour=cfg.algorithm is Algorithm.PEAR)
+        return OffPolicySFT(rows)
     if cfg.algorithm is Algorithm.BLACKBOX:
         return BlackBox()
     return RL()
@@ -85,6 +85,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg.algorithm in (Algorithm.SFT, Algorithm.PEAR) and cfg.data is None)
     if uses_teacher:  # the teacher samples or scores the student's token ids: check before any weights exist
         check_shared_vocab(teacher_vocab_size(cfg, vocab), vocab)
+    rows = None
+    if cfg.data is not None:  # validate stored rows before any weights are built
+        from tether.distill.data import load_rows
+
+        rows = load_rows(cfg.data, CharTokenizer(), need_behaviour=cfg.algorithm is Algorithm.PEAR)
     task = get_task(cfg.task, reward=cfg.reward,
                     **(cfg.task_options if cfg.task_options is not None else
                        ({"max_digits": 2, "ops": "+"} if cfg.task == "arithmetic" else {})))
@@ -95,7 +100,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     model, tokenizer = build_student(cfg, task)
     if cfg.init is not None:
         model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
-    algo = make_algorithm(cfg, tokenizer, model)
+    algo = make_algorithm(cfg, tokenizer, model, rows)
     teacher = build_teacher(cfg, task, vocab) if algo.needs_teacher else None
     ctx = Context(cfg, task, tokenizer, model, TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_id,
                                                            pad_id=tokenizer.pad_id))

@@ -14,13 +14,13 @@ import random
 import torch
 
 from tether.distill.base import Batch, Context, generate, sample_examples
-from tether.distill.data import load_rows, rows_from_rollout, rows_to_rollout, write_rows
+from tether.distill.data import Row, rows_from_rollout, rows_to_rollout, write_rows
 from tether.tasks.base import Example
 
 
 class OffPolicySFT:
-    def __init__(self, cfg, tokenizer, *, need_behaviour: bool) -> None:
-        self.rows = load_rows(cfg.data, tokenizer, need_behaviour=need_behaviour) if cfg.data else None
+    def __init__(self, rows: list[Row] | None) -> None:
+        self.rows = rows
         self.needs_teacher = self.rows is None
         self._order: list[int] = []
 
