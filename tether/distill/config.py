@@ -46,6 +46,7 @@ class DistillConfig:
     teacher_d_model: int = opt(192, "built-in teacher hidden size")
     teacher_layers: int = opt(4, "built-in teacher transformer blocks")
     teacher_warmstart_steps: int = opt(1500, "built-in teacher SFT steps (cached on disk)")
+    teacher_seed: int = opt(0, "built-in teacher initialisation seed (fixed across student seeds: one teacher)")
     student_d_model: int = opt(96, "built-in student hidden size")
     student_layers: int = opt(2, "built-in student transformer blocks")
     student_warmstart_steps: int = opt(300, "built-in student SFT steps (cached on disk)")

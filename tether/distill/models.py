@@ -63,8 +63,7 @@ def build_teacher(cfg, task, vocab_size: int) -> torch.nn.Module:
     if cfg.teacher == "builtin":
         from tether.models import builtin
 
-        # seed + 1000: the teacher is not the student's initialisation
-        model, _ = builtin.warm_started_tiny(task, seed=cfg.seed + 1000, steps=cfg.teacher_warmstart_steps,
+        model, _ = builtin.warm_started_tiny(task, seed=cfg.teacher_seed, steps=cfg.teacher_warmstart_steps,
                                              config=teacher_config(cfg, vocab_size))
     else:
         from transformers import AutoModelForCausalLM
