@@ -65,7 +65,8 @@ class DistillConfig:
     temperature: float = opt(1.0, "sampling temperature (student and teacher)")
     top_k: int | None = opt(None, "top-k truncation at sampling (none: off)")
     top_p: float | None = opt(None, "top-p truncation at sampling (none: off)")
-    lr: float = opt(1e-3, "learning rate (AdamW)")
+    lr: float = opt(5e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = opt(10, "linear learning-rate warm-up steps (fresh Adam moments on a trained model)")
     grad_clip: float = opt(1.0, "global gradient-norm clip")
     eval_size: int = opt(200, "held-out problems for greedy accuracy before and after")
     reward_timeout_s: float = opt(5.0, "a reward call slower than this scores 0")
@@ -78,7 +79,7 @@ class DistillConfig:
                      "teacher_d_model", "teacher_layers", "student_d_model", "student_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("teacher_warmstart_steps", "student_warmstart_steps"):
+        for name in ("teacher_warmstart_steps", "student_warmstart_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
         if self.teacher_token_budget is not None and self.teacher_token_budget < 1:

@@ -108,6 +108,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         ctx.teacher = teacher
         ctx.teacher_engine = TorchEngine(copy.deepcopy(teacher), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(cfg.warmup_steps, 1)))
     teacher_accuracy = evaluate(teacher, tokenizer, task, cfg) if teacher is not None else None
     accuracy_before = evaluate(model, tokenizer, task, cfg)
 
@@ -118,6 +119,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             batch = algo.batch(ctx, step, step_seed(cfg.seed, step))
             teacher_tokens += batch.teacher_tokens
             metrics = _update(cfg, preset, args, advantage_fn, model, optimizer, batch, needs_vocab)
+            scheduler.step()
             model.eval()
             ctx.student_engine.load_weights(model.state_dict(), version=step + 1)
             metrics.update({"step": step, "teacher_tokens": teacher_tokens,
