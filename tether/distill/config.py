@@ -1,7 +1,9 @@
 """The one typed config of ``tether distill`` (flags generated from it; ``--config FILE`` reads TOML/YAML).
 
-The defaults are the CPU demo: a built-in teacher (the default tiny model, trained longer) and a
-smaller student (half the width, two layers, a short warm start) on 1-2 digit addition.
+The defaults are the CPU demo on 1-2 digit addition: the teacher is the built-in tiny model
+warm-started for 1,500 steps (about 95 % held-out accuracy); the student is the same architecture
+warm-started for 400 steps (about 30 %, the RL job's starting point). ``student_d_model`` /
+``student_layers`` give a smaller student.
 """
 
 from __future__ import annotations
@@ -47,9 +49,10 @@ class DistillConfig:
     teacher_layers: int = opt(4, "built-in teacher transformer blocks")
     teacher_warmstart_steps: int = opt(1500, "built-in teacher SFT steps (cached on disk)")
     teacher_seed: int = opt(0, "built-in teacher initialisation seed (fixed across student seeds: one teacher)")
-    student_d_model: int = opt(96, "built-in student hidden size")
-    student_layers: int = opt(2, "built-in student transformer blocks")
-    student_warmstart_steps: int = opt(300, "built-in student SFT steps (cached on disk)")
+    student_d_model: int = opt(192, "built-in student hidden size")
+    student_layers: int = opt(4, "built-in student transformer blocks")
+    student_warmstart_steps: int = opt(400, "built-in student SFT steps (cached on disk)")
+    student_seed: int = opt(0, "built-in student initialisation seed (fixed across run seeds: one starting student)")
     init: str | None = opt(None, "start the student from this state dict (e.g. <run>/student.pt of an earlier run)")
     data: str | None = opt(None, "sft/pear: JSONL of {prompt, completion, logp_behaviour} rows instead of "
                            "sampling the teacher")
@@ -65,7 +68,7 @@ class DistillConfig:
     temperature: float = opt(1.0, "sampling temperature (student and teacher)")
     top_k: int | None = opt(None, "top-k truncation at sampling (none: off)")
     top_p: float | None = opt(None, "top-p truncation at sampling (none: off)")
-    lr: float = opt(5e-4, "peak learning rate (AdamW)")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
     warmup_steps: int = opt(10, "linear learning-rate warm-up steps (fresh Adam moments on a trained model)")
     grad_clip: float = opt(1.0, "global gradient-norm clip")
     eval_size: int = opt(200, "held-out problems for greedy accuracy before and after")

@@ -55,7 +55,7 @@ def build_student(cfg, task):
     from tether.models.tokenizer import CharTokenizer
 
     conf = student_config(cfg, CharTokenizer().vocab_size)
-    return builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.student_warmstart_steps, config=conf)
+    return builtin.warm_started_tiny(task, seed=cfg.student_seed, steps=cfg.student_warmstart_steps, config=conf)
 
 
 def build_teacher(cfg, task, vocab_size: int) -> torch.nn.Module:
