@@ -56,3 +56,14 @@ def test_vocab_logprobs_are_normalised_and_aligned():
     assert lp.shape == (2, 6, 11)
     torch.testing.assert_close(lp[:, 1:].exp().sum(-1), torch.ones(2, 5), rtol=1e-5, atol=1e-5)
     assert (lp[:, 0] == 0).all()
+
+
+def test_blackbox_similarity_is_one_minus_normalised_edit_distance():
+    from tether.distill.blackbox import levenshtein, similarity
+
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0
+    assert similarity("19", "19") == 1.0
+    assert similarity("19", "18") == 0.5
+    assert similarity("", "") == 1.0
+    assert similarity("1", "123") == 1 - 2 / 3
