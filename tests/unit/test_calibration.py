@@ -49,3 +49,13 @@ def test_empirical_confidence_per_group_and_target_text():
                                torch.tensor([0.25] * 4 + [0.75] * 4, dtype=torch.float64))
     assert with_confidence("19\nConfidence: 0.99", 0.25) == "19\nConfidence: 0.25"
     assert with_confidence("19", 1.0) == "19\nConfidence: 1.00"
+
+
+def test_stated_confidence_and_short_label():
+    from tether.distill.caopd import stated_confidence
+
+    assert stated_confidence("19\nConfidence: 0.25") == 0.25
+    assert stated_confidence("19\nc0.5", "c") == 0.5
+    assert stated_confidence("19") == 1.0  # no statement: the answer is asserted outright
+    assert stated_confidence("19\nConfidence: 7") == 1.0  # clipped to [0, 1]
+    assert with_confidence("19\nc0.99", 0.5, label="c") == "19\nc0.50"

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     if s["eval/teacher_accuracy"] is not None:
         table.add_row("teacher held-out accuracy", f"{s['eval/teacher_accuracy']:.1%}")
     table.add_row("params (student / teacher)", f"{s['student_params']:,} / " + (f"{s['teacher_params']:,}" if s['teacher_params'] else "-"))
+    if "calibration/ece_before" in s:
+        table.add_row("calibration ECE", f"{s['calibration/ece_before']:.3f} -> {s['calibration/ece_after']:.3f}")
+        table.add_row("stated confidence (mean)",
+                      f"{s['calibration/confidence_mean_before']:.2f} -> {s['calibration/confidence_mean_after']:.2f}")
     table.add_row("steps", str(s["steps"]))
     table.add_row("teacher tokens", f"{s['teacher_tokens']:,}")
     table.add_row("time", f"{s['time/total_s']:.1f} s")

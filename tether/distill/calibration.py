@@ -20,8 +20,6 @@ import re
 import torch
 from torch import Tensor
 
-CONFIDENCE_RE = re.compile(r"\s*Confidence:\s*[0-9.]*\s*$")
-
 
 def expected_calibration_error(conf_N: Tensor, correct_N: Tensor, *, n_bins: int = 10) -> Tensor:
     if n_bins < 1:
@@ -53,6 +51,7 @@ def empirical_confidence(correct_B: Tensor, group_B: Tensor) -> Tensor:
     return (hits / size)[inverse]
 
 
-def with_confidence(completion: str, p_acc: float) -> str:
-    """Strip any trailing ``Confidence: ...`` and append ``\\nConfidence: {p_acc:.2f}`` (CaOPD target)."""
-    return CONFIDENCE_RE.sub("", completion) + f"\nConfidence: {p_acc:.2f}"
+def with_confidence(completion: str, p_acc: float, *, label: str = "Confidence: ") -> str:
+    """Strip any trailing ``{label}...`` and append ``\\n{label}{p_acc:.2f}`` (CaOPD target)."""
+    pattern = re.compile(r"\s*" + re.escape(label.strip()) + r"\s*[0-9.]*\s*$")
+    return pattern.sub("", completion) + f"\n{label}{p_acc:.2f}"

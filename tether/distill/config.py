@@ -19,6 +19,7 @@ class Algorithm(str, enum.Enum):
     OPSD = "opsd"
     SFT = "sft"
     PEAR = "pear"
+    CAOPD = "caopd"
     BLACKBOX = "blackbox"
     RL = "rl"
 
@@ -28,6 +29,7 @@ DEFAULT_OBJECTIVE = {
     Algorithm.OPSD: "distill_jsd",
     Algorithm.SFT: "sft",
     Algorithm.PEAR: "pear",
+    Algorithm.CAOPD: "sft",
     Algorithm.BLACKBOX: "grpo",
     Algorithm.RL: "grpo",
 }
@@ -36,7 +38,7 @@ DEFAULT_OBJECTIVE = {
 
 @dataclass
 class DistillConfig:
-    algorithm: Algorithm = opt(Algorithm.OPD, "opd, opsd, sft, pear, blackbox (text-only teacher) or rl (no teacher)")
+    algorithm: Algorithm = opt(Algorithm.OPD, "opd, opsd, sft, pear, caopd, blackbox (text-only teacher) or rl (no teacher)")
     objective: str | None = opt(None, "objective preset (none: the algorithm's default: opd -> opd, opsd -> "
                                 "distill_jsd, sft -> sft, pear -> pear, blackbox/rl -> grpo)")
     objective_args: dict | None = opt(None, 'JSON dict of preset overrides, e.g. {"support": "topk_teacher", "k": 8}')
@@ -58,6 +60,7 @@ class DistillConfig:
                            "sampling the teacher")
     save_data: str | None = opt(None, "sft/pear: also write the teacher samples (with behaviour log-probs) here")
     opsd_template: str = opt("{solution}\n{prompt}", "opsd: the teacher's privileged context ({prompt}, {solution})")
+    confidence_label: str = opt("Confidence: ", "caopd: the label before the stated confidence")
     teacher_samples: int = opt(4, "blackbox: teacher completions per prompt used as references")
     teacher_token_budget: int | None = opt(None, "stop once this many teacher tokens were spent (none: run all steps)")
     steps: int = opt(60, "optimiser steps")
@@ -91,6 +94,10 @@ class DistillConfig:
             raise ValueError(f"config field 'lr' must be > 0, got {self.lr}")
         if self.data is not None and self.algorithm not in (Algorithm.SFT, Algorithm.PEAR):
             raise ValueError("config field 'data' applies to algorithm sft or pear only")
+        need = len(self.confidence_label) + 8  # answer (>= 2) + newline + label + "0.00" + eos
+        if self.algorithm is Algorithm.CAOPD and self.max_new_tokens < need:
+            raise ValueError(f"config field 'max_new_tokens' must be >= {need} for caopd with confidence_label "
+                             f"{self.confidence_label!r}, got {self.max_new_tokens}")
         if "{prompt}" not in self.opsd_template or "{solution}" not in self.opsd_template:
             raise ValueError("config field 'opsd_template' must contain {prompt} and {solution}")
 

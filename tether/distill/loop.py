@@ -42,6 +42,7 @@ def step_seed(seed: int, step: int) -> int:
 
 def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows=None):
     from tether.distill.blackbox import BlackBox
+    from tether.distill.caopd import CaOPD
     from tether.distill.opd import OPD, OPSD
     from tether.distill.rl import RL
     from tether.distill.sft import OffPolicySFT
@@ -57,6 +58,8 @@ def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows
         return OffPolicySFT(rows)
     if cfg.algorithm is Algorithm.BLACKBOX:
         return BlackBox()
+    if cfg.algorithm is Algorithm.CAOPD:
+        return CaOPD()
     return RL()
 
 
@@ -111,6 +114,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(cfg.warmup_steps, 1)))
     teacher_accuracy = evaluate(teacher, tokenizer, task, cfg) if teacher is not None else None
     accuracy_before = evaluate(model, tokenizer, task, cfg)
+    calibration = _calibration(cfg, ctx, task)
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     t0, teacher_tokens, step = time.perf_counter(), 0, 0
@@ -138,8 +142,21 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         "student_params": sum(p.numel() for p in model.parameters()),
         "teacher_params": None if teacher is None else sum(p.numel() for p in teacher.parameters()),
     }
+    if calibration is not None:
+        after = _calibration(cfg, ctx, task)
+        summary.update({f"calibration/{k}_before": v for k, v in calibration.items()})
+        summary.update({f"calibration/{k}_after": v for k, v in after.items()})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _calibration(cfg, ctx, task) -> dict[str, float] | None:
+    """ECE etc. of the student's stated confidences (caopd only)."""
+    if cfg.algorithm is not Algorithm.CAOPD:
+        return None
+    from tether.distill.caopd import calibration_report
+
+    return calibration_report(ctx.student_engine, ctx.tokenizer, task, cfg)
 
 
 def _update(cfg, preset, args, advantage_fn, model, optimizer, batch, needs_vocab) -> dict[str, Any]:
