@@ -45,6 +45,13 @@ class LossInputs:
     """Global count of sequences with at least one loss token (seq-mean normaliser)."""
     horizon: int | None = None
     """Constant length normaliser for seq-mean-token-sum-norm (default: padded width T)."""
+    logp_teacher_BT: Tensor | None = None
+    """log pi_teacher(y_t | s_t) at the sampled tokens (on-policy distillation, sampled support)."""
+    logp_theta_BTV: Tensor | None = None
+    """Student log-probs over the vocabulary ``[B, T, V]``, aligned like ``logp_theta_BT`` (full / top-k
+    distillation); carries the gradient."""
+    logp_teacher_BTV: Tensor | None = None
+    """Teacher log-probs over the vocabulary ``[B, T, V]`` (no gradient)."""
 
     def __post_init__(self) -> None:
         shape = self.logp_theta_BT.shape
@@ -57,6 +64,10 @@ class LossInputs:
                     f"LossInputs.{f.name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
                     "(the shape of logp_theta_BT)"
                 )
+        for name in ("logp_theta_BTV", "logp_teacher_BTV"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape[:2]) != tuple(shape):
+                raise ValueError(f"LossInputs.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} + (V,)")
         if self.expert_B is not None and self.expert_B.shape != shape[:1]:
             raise ValueError(f"LossInputs.expert_B has shape {tuple(self.expert_B.shape)}, expected ({shape[0]},)")
 
