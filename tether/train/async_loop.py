@@ -42,7 +42,7 @@ from tether.train.progress import StepProgress, Stopwatch
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
-from tether.train.sync import RunState, TrainingStopped, _update, step_seed
+from tether.train.sync import RunState, _update, finish_update, step_seed
 
 
 class WeightBoard:
@@ -247,15 +247,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                          first_logp_theta_BT=theta_BT if one_forward else None)
                     finite = update.pop("finite")
                     metrics.update(update)
-                if finite:
-                    scheduler.step()
-                    state.bad_steps = 0
-                else:
-                    state.bad_steps += 1
-                    state.counters["skipped_steps"] += 1
-                    metrics["alarm/non_finite"] = 1
-                    if state.bad_steps >= cfg.max_bad_steps:
-                        raise TrainingStopped(f"{state.bad_steps} consecutive non-finite steps (last: step {s})")
+                finish_update(cfg, state, metrics, scheduler, finite, step=s, run_dir=run_dir, console=progress.console)
                 # 4. publish version s + 1 (the producer picks it up); the strategies' state moves with it
                 state.step += 1
                 with clock("sync"):

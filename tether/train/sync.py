@@ -131,18 +131,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                      first_logp_theta_BT=logp_theta_BT if one_forward else None)
                 finite = update.pop("finite")
                 metrics.update(update)
-            if finite:
-                scheduler.step()
-                state.bad_steps = 0
-            else:
-                state.bad_steps += 1
-                state.counters["skipped_steps"] += 1
-                metrics["alarm/non_finite"] = 1
-                progress.console.print(f"[red]step {step}: non-finite loss or log-probs; update skipped[/red]")
-                if state.bad_steps >= cfg.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{state.bad_steps} consecutive non-finite steps (last: step {step}); stopping. "
-                        f"The last good checkpoint in {run_dir / 'checkpoints'} is intact.")
+            finish_update(cfg, state, metrics, scheduler, finite, step=step, run_dir=run_dir, console=progress.console)
             # 6. weights to the engine: the next rollout is version step + 1
             state.step += 1
             with clock("sync"):
@@ -167,6 +156,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
                          time.perf_counter() - t_start)
+
+
+def finish_update(cfg: TrainConfig, state: RunState, metrics: dict[str, Any], scheduler, finite: bool, *, step: int,
+                  run_dir: Path, console) -> None:
+    """After a step's update: advance the LR schedule, or count a non-finite step (skipped, alarmed)
+    and stop once ``cfg.max_bad_steps`` of them come in a row (the last checkpoint stays intact)."""
+    if finite:
+        scheduler.step()
+        state.bad_steps = 0
+        return
+    state.bad_steps += 1
+    state.counters["skipped_steps"] += 1
+    metrics["alarm/non_finite"] = 1
+    console.print(f"[red]step {step}: non-finite loss or log-probs; update skipped[/red]")
+    if state.bad_steps >= cfg.max_bad_steps:
+        raise TrainingStopped(
+            f"{state.bad_steps} consecutive non-finite steps (last: step {step}); stopping. "
+            f"The last good checkpoint in {run_dir / 'checkpoints'} is intact.")
 
 
 def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp_old_BT, logp_ref_BT,
