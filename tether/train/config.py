@@ -63,6 +63,15 @@ class TrainConfig:
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
     progress: bool = opt(True, "show a progress bar")
+    chat_template: bool | None = opt(None, "wrap prompts in the tokenizer's chat template (none: iff it has one)")
+    lora_r: int | None = opt(None, "LoRA rank for a Hugging Face model (none: full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) B A")
+    lora_target_modules: str = opt("all-linear", "LoRA target layers: 'all-linear' or names, e.g. q_proj,v_proj")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (Hugging Face models; less memory)")
+    bf16: bool = opt(False, "bfloat16: trainer forward under autocast, engine weights in bf16")
+    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)")
+    wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)")
+    mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)")
 
     def __post_init__(self) -> None:
         positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
@@ -89,3 +98,11 @@ class TrainConfig:
             raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"config field 'lora_r' must be >= 1, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"config field 'lora_alpha' must be > 0, got {self.lora_alpha}")
+        for name in ("lora_r", "gradient_checkpointing", "chat_template"):
+            if self.model == "tiny" and getattr(self, name):
+                raise ValueError(f"config field '{name}' needs a Hugging Face model (--model PATH or smollm2), "
+                                 "not the built-in 'tiny'")

@@ -38,8 +38,10 @@ def build_task(cfg: TrainConfig) -> Task:
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:
     from tether.models import builtin
 
-    if cfg.model != "tiny":
-        raise ValueError(f"config field 'model': unknown model {cfg.model!r}; available: tiny")
+    if cfg.model != "tiny":  # a Hugging Face folder, a .gguf file or an alias (tether.models.hf)
+        from tether.models.hf import build_hf_policy
+
+        return Policy(*build_hf_policy(cfg))
     model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps)
     from tether.engine.torch_engine import TorchEngine
 
@@ -112,7 +114,8 @@ def score(task: Task, policy: Policy, rollout: Rollout, examples: list[Example],
 def token_logprobs(model: torch.nn.Module, rollout: Rollout, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
     from tether.models.logprobs import token_logprobs as recompute
 
-    return recompute(model, rollout, replay_truncation=cfg.replay_truncation)
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        return recompute(model, rollout, replay_truncation=cfg.replay_truncation)
 
 
 def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
