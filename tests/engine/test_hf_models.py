@@ -183,8 +183,10 @@ def test_export_tiny_run_round_trip(tmp_path):
     from tether.train.sync import train
 
     run = tmp_path / "run"
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # also: the loop feeds the trackers
     train(TrainConfig(steps=1, warmstart_steps=0, prompts_per_step=2, group_size=2, max_new_tokens=4, eval_size=2,
-                      out=str(run), progress=False))
+                      out=str(run), progress=False, tensorboard=tensorboard))
+    assert bool(list(run.glob("tensorboard/events.out.tfevents.*"))) == tensorboard
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     from tether.models.builtin import tiny_model
