@@ -11,7 +11,9 @@ Accelerate's bf16 autocast; tether ``--bf16`` is trainer autocast + bf16 engine 
   temperature 1, numeric reward (last number of the completion);
 - one optimiser step per RL step (TRL: per-device batch = prompts x generations, ``num_iterations=1``,
   ``steps_per_generation=1``; tether: epochs 1, minibatches 1), AdamW lr 1e-6, PPO-clip eps 0.2, no KL,
-  no reference model, gradient clipping 1.0, no gradient checkpointing.
+  no reference model, gradient clipping 1.0, no gradient checkpointing, fused AdamW on both sides;
+- like TRL, whose generation uses the trained model itself, tether's engine samples from the trainer's
+  weights in fp32 (``share_engine_weights``); in bf16 the engine keeps its own bf16 copy.
 Reported: mean seconds per step (first ``--warmup`` steps excluded), completion tokens per second,
 peak RSS of each process, and the ratios tether / TRL.
 
@@ -100,7 +102,7 @@ def run_tether(folder: str, args) -> dict:
             seed=0, prompts_per_step=args.prompts, group_size=args.generations, max_new_tokens=args.new_tokens,
             temperature=1.0, lr=1e-6, epochs=1, minibatches=1, grad_clip=1.0, objective="grpo", eval_size=1,
             checkpoint_every=10**6, out=str(Path(d) / "run"), progress=False, threads=args.threads,
-            bf16=args.precision == "bf16",
+            bf16=args.precision == "bf16", share_engine_weights=args.precision == "fp32",
         )
         train(cfg)
         rows = read_metrics(Path(d) / "run" / "metrics.jsonl")
@@ -123,7 +125,8 @@ def summarise(side: dict, args) -> dict:
     s = statistics.mean(times)
     tokens = statistics.mean(lengths) * args.prompts * args.generations if lengths else float("nan")
     return {"s_per_step": s, "tokens_per_s": tokens / s, "mean_completion_len": statistics.mean(lengths),
-            "peak_rss_mb": side["peak_rss_mb"], "step_times": [round(t, 2) for t in side["step_times"]]}
+            "peak_rss_mb": side["peak_rss_mb"], "step_times": [round(t, 2) for t in side["step_times"]],
+            **({"phases_s": {k: round(v, 2) for k, v in side["phases"].items()}} if "phases" in side else {})}
 
 
 def main() -> None:

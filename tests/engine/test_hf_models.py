@@ -126,6 +126,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(folder):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_shared_engine_weights_are_the_trainers(folder):
+    model, _, engine = hf.build_hf_policy(TrainConfig(model=str(folder), share_engine_weights=True))
+    assert engine.model is model
+    _, _, separate = hf.build_hf_policy(TrainConfig(model=str(folder)))
+    assert separate.model is not model
+    with pytest.raises(ValueError, match="share_engine_weights"):
+        TrainConfig(model=str(folder), share_engine_weights=True, bf16=True)
+
+
 def test_bf16_engine_runs_in_bf16_and_trainer_keeps_fp32(folder):
     model, _, engine = hf.build_hf_policy(TrainConfig(model=str(folder), bf16=True))
     assert next(engine.model.parameters()).dtype == torch.bfloat16

