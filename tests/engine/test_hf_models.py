@@ -224,3 +224,26 @@ def test_smollm2_alias_loads_chats_and_stops(tmp_path):
                         SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16), seed=0)
     text = tok.decode(r.tokens_BT[0, int(r.prompt_len_B[0]):].tolist())
     assert bool(r.finished_B[0]) and "5" in text
+
+
+def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch, folder):
+    """A .gguf path resolves to a cached safetensors folder; the conversion runs only when the file is new
+    or changed (the real GGUF parse is the opt-in SmolLM2 test)."""
+    import shutil
+
+    calls = []
+
+    def fake_convert(gguf, out):
+        calls.append(gguf)
+        shutil.copytree(folder, out)
+        return out
+
+    monkeypatch.setattr(hf, "convert_gguf", fake_convert)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF v1")
+    cache = tmp_path / "cache"
+    first = hf.resolve_model(str(gguf), cache)
+    assert first.parent == cache and (first / "config.json").is_file() and len(calls) == 1
+    assert hf.resolve_model(str(gguf), cache) == first and len(calls) == 1
+    gguf.write_bytes(b"GGUF v2, another model")
+    assert hf.resolve_model(str(gguf), cache) != first and len(calls) == 2
