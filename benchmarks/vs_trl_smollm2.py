@@ -10,7 +10,8 @@ Accelerate's bf16 autocast; tether ``--bf16`` is trainer autocast + bf16 engine 
 - ``--prompts`` prompts x ``--generations`` completions per step, at most ``--new-tokens`` new tokens,
   temperature 1, numeric reward (last number of the completion);
 - one optimiser step per RL step (TRL: per-device batch = prompts x generations, ``num_iterations=1``,
-  ``steps_per_generation=1``; tether: epochs 1, minibatches 1), AdamW lr 1e-6, PPO-clip eps 0.2, no KL,
+  ``steps_per_generation=1``; tether: epochs 1, minibatches 1), AdamW lr 1e-6 betas (0.9, 0.95) no
+  weight decay, PPO-clip eps 0.2, no KL,
   no reference model, gradient clipping 1.0, no gradient checkpointing, fused AdamW on both sides;
 - like TRL, whose generation uses the trained model itself, tether's engine samples from the trainer's
   weights in fp32 (``share_engine_weights``); in bf16 the engine keeps its own bf16 copy.
@@ -78,6 +79,7 @@ def run_trl(folder: str, args) -> dict:
             per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
             max_completion_length=args.new_tokens, max_steps=args.steps, learning_rate=1e-6, beta=0.0,
             temperature=1.0, num_iterations=1, steps_per_generation=1, epsilon=0.2, max_grad_norm=1.0,
+            adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, optim="adamw_torch_fused",  # tether's AdamW
             logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False, seed=0,
             dataloader_num_workers=0, disable_tqdm=True,
         )
