@@ -69,7 +69,10 @@ def test_messages_format_splits_last_assistant_turn():
     assert [m["role"] for m in ex.messages] == ["system", "user"] and ex.solution == ex.answer == "a3"
 
 
-def test_parquet_and_csv_and_in_memory_dataset(tmp_path):
+def test_parquet_and_csv_and_in_memory_dataset(tmp_path, monkeypatch):
+    import tether.tasks.registry as registry
+
+    monkeypatch.setattr(registry, "BUILTIN_TASKS", dict(registry.BUILTIN_TASKS))  # register_dataset is global
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
