@@ -3,15 +3,17 @@
 The built-in tiny model (default ``TinyConfig``, ~1.8 M parameters) is exported with ``save_hf``
 and reloaded as ``LlamaForCausalLM``; both sides sample (temperature 1, no top-k / top-p) in fp32
 the same number of new tokens per row with no early stop, from the same prompts. Reported:
-generated tokens per second (batch x new tokens / wall time, prefill included), best of
-``--repeats`` timed runs after one warm-up run.
+generated tokens per second (batch x new tokens / wall time of one call, prefill included), the
+median of ``--repeats`` timed calls after one warm-up call each. The three contenders run
+interleaved (one call of each per round), so load from other processes hits all of them alike.
 
-    python benchmarks/engine_decode.py [--batch 8 32] [--new-tokens 64] [--threads 2]
+    python benchmarks/engine_decode.py [--batch 8 32] [--new-tokens 64] [--repeats 9] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -23,21 +25,24 @@ from tether.models.tokenizer import CharTokenizer
 from tether.rollout import SamplingParams
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds; every round calls each once."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,12 +78,11 @@ def main() -> None:
                                       pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
                 assert out.shape[1] == ids.shape[1] + N
 
-            t_engine = best_time(run_engine, args.repeats)
-            t_engine_hf = best_time(run_engine_hf, args.repeats)
-            t_gen = best_time(run_generate, args.repeats)
-            rows.append((B, B * N / t_engine, B * N / t_engine_hf, B * N / t_gen))
+            t = interleaved_medians({"engine": run_engine, "engine_hf": run_engine_hf, "generate": run_generate},
+                                    args.repeats)
+            rows.append((B, B * N / t["engine"], B * N / t["engine_hf"], B * N / t["generate"]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {model.num_params() / 1e6:.2f} M params, "
-          f"{N} new tokens, fp32, temperature 1")
+          f"{N} new tokens, fp32, temperature 1, median of {args.repeats} interleaved calls")
     print(f"{'batch':>5} | {'TorchEngine (built-in)':>22} | {'TorchEngine (HF model)':>22} | "
           f"{'HF generate':>11} | ratio")
     for B, te, teh, tg in rows:

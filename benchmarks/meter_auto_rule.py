@@ -15,7 +15,15 @@ Setup (no sampling noise: every expectation is an exact sum over all V^T sequenc
 - The population statistics the meter estimates: token ESS (E r)^2/E r^2 over mu's tokens, sequence ESS
   1/(1 + chi^2_seq), chi^2_seq = E_mu[W^2] - 1, the length T.
 
+The same question on the exact lab (``--lab``, tether.lab: V = 4, T = 6, 4096 sequences, the lab's
+mismatch models, ``--old pi`` so the correction acts on pi_old/mu): for each mismatch kind x strength x
+batch size n, 10 batches of n sequences are drawn from mu, the meter measures each and
+``choose_correction`` decides; the decision's estimator (the ``auto`` preset with that level and
+threshold, coefficients by autograd as the lab reads any preset) is scored by its exact relative MSE
+(bias^2 + per-sample variance / n) / |grad J|^2, against fixed corrections scored the same way.
+
 Run: python benchmarks/meter_auto_rule.py            (one instance, n = 64: the per-estimator table)
+     python benchmarks/meter_auto_rule.py --lab      (the exact lab: the rule against fixed corrections)
      python benchmarks/meter_auto_rule.py --calibrate (6 random instances x n in 64..4096 x T x sigma:
                                                        accuracy and regret of "sequence iff n*ESS_seq >= K")
 """
@@ -143,12 +151,110 @@ def calibrate() -> None:
         print(f"n={n:5d}: sequence beats token in {wins:.2f} of configurations; a geometric mask is best in {geo:.2f}")
 
 
+def lab(batches: int = 10) -> None:
+    """The auto rule on the exact lab (module docstring); prints one Markdown table."""
+    import torch
+
+    from tether.lab.estimators import agg_scale, exact_moments, preset_inputs
+    from tether.lab.mismatch import behaviour_probs
+    from tether.lab.policy import (
+        exact_gradient,
+        init_logits,
+        make_reward,
+        make_space,
+        seq_probs,
+        token_logp,
+        token_logp_from_probs,
+    )
+    from tether.meter import measure, to_floats
+    from tether.meter.auto import choose_correction
+    from tether.objectives import get_preset
+
+    torch.set_default_dtype(torch.float64)
+    space = make_space(4, 6)
+    theta = init_logits(space, seed=0)
+    rewards = make_reward(space, "pattern", seed=0)
+    grad_J = exact_gradient(theta, space, rewards)
+    logp_pi = token_logp(theta, space).detach()
+    adv = rewards - float((seq_probs(logp_pi) * rewards).sum())
+    auto = get_preset("auto")
+    T, N = space.horizon, logp_pi.shape[0]
+    gn2 = float((grad_J * grad_J).sum())
+
+    def rel_mse(logp_mu, mu_N, n, **choice) -> float:
+        x = logp_pi.clone().requires_grad_(True)
+        loss, _ = auto(preset_inputs(x, logp_pi, logp_mu, adv, old="pi"), **choice)
+        (grad,) = torch.autograd.grad(loss, x)
+        c = -grad * N * agg_scale("token-mean", T)
+        m = exact_moments(theta, space, c, mu_N, grad_J)
+        return ((m.bias ** 2) * gn2 + m.variance / n) / gn2
+
+    fixed = {"token(2)": ("token", 2.0), "token(5)": ("token", 5.0), "seq(2)": ("sequence", 2.0),
+             "seq(10)": ("sequence", 10.0), "geo(0.1)": ("geometric", 0.1)}
+    print(f"| mismatch | s | n | ESS seq (pop.) | rule picks (tok/seq/geo of {batches}) | "
+          + " | ".join(fixed) + " | token(auto) | seq(auto) | rule | best fixed | rule / best |")
+    print("|" + "---|" * (10 + len(fixed)))
+    g = torch.Generator().manual_seed(0)
+    regrets: dict[str, list[float]] = {}
+    sweep: list[tuple[float, float, float, float]] = []  # (n * ESS_seq of the batch, token MSE, seq MSE, best)
+    for kind in ("staleness", "precision", "noise", "temperature", "truncation"):
+        for strength in (0.1, 0.3, 1.0):
+            logp_mu = token_logp_from_probs(behaviour_probs(theta, kind, strength, seed=0), space)
+            mu_N = seq_probs(logp_mu)
+            p = mu_N / mu_N.sum()
+            logw = (logp_pi - logp_mu.clamp(min=-1e4)).sum(1)
+            w = torch.where(p > 0, torch.exp(logw), 0.0)
+            ess_pop = float((p * w).sum() ** 2 / (p * w * w).sum())  # (E_mu W)^2 / E_mu W^2 (W sums to < 1 under truncation)
+            for n in (64, 1024):
+                ref = {k: rel_mse(logp_mu, mu_N, n, level=lv, threshold=th) for k, (lv, th) in fixed.items()}
+                picks = {"token": 0, "sequence": 0, "geometric": 0}
+                got: dict[str, list[float]] = {"rule": [], "token(auto)": [], "seq(auto)": []}
+                for _ in range(batches):
+                    idx = torch.multinomial(p, n, replacement=True, generator=g)
+                    stats = to_floats(measure(mask_BT=torch.ones(n, T, dtype=torch.bool), logp_old_BT=logp_pi[idx],
+                                              logp_mu_BT=logp_mu[idx], profiles=False))
+                    d = choose_correction(stats)
+                    picks[d.level.value] += 1
+                    # the two levels with the caps the rule would set from this batch's tails
+                    tok_cap = min(max(float(np.exp(stats["meter/total/logr_p99"])), 2.0), 10.0)
+                    seq_cap = min(max(float(np.exp(min(stats["meter/total/seq_logr_p99"], 700.0))), 2.0), 10.0)
+                    mt = rel_mse(logp_mu, mu_N, n, level="token", threshold=tok_cap)
+                    ms = rel_mse(logp_mu, mu_N, n, level="sequence", threshold=seq_cap)
+                    sweep.append((stats["meter/total/n_seqs"] * stats["meter/total/ess_seq"], mt, ms, min(ref.values())))
+                    got["token(auto)"].append(mt)
+                    got["seq(auto)"].append(ms)
+                    got["rule"].append({"token": mt, "sequence": ms}.get(d.level.value) or
+                                       rel_mse(logp_mu, mu_N, n, level=d.level.value, threshold=d.threshold))
+                best = min(ref.values())
+                for k, v in got.items():
+                    regrets.setdefault(k, []).append(float(np.mean(v)) / best)
+                rule = float(np.mean(got["rule"]))
+                print(f"| {kind} | {strength:g} | {n} | {ess_pop:.3f} | {picks['token']}/{picks['sequence']}/{picks['geometric']} | "
+                      + " | ".join(f"{v:.3f}" for v in ref.values())
+                      + f" | {np.mean(got['token(auto)']):.3f} | {np.mean(got['seq(auto)']):.3f} | {rule:.3f} | {best:.3f} | "
+                      f"{rule / best:.2f} |")
+    print(f"\nMSE / MSE of the best fixed correction in hindsight, over {len(regrets['rule'])} settings:")
+    print("| policy | mean | median | max |\n|---|---|---|---|")
+    for k, v in regrets.items():
+        print(f"| {'auto rule' if k == 'rule' else 'always ' + k} | {np.mean(v):.3f} | {np.median(v):.3f} | {np.max(v):.3f} |")
+    print("\nthe level threshold K (sequence iff n * ESS_seq(batch) >= K), per batch, MSE / best fixed:")
+    print("| K | mean | max | picks the better level |\n|---|---|---|---|")
+    for K in (8, 16, 32, 64, 128):
+        r = [(ms if e >= K else mt) / b for e, mt, ms, b in sweep]
+        acc = np.mean([(ms if e >= K else mt) == min(mt, ms) for e, mt, ms, _ in sweep])
+        print(f"| {K} | {np.mean(r):.3f} | {np.max(r):.3f} | {acc:.0%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="sequences per batch")
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--calibrate", action="store_true", help="sweep instances and score the level rule")
+    ap.add_argument("--lab", action="store_true", help="score the rule on the exact lab (tether.lab)")
     args = ap.parse_args()
+    if args.lab:
+        lab()
+        return
     if args.calibrate:
         calibrate()
         return

@@ -9,9 +9,10 @@ Both sides, in one process (same allocator, same torch threads, fp32):
   ``num_iterations=1``, ``steps_per_generation=1``; tether: epochs 1, minibatches 1), AdamW lr 1e-5,
   PPO-clip eps 0.2, no KL, no reference model.
 TRL runs in its best CPU setting: ``use_cpu=True``, ``bf16=False``, ``gradient_checkpointing=False``.
-The first ``--warmup`` steps of each side are excluded from the mean.
+The first ``--warmup`` steps of each run are excluded from its mean; ``--rounds`` rounds alternate
+one tether run and one TRL run, and the medians over rounds are reported (with every round's pair).
 
-    python benchmarks/vs_trl.py [--steps 12] [--prompts 2] [--generations 4] [--new-tokens 32] [--threads 2]
+    python benchmarks/vs_trl.py [--steps 12] [--prompts 2] [--generations 4] [--new-tokens 32] [--threads 2] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating tether / TRL runs; medians are reported")
     ap.add_argument("--json", type=str, default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,16 +112,21 @@ def main() -> None:
         d = Path(d)
         model, tok = tiny_model(0)
         save_hf(model, tok, d / "model")
-        t = run_tether(d, args)
-        r = run_trl(d / "model", prompts, args)
-    tether_s = statistics.mean(t["step_times"][args.warmup:])
-    trl_s = statistics.mean(r["step_times"][args.warmup:])
+        rounds = []  # tether and TRL alternate, one full run each per round, so load drifts hit both
+        for k in range(args.rounds):
+            (d / f"round{k}").mkdir()
+            t = run_tether(d / f"round{k}", args)
+            r = run_trl(d / "model", prompts, args)
+            rounds.append((statistics.mean(t["step_times"][args.warmup:]), statistics.mean(r["step_times"][args.warmup:])))
+    tether_s = statistics.median(a for a, _ in rounds)
+    trl_s = statistics.median(b for _, b in rounds)
     tokens = statistics.mean(t["tokens"][args.warmup:])
     result = {
         "shape": f"{args.prompts} prompts x {args.generations} generations x <= {args.new_tokens} tokens",
         "params": sum(p.numel() for p in model.parameters()), "threads": args.threads, "steps": args.steps,
         "tether_s_per_step": tether_s, "trl_s_per_step": trl_s, "ratio_tether_over_trl": tether_s / trl_s,
         "tether_tokens_per_s": tokens / tether_s, "tether_phases_s": t["phases"],
+        "rounds_s_per_step_tether_trl": rounds,
     }
     print(json.dumps(result, indent=2))
     print(f"tether {tether_s:.3f} s/step, TRL {trl_s:.3f} s/step: tether takes {tether_s / trl_s:.2f}x TRL's time "

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the console command, not a library call: a faster malloc if installed (allocator.py)
+        from tether.allocator import reexec_with_fast_malloc
+
+        reexec_with_fast_malloc(sys.argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:

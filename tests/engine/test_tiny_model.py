@@ -89,3 +89,43 @@ def test_fused_inference_path_tracks_updates_and_copies():
     m(tokens).sum().backward()  # gradients on: the unfused path, every projection gets a gradient
     assert m.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert m.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_decode_step_matches_cached_forward_with_and_without_padding():
+    """The lean one-token path of the engine computes the same logits as the general cached forward
+    (the two differ only in kernel choice: fused RMSNorm, roll-based RoPE, addmm residuals)."""
+    m = model()
+    m.fuse_projections_()
+    assert m.is_fused()
+    tokens = torch.randint(3, 99, (3, 14))
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    valid[1, :3] = False  # row 1 left-padded by 3, row 2 by 5
+    valid[2, :5] = False
+    pos = (valid.cumsum(-1) - 1).clamp(min=0)
+    for key_valid in (None, valid):
+        with torch.inference_mode():
+            ref_cache, fast_cache = m.new_cache(3, 20), m.new_cache(3, 20)
+            p = pos if key_valid is not None else torch.arange(8).expand(3, 8)
+            m(tokens[:, :8], positions_BT=p, key_valid_BT=key_valid, cache=ref_cache)
+            m(tokens[:, :8], positions_BT=p, key_valid_BT=key_valid, cache=fast_cache)
+            for t in range(8, 14):
+                step_pos = p[:, -1] + (t - 7)
+                ref = m(tokens[:, t:t + 1], positions_BT=step_pos[:, None], cache=ref_cache)[:, 0]
+                fast = m.decode_step(tokens[:, t], step_pos, fast_cache)
+                assert fast.shape == (3, m.config.vocab_size) and fast.dtype == torch.float32
+                assert (fast - ref).abs().max() < 1e-5, (key_valid is not None, t)
+            assert fast_cache.length == ref_cache.length == 14
+            assert torch.allclose(fast_cache.k[:, :, :, :14], ref_cache.k[:, :, :, :14], atol=1e-5)
+            # a changed token changes the logits: the comparison above is not vacuous
+            other = m.decode_step((tokens[:, 13] + 1) % 99, step_pos + 1, fast_cache)
+            assert (other - fast).abs().max() > 1e-3
+
+
+def test_decode_step_needs_fused_weights():
+    import copy
+
+    m = model()
+    assert not m.is_fused()
+    m.fuse_projections_()
+    dup = copy.deepcopy(m)  # the copy's fused tensors no longer share storage with its parameters
+    assert m.is_fused() and not dup.is_fused()

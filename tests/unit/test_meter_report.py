@@ -77,7 +77,7 @@ def test_read_records_parses_nan_strings_and_reports_bad_lines(tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium, chromium-browser or google-chrome binary on PATH (the report page cannot be rendered)")
 def test_report_renders_in_headless_chromium(tmp_path):
     run = synthetic_run(tmp_path / "run", steps=6)
     main(["report", str(run)])

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tether.configs import add_dataclass_arguments, config_from_args, given
-from tether.train.config import TrainConfig
+from tether.train.config import TrainConfig, TrainMode
 
 NAME = "train"
 HELP = "Run RL post-training (default: the built-in model on arithmetic, CPU, a few minutes)."
@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--resume {resume}: no config.json there (not a tether run directory?)")
         args.config = str(saved)  # the run's own config; explicit flags still override it
     cfg = config_from_args(TrainConfig, args)
+    if cfg.mode is TrainMode.ASYNC:  # docs/async.md
+        from tether.train.async_loop import train
     try:
         summary = train(cfg)
     except TrainingStopped as e:

@@ -45,7 +45,7 @@ def sampling_logprobs(logits_BxV: Tensor, temperature: float, top_k: int | None 
     if not temperature > 0:
         raise ValueError(f"sampling_logprobs: temperature must be > 0, got {temperature}")
     V = logits_BxV.shape[-1]
-    scaled = logits_BxV / temperature
+    scaled = logits_BxV / temperature if temperature != 1.0 else logits_BxV  # x / 1 == x exactly
     no_k = top_k is None or top_k >= V
     no_p = top_p is None or top_p >= 1.0
     if no_k and no_p:
@@ -73,7 +73,7 @@ def replay_logprobs(logits_BxV: Tensor, temperature: float, kept_count_Bx: Tenso
     """
     if not temperature > 0:
         raise ValueError(f"replay_logprobs: temperature must be > 0, got {temperature}")
-    scaled = logits_BxV / temperature
+    scaled = logits_BxV / temperature if temperature != 1.0 else logits_BxV
     if kept_count_Bx is None:
         return torch.log_softmax(scaled, dim=-1)
     kept = kept_count_Bx.to(device=scaled.device, dtype=torch.long)
@@ -92,9 +92,15 @@ def entropy_from_logprobs(logprobs_BxV: Tensor) -> Tensor:
     return -(p * torch.where(p > 0, logprobs_BxV, torch.zeros_like(logprobs_BxV))).sum(-1)
 
 
-def sample_from_logprobs(logprobs_BV: Tensor, generator: torch.Generator | None) -> Tensor:
+def sample_from_logprobs(logprobs_BV: Tensor, generator: torch.Generator | None, *,
+                         noise_BV: Tensor | None = None, out_B: Tensor | None = None) -> Tensor:
     """One token per row from ``exp(logprobs)``: ``argmax_v p_v / E_v`` with ``E_v ~ Exp(1)``
-    (the exponential-race form of Gumbel-max; exact sampling, one RNG draw per vocab entry)."""
+    (the exponential-race form of Gumbel-max; exact sampling, one RNG draw per vocab entry).
+
+    ``noise_BV`` (float32, the shape of ``logprobs_BV``) and ``out_B`` (long) are optional
+    preallocated buffers for a decode loop; the draws and the result are the same with or without them.
+    """
     p = logprobs_BV.exp()
-    e = torch.empty_like(p).exponential_(generator=generator)
-    return torch.argmax(p / e, dim=-1)
+    e = torch.empty_like(p) if noise_BV is None else noise_BV
+    e.exponential_(generator=generator)
+    return torch.argmax(p.div_(e), dim=-1, out=out_B) if out_B is not None else torch.argmax(p.div_(e), dim=-1)

@@ -37,12 +37,15 @@ class _BuiltinStepper:
     def __init__(self, model, batch: int, max_len: int) -> None:
         self.model = model
         self.cache = model.new_cache(batch, max_len)
+        self.fast = model.is_fused()  # the lean one-token path needs the fused projection weights
 
     def prefill(self, tokens_BP: Tensor, valid_BP: Tensor, positions_BP: Tensor) -> Tensor:
         return self.model(tokens_BP, positions_BT=positions_BP, key_valid_BT=valid_BP, cache=self.cache,
                           last_only=True)[:, 0]
 
     def step(self, tokens_B: Tensor, positions_B: Tensor) -> Tensor:
+        if self.fast:
+            return self.model.decode_step(tokens_B, positions_B, self.cache)
         return self.model(tokens_B[:, None], positions_BT=positions_B[:, None], cache=self.cache)[:, 0]
 
 
@@ -176,44 +179,54 @@ class TorchEngine:
 
         raw = self._sample(tokens_BP, valid_BP, positions_BP, lens, params, seed)
         with torch.no_grad():  # plain tensors (not inference tensors): the trainer differentiates through them
-            raw = [x.clone() for x in raw]
+            raw = [None if x is None else x.clone(memory_format=torch.contiguous_format) for x in raw]
         return self._assemble(prompts, *raw, params, group_B)
 
     @torch.inference_mode()
     def _sample(self, tokens_BP, valid_BP, positions_BP, lens, params: SamplingParams, seed: int):
+        """The decode loop. Every row samples at every step (a finished row's extra tokens are cut
+        off afterwards from its recorded stop step), so a step costs no masking ops; each row's
+        noise and tokens are the same as if finished rows were frozen. Outputs are written in place
+        into step-major buffers (``[N, B]``, one contiguous row per step)."""
         B, P = tokens_BP.shape
-        N, dev = params.max_new_tokens, self.device
+        N, dev, V = params.max_new_tokens, self.device, self.vocab_size
         stops = self._stop_sequences(params)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
         stepper = (_BuiltinStepper if self._builtin else _HFStepper)(self.model, B, P + N)
-        out_tok_BN = torch.full((B, N), self.pad_id, dtype=torch.long, device=dev)
-        out_logp_BN = torch.zeros(B, N, dtype=torch.float32, device=dev)
-        out_kept_BN = torch.full((B, N), self.vocab_size, dtype=torch.long, device=dev)
+        tok_NB = torch.full((N, B), self.pad_id, dtype=torch.long, device=dev)
+        logp_NB = torch.zeros(N, B, dtype=torch.float32, device=dev)
+        kept_NB = torch.full((N, B), V, dtype=torch.long, device=dev) if params.truncates else None
+        stop_NB = torch.zeros(N, B, dtype=torch.bool, device=dev)  # row b stopped at step t
         done_B = torch.zeros(B, dtype=torch.bool, device=dev)
-        comp_len_B = torch.zeros(B, dtype=torch.long, device=dev)
-        truncates = params.truncates
+        positions_NB = lens[None, :] + torch.arange(N, device=dev)[:, None]
+        noise_BV = torch.empty(B, V, dtype=torch.float32, device=dev)
+        temperature, top_k, top_p = params.temperature, params.top_k, params.top_p
 
         logits_BV = stepper.prefill(tokens_BP, valid_BP, positions_BP)
+        steps = N
         for t in range(N):
-            logp_BV, kept_B = sampling_logprobs(logits_BV.float(), params.temperature, params.top_k, params.top_p)
-            tok_B = sample_from_logprobs(logp_BV, gen)
-            active_B = ~done_B
-            out_tok_BN[:, t] = torch.where(active_B, tok_B, self.pad_id)
-            out_logp_BN[:, t] = torch.where(active_B, logp_BV.gather(1, tok_B[:, None])[:, 0], 0.0)
-            if truncates:
-                out_kept_BN[:, t] = torch.where(active_B, kept_B, self.vocab_size)
-            comp_len_B += active_B
-            stop_B = tok_B == self.eos_id
+            logp_BV, kept_B = sampling_logprobs(logits_BV.float(), temperature, top_k, top_p)
+            tok_B = sample_from_logprobs(logp_BV, gen, noise_BV=noise_BV, out_B=tok_NB[t])
+            torch.gather(logp_BV, 1, tok_B[:, None], out=logp_NB[t, :, None])
+            if kept_NB is not None:
+                kept_NB[t] = kept_B
+            stop_B = torch.eq(tok_B, self.eos_id, out=stop_NB[t])
             for s in stops:
                 L = len(s)
                 if L <= t + 1:
-                    stop_B |= (out_tok_BN[:, t + 1 - L:t + 1] == s).all(-1)
-            done_B |= active_B & stop_B
+                    stop_B |= (tok_NB[t + 1 - L:t + 1] == s[:, None]).all(0)
+            done_B |= stop_B
             if t == N - 1 or bool(done_B.all()):
+                steps = t + 1
                 break
-            logits_BV = stepper.step(out_tok_BN[:, t], lens + t)
+            logits_BV = stepper.step(tok_B, positions_NB[t])
 
-        return lens, out_tok_BN, out_logp_BN, out_kept_BN, comp_len_B, done_B
+        # completion length: up to and including the first stop step, else every step taken
+        stop_NB = stop_NB[:steps]
+        first_B = torch.where(done_B, stop_NB.float().argmax(0), steps - 1)
+        comp_len_B = first_B + 1
+        kept_BN = kept_NB.t() if kept_NB is not None else None
+        return lens, tok_NB.t(), logp_NB.t(), kept_BN, comp_len_B, done_B
 
     def _assemble(self, prompts, lens_B, tok_BN, logp_BN, kept_BN, comp_len_B, done_B, params, group_B) -> Rollout:
         """Right-padded record: row b = prompt_b, completion_b[:comp_len_b], padding."""

@@ -34,7 +34,10 @@ RAW_ESTIMATORS = ("on_policy", "token_is", "sequence_is", "cumulative_is")
 NON_SEPARABLE = frozenset({"p3o", "p4o"})
 """Presets known to couple sequences through a batch statistic (the ESS): Monte Carlo only. Any other
 preset is checked by ``is_separable`` before its exact moments are used."""
-UNSUPPORTED_INPUTS = ("expert_B", "logp_expert_old_BT", "logp_ref_BT")
+UNSUPPORTED_INPUTS = ("expert_B", "logp_expert_old_BT", "logp_ref_BT", "logp_teacher_BT", "logp_theta_BTV",
+                      "logp_teacher_BTV")
+SUPERVISED = frozenset({"sft", "pear"})
+"""Presets that maximise the likelihood of given data, not E[R]: no policy gradient to measure."""
 MU_FLOOR = -1e4
 """log mu of tokens mu never samples (truncation) is floored here; such sequences get weight 0."""
 
@@ -85,6 +88,8 @@ def raw_coefficients(name: str, logp_pi_NT: Tensor, logp_mu_NT: Tensor, adv_N: T
 def skip_reason(name: str) -> str | None:
     """Why a preset cannot be measured here (it needs inputs the lab has no model of), else None."""
     p = get_preset(name)
+    if name in SUPERVISED:
+        return "supervised (likelihood of given data), not an estimator of grad E[R]"
     missing = [r for r in p.requires if r in UNSUPPORTED_INPUTS]
     return f"needs {', '.join(missing)}" if missing else None
 

@@ -24,6 +24,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from tether.objectives.inputs import float_mask
+
 
 class AggMode(str, Enum):
     TOKEN_MEAN = "token-mean"
@@ -41,16 +43,25 @@ class AggMode(str, Enum):
 
 
 def count_tokens(mask_BT: Tensor) -> Tensor:
-    """Number of loss tokens (the local ``N_tok``)."""
-    return mask_BT.to(torch.float64).sum()
+    """Number of loss tokens (the local ``N_tok``), float64."""
+    return mask_BT.count_nonzero().to(torch.float64)
 
 
 def count_sequences(mask_BT: Tensor) -> Tensor:
-    """Number of sequences with at least one loss token (the local ``N_seq``)."""
-    return (mask_BT.to(torch.float64).sum(-1) > 0).to(torch.float64).sum()
+    """Number of sequences with at least one loss token (the local ``N_seq``), float64."""
+    return _count_rows(_row_lengths(mask_BT.bool()))
 
 
-def _as_denominator(value: float | Tensor | None, default: Tensor, like: Tensor) -> Tensor:
+def _row_lengths(valid_BT: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Loss tokens per row as ``dtype`` (exact below 2^24 per row); the bool mask is read as bytes."""
+    return float_mask(valid_BT, dtype).sum(-1)
+
+
+def _count_rows(len_B: Tensor) -> Tensor:
+    return (len_B > 0).count_nonzero().to(torch.float64)
+
+
+def _as_denominator(value: float | Tensor | None, default: Tensor | None, like: Tensor) -> Tensor:
     d = default if value is None else torch.as_tensor(value, dtype=torch.float64)
     return d.clamp(min=1.0).to(dtype=like.dtype, device=like.device)
 
@@ -66,14 +77,16 @@ def aggregate(
 ) -> Tensor:
     """Reduce a per-token loss ``[B, T]`` to a scalar with the named mode (see module doc)."""
     mode = AggMode.parse(mode)
-    m = mask_BT.to(loss_BT.dtype)
-    masked = torch.where(mask_BT.bool(), loss_BT, torch.zeros_like(loss_BT))
+    valid = mask_BT.bool()
+    masked = torch.where(valid, loss_BT, 0.0)
     if mode is AggMode.TOKEN_MEAN:
-        return masked.sum() / _as_denominator(num_tokens, count_tokens(mask_BT), loss_BT)
-    n_seq = _as_denominator(num_seqs, count_sequences(mask_BT), loss_BT)
+        n_tok = None if num_tokens is not None else count_tokens(valid)
+        return masked.sum() / _as_denominator(num_tokens, n_tok, loss_BT)
+    len_B = _row_lengths(valid, loss_BT.dtype)
+    n_seq = _as_denominator(num_seqs, None if num_seqs is not None else _count_rows(len_B), loss_BT)
     seq_sum_B = masked.sum(-1)
     if mode is AggMode.SEQ_MEAN_TOKEN_MEAN:
-        return (seq_sum_B / m.sum(-1).clamp(min=1.0)).sum() / n_seq
+        return (seq_sum_B / len_B.clamp(min=1.0)).sum() / n_seq
     if mode is AggMode.SEQ_MEAN_TOKEN_SUM:
         return seq_sum_B.sum() / n_seq
     length = loss_BT.shape[-1] if horizon is None else horizon

@@ -18,7 +18,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from tether.objectives.inputs import LossInputs, masked_mean
+from tether.objectives.closed_form import elementwise_loss
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_mean, masked_means
 from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -26,6 +27,7 @@ from tether.objectives.rollout_correction import (
     CATASTROPHIC_RATIO,
     ISLevel,
     _agg,
+    _weight_and_mismatch_metrics,
     behaviour_log_ratio,
     catastrophic_veto_mask,
     dropped_fraction,
@@ -64,16 +66,19 @@ def behaviour_weights(
     Metrics: weight stats and ``capfrac`` (loss tokens with ``w_t > cap``).
     """
     mode = CapMode(cap_mode)
+    valid = mask_BT.bool()
     delta = behaviour_log_ratio(logp_prox_BT, logp_mu_BT, mask_BT)
     w = torch.exp(delta)
-    over = delta > (math.inf if cap is None else log_bound(cap))
+    # w is finite (|delta| <= 20), so products with 0/1 indicators select exactly
+    over = indicator(torch.gt, delta, math.inf if cap is None else log_bound(cap))
     if cap is not None:
-        w = torch.where(over, torch.zeros_like(w), w) if mode is CapMode.MASK else w.clamp(max=cap)
-    w = torch.where(mask_BT.bool(), w, torch.zeros_like(w))
+        w = w * (1.0 - over) if mode is CapMode.MASK else w.clamp(max=cap)
+    w = w * float_mask(valid, w.dtype)
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix, kl_prefix=f"{prefix}/behave")
     metrics = {
-        **weight_metrics(w, mask_BT, prefix),
-        f"{prefix}/capfrac": masked_mean(over.to(w.dtype), mask_BT),
-        **mismatch_metrics(delta, mask_BT, prefix=f"{prefix}/behave"),
+        **{k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")},
+        f"{prefix}/capfrac": masked_mean(over, valid),
+        **{k: wm[k] for k in (f"{prefix}/behave/kl_k1", f"{prefix}/behave/kl_k3")},
     }
     return w, metrics
 
@@ -100,9 +105,9 @@ def decoupled_ppo_loss(
     w, metrics = behaviour_weights(logp_prox_BT, logp_mu_BT, mask_BT, cap=behave_cap, cap_mode=cap_mode)
     lr = token_log_ratio(logp_theta_BT, logp_prox_BT.detach(), mask_BT)
     loss, pg = ppo_clip_loss(
-        lr, advantages_BT, mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
+        lr, advantages_BT, mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c, weight_BT=w
     )
-    return w * loss, {**pg, **metrics}
+    return loss, {**pg, **metrics}
 
 
 def roll_infer_correction(
@@ -226,27 +231,41 @@ def ppo_ewma_loss(
     log pi_ewma)^2]``, ``imp_samp_clipfrac`` (tokens where ``pi_theta / mu > imp_samp_max``).
     """
     A = advantages_BT.detach()
-    ewma = logp_ewma_BT.detach()
-    mu = logp_mu_BT.detach()
     valid = mask_BT.bool()
     # keep padding finite whatever its contents
-    lp = torch.where(valid, logp_theta_BT, torch.zeros_like(logp_theta_BT))
-    ewma = torch.where(valid, ewma, torch.zeros_like(ewma))
-    mu = torch.where(valid, mu, torch.zeros_like(mu))
-    adj = torch.maximum(mu, lp.detach() - math.log(imp_samp_max))
-    l1 = -A * torch.exp(lp - adj)
+    ewma = torch.where(valid, logp_ewma_BT.detach(), 0.0)
+    mu = torch.where(valid, logp_mu_BT.detach(), 0.0)
     lo = math.log1p(-eps) if eps < 1.0 else -math.inf  # eps >= 1: no lower clip (eps = inf: no clip)
-    clipped = (lp - ewma).clamp(lo, math.log1p(eps))
-    l2 = -A * torch.exp(clipped + ewma - adj)
-    loss = torch.maximum(l1, l2)
-    sq = (lp - ewma) ** 2
-    if kl_penalty:
-        loss = loss + kl_penalty * 0.5 * sq
-    dt = loss.dtype
+    hi = math.log1p(eps)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, ...]:
+        # with lp = m x: d l1/d lp = l1; d l2/d lp = l2 1[lo <= lp - ewma <= hi] (the clamp passes on
+        # its closed range); max takes the larger branch's derivative (the unclipped one on a tie,
+        # which inside the clip range is what autograd's half-and-half split adds up to);
+        # the KL penalty adds kl_penalty (lp - ewma); everything is 0 on padding.
+        lp = torch.where(valid, x, 0.0)
+        adj = torch.maximum(mu, lp - math.log(imp_samp_max))
+        neg_A = -A
+        l1 = neg_A * torch.exp(lp - adj)
+        diff = lp - ewma
+        clipped = diff.clamp(lo, hi)
+        l2 = neg_A * torch.exp(clipped + ewma - adj)
+        loss = torch.maximum(l1, l2)
+        l2_wins = l2 > l1
+        grad = torch.where(l2_wins, torch.where(clipped == diff, l2, 0.0), l1)
+        sq = diff**2
+        if kl_penalty:
+            loss = loss + kl_penalty * 0.5 * sq
+            grad = grad + kl_penalty * diff
+        grad = torch.where(valid, grad, 0.0)
+        return loss, grad, l2_wins, sq, indicator(torch.lt, mu, lp - math.log(imp_samp_max))
+
+    loss, l2_wins, sq, capped = elementwise_loss(logp_theta_BT, value_and_grad)
+    means = masked_means({"clipfrac": l2_wins, "approxkl": sq, "imp_samp_clipfrac": capped}, valid, dtype=loss.dtype)
     metrics = {
-        "ppo_ewma/clipfrac": masked_mean((l2 > l1).to(dt).detach(), mask_BT),
-        "ppo_ewma/approxkl": masked_mean(0.5 * sq.detach(), mask_BT),
-        "ppo_ewma/imp_samp_clipfrac": masked_mean((mu < lp.detach() - math.log(imp_samp_max)).to(dt), mask_BT),
+        "ppo_ewma/clipfrac": means["clipfrac"],
+        "ppo_ewma/approxkl": 0.5 * means["approxkl"],
+        "ppo_ewma/imp_samp_clipfrac": means["imp_samp_clipfrac"],
     }
     return loss, metrics
 

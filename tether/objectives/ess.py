@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
-from tether.objectives.inputs import LossInputs, masked_mean
+from tether.objectives.closed_form import elementwise_loss
+from tether.objectives.inputs import LossInputs, indicator, masked_means
 from tether.objectives.policy_gradient import policy_metrics, reinforce_loss
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -38,8 +39,9 @@ def ess_sums(weights_BT: Tensor, mask_BT: Tensor) -> Tensor:
     Sum these over micro-batches / ranks, then call ``ess_from_sums``.
     """
     m = mask_BT.bool()
-    w = torch.where(m, weights_BT.detach().to(torch.float64), torch.zeros((), dtype=torch.float64))
-    return torch.stack([w.sum(), (w * w).sum(), m.to(torch.float64).sum()])
+    w = torch.where(m, weights_BT.detach().to(torch.float64), 0.0)
+    flat = w.reshape(-1)
+    return torch.stack([w.sum(), torch.dot(flat, flat), m.count_nonzero().to(torch.float64)])
 
 
 def ess_from_sums(sums: Tensor) -> Tensor:
@@ -65,8 +67,25 @@ def kl_k3(logp_BT: Tensor, logp_anchor_BT: Tensor, mask_BT: Tensor) -> Tensor:
 
     0 on masked positions. Gradient w.r.t. ``log pi``: ``1 - exp(-z)`` (``1`` where the exponent is clamped).
     """
-    z = torch.where(mask_BT.bool(), logp_BT - logp_anchor_BT, torch.zeros_like(logp_BT))
-    return z + torch.exp(torch.clamp(-z, -KL_EXP_CLAMP, KL_EXP_CLAMP)) - 1.0
+    valid = mask_BT.bool()
+    anchor = logp_anchor_BT
+    if anchor.requires_grad or logp_BT.shape != valid.shape:
+        z = torch.where(valid, logp_BT - anchor, torch.zeros_like(logp_BT))
+        return z + torch.exp(torch.clamp(-z, -KL_EXP_CLAMP, KL_EXP_CLAMP)) - 1.0
+    if not (torch.is_grad_enabled() and logp_BT.requires_grad):
+        with torch.no_grad():  # same value, intermediates updated in place
+            z = torch.where(valid, logp_BT - anchor, 0.0)
+            return torch.clamp(-z, -KL_EXP_CLAMP, KL_EXP_CLAMP).exp_().add_(z).sub_(1.0)
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+        # d k3 / d log pi = m (1 - exp(-z) 1[|z| <= 10]) (the clamp passes the gradient on [-10, 10])
+        z = torch.where(valid, x - anchor, 0.0)
+        neg_z = -z
+        e = torch.clamp(neg_z, -KL_EXP_CLAMP, KL_EXP_CLAMP).exp_()
+        passes = indicator(torch.le, neg_z.abs_(), KL_EXP_CLAMP).mul_(e)  # exact: e <= exp(10) is finite
+        return e.add_(z).sub_(1.0), torch.where(valid, passes.neg_().add_(1.0), 0.0)
+
+    return elementwise_loss(logp_BT, value_and_grad)[0]
 
 
 def _as_ess(value: float | Tensor | None, weights_BT: Tensor, mask_BT: Tensor) -> Tensor:
@@ -75,8 +94,9 @@ def _as_ess(value: float | Tensor | None, weights_BT: Tensor, mask_BT: Tensor) -
     return torch.as_tensor(value, dtype=torch.float64, device=weights_BT.device).detach()
 
 
-def _clipfrac(w_BT: Tensor, mask_BT: Tensor, clip_low: float, clip_high: float) -> Tensor:
-    return masked_mean(((w_BT < 1.0 - clip_low) | (w_BT > 1.0 + clip_high)).to(w_BT.dtype), mask_BT)
+def _outside(w_BT: Tensor, clip_low: float, clip_high: float) -> Tensor:
+    """``1[w < 1 - clip_low or w > 1 + clip_high]`` as 0./1. (the ``clipfrac`` diagnostic)."""
+    return torch.maximum(indicator(torch.lt, w_BT, 1.0 - clip_low), indicator(torch.gt, w_BT, 1.0 + clip_high))
 
 
 def p3o_loss(
@@ -97,7 +117,25 @@ def p3o_loss(
     Gradient: ``-min(w_t, ESS) A_t grad log pi_theta + (1 - ESS)(1 - 1/w_t) grad log pi_theta``.
     ``clip_low`` / ``clip_high`` only feed the ``p3o/clipfrac`` diagnostic.
     """
-    w = torch.exp(token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT))
+    loss, _, _, metrics = _p3o(logp_theta_BT, logp_old_BT, advantages_BT, mask_BT, ess=ess, clip_low=clip_low,
+                               clip_high=clip_high)
+    return loss, metrics
+
+
+def _p3o(
+    logp_theta_BT: Tensor,
+    logp_old_BT: Tensor,
+    advantages_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    ess: float | Tensor | None,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """``p3o_loss`` that also returns the detached token log-ratio and ratio ``w`` (for metrics)."""
+    with torch.no_grad():
+        lr = token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT)
+        w = torch.exp(lr)
     ess_t = _as_ess(ess, w, mask_BT)
     weight = torch.clamp(w, min=0.0, max=ess_t.to(w.dtype))
     kl = kl_k3(logp_theta_BT, logp_old_BT, mask_BT)
@@ -105,11 +143,12 @@ def p3o_loss(
     loss = reinforce_loss(logp_theta_BT, advantages_BT, weight) + coef * kl
     metrics = {
         "p3o/ess": ess_t,
-        "p3o/kl_behavioral": masked_mean(kl.detach(), mask_BT),
-        "p3o/weight_mean": masked_mean(weight, mask_BT),
-        "p3o/clipfrac": _clipfrac(w, mask_BT, clip_low, clip_high),
+        **masked_means(
+            {"p3o/kl_behavioral": kl.detach(), "p3o/weight_mean": weight, "p3o/clipfrac": _outside(w, clip_low, clip_high)},
+            mask_BT,
+        ),
     }
-    return loss, metrics
+    return loss, lr, w, metrics
 
 
 def mixture_log_prob(logp_old_BT: Tensor, logp_prox_BT: Tensor, ess_b: Tensor, ess_p: Tensor) -> Tensor:
@@ -125,7 +164,7 @@ def mixture_log_prob(logp_old_BT: Tensor, logp_prox_BT: Tensor, ess_b: Tensor, e
     la_b = torch.log(torch.where(safe, a_b, torch.ones_like(a_b)))
     la_p = torch.log(torch.where(safe, a_p, torch.ones_like(a_p)))
     mix = torch.logaddexp(la_b + logp_old_BT.detach(), la_p + logp_prox_BT.detach())
-    mix = mix - torch.log(torch.where(safe, total, torch.full_like(total, 2.0)))
+    mix.sub_(torch.log(torch.where(safe, total, torch.full_like(total, 2.0))))
     return torch.where(safe, mix, logp_old_BT.detach())
 
 
@@ -148,8 +187,30 @@ def p4o_loss(
     ``l_t = -sg(clamp(w_b, 0, ESS_mix)) A_t log pi_theta(y_t) + c KL_k3(pi_theta || pi_mix)_t`` with
     ``c = 1 - ESS_mix`` if ``1 - ESS_mix > 1e-6`` else ``0``, and ``pi_mix`` from ``mixture_log_prob``.
     """
-    w_b = torch.exp(token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT))
-    w_p = torch.exp(token_log_ratio(logp_theta_BT.detach(), logp_prox_BT, mask_BT))
+    loss, _, _, metrics = _p4o(
+        logp_theta_BT, logp_old_BT, logp_prox_BT, advantages_BT, mask_BT, ess_b=ess_b, ess_p=ess_p,
+        clip_low=clip_low, clip_high=clip_high,
+    )
+    return loss, metrics
+
+
+def _p4o(
+    logp_theta_BT: Tensor,
+    logp_old_BT: Tensor,
+    logp_prox_BT: Tensor,
+    advantages_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    ess_b: float | Tensor | None,
+    ess_p: float | Tensor | None,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """``p4o_loss`` that also returns the detached token log-ratio and ratio ``w_b`` vs pi_old."""
+    with torch.no_grad():
+        lr_b = token_log_ratio(logp_theta_BT.detach(), logp_old_BT, mask_BT)
+        w_b = torch.exp(lr_b)
+        w_p = torch.exp(token_log_ratio(logp_theta_BT.detach(), logp_prox_BT, mask_BT))
     eb = _as_ess(ess_b, w_b, mask_BT)
     ep = _as_ess(ess_p, w_p, mask_BT)
     emix = torch.minimum(eb, ep)
@@ -162,19 +223,30 @@ def p4o_loss(
     a_b = (1.0 - eb).clamp(min=0.0)
     a_p = (1.0 - ep).clamp(min=0.0)
     total = a_b + a_p
-    th = logp_theta_BT.detach()
+    with torch.no_grad():
+        th = logp_theta_BT.detach()
+        means = masked_means(
+            {
+                "p4o/kl_b": kl_k3(th, logp_old_BT, mask_BT),
+                "p4o/kl_prox": kl_k3(th, logp_prox_BT, mask_BT),
+                "p4o/kl_mix": kl_mix.detach(),
+                "p4o/weight_mean": weight,
+                "p4o/clipfrac": _outside(w_b, clip_low, clip_high),
+            },
+            mask_BT,
+        )
     metrics = {
         "p4o/ess_b": eb,
         "p4o/ess_prox": ep,
         "p4o/ess_mix": emix,
-        "p4o/kl_b": masked_mean(kl_k3(th, logp_old_BT, mask_BT), mask_BT),
-        "p4o/kl_prox": masked_mean(kl_k3(th, logp_prox_BT, mask_BT), mask_BT),
-        "p4o/kl_mix": masked_mean(kl_mix.detach(), mask_BT),
+        "p4o/kl_b": means["p4o/kl_b"],
+        "p4o/kl_prox": means["p4o/kl_prox"],
+        "p4o/kl_mix": means["p4o/kl_mix"],
         "p4o/mix_weight_b": torch.where(total > 0, a_b / torch.where(total > 0, total, 1.0), 0.5),
-        "p4o/weight_mean": masked_mean(weight, mask_BT),
-        "p4o/clipfrac": _clipfrac(w_b, mask_BT, clip_low, clip_high),
+        "p4o/weight_mean": means["p4o/weight_mean"],
+        "p4o/clipfrac": means["p4o/clipfrac"],
     }
-    return loss, metrics
+    return loss, lr_b, w_b, metrics
 
 
 def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
@@ -191,11 +263,11 @@ def p3o(
     ``ess=None`` computes ESS on the tensors given (FeynRL, per micro-batch); pass the step's global
     ESS (``ess_from_sums`` of the summed ``ess_sums``) for a loss that is exact under micro-batching.
     """
-    loss_BT, metrics = p3o_loss(
+    loss_BT, lr, w, metrics = _p3o(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.advantages_BT, inputs.mask_BT,
         ess=ess, clip_low=clip_low, clip_high=clip_high,
     )
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=w)}
 
 
 def p4o(
@@ -213,11 +285,11 @@ def p4o(
     values for a loss that is exact under micro-batching.
     """
     inputs.require("logp_prox_BT", preset="p4o")
-    loss_BT, metrics = p4o_loss(
+    loss_BT, lr, w, metrics = _p4o(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.logp_prox_BT, inputs.advantages_BT, inputs.mask_BT,
         ess_b=ess_b, ess_p=ess_p, clip_low=clip_low, clip_high=clip_high,
     )
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=w)}
 
 
 register(Preset(

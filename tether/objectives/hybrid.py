@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
-from tether.objectives.inputs import LossInputs, masked_mean
-from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
+from tether.objectives.closed_form import elementwise_loss
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_mean, masked_means
+from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
 
@@ -49,11 +50,19 @@ def calibrl_guidance_loss(
     0 on masked positions; un-aggregated.
     """
     A = advantages_BT.detach()
-    sign = torch.where(A > 0, torch.ones_like(A), -torch.ones_like(A))
-    u = -sign * (logp_theta_BT - logp_expert_old_BT.detach())
-    u = torch.where(mask_BT.bool(), u, torch.zeros_like(u))
-    g = A.abs() * torch.nn.functional.leaky_relu(u, negative_slope=slope)
-    return torch.where(mask_BT.bool(), g, torch.zeros_like(g))
+    base = logp_expert_old_BT.detach()
+    valid = mask_BT.bool()
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor]:
+        # d g / d log pi_theta = |A| LeakyReLU'(u) (-sign) = -A * (1 if u > 0 else slope) on loss tokens
+        neg_sign = 1.0 - 2.0 * indicator(torch.gt, A, 0.0)  # -(2 pass - 1), exactly -1 or 1
+        u = torch.where(valid, neg_sign * (x - base), 0.0)
+        g = torch.where(valid, A.abs() * torch.nn.functional.leaky_relu(u, negative_slope=slope), 0.0)
+        slope_u = torch.lerp(torch.full_like(u, slope), torch.ones_like(u), indicator(torch.gt, u, 0.0))
+        grad = torch.where(valid, -A * slope_u, 0.0)
+        return g, grad
+
+    return elementwise_loss(logp_theta_BT, value_and_grad)[0]
 
 
 def calibrl(
@@ -72,24 +81,26 @@ def calibrl(
     log-probs of the group's expert response, aligned by position, 0 beyond its length).
     """
     expert, m_on = _row_masks(inputs)
-    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, m_on)
-    pg_BT, metrics = ppo_clip_loss(
-        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
+    # the token log-ratio over all loss tokens (shared with the policy metrics); the 0/1 on-policy
+    # weight zeroes the PPO loss and its gradient on expert rows and padding (finite there)
+    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+    pg_BT, ratio, metrics = _ppo_clip(
+        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+        weight_BT=float_mask(m_on, lr.dtype),
     )
-    pg_BT = torch.where(m_on, pg_BT, torch.zeros_like(pg_BT))
     g_BT = calibrl_guidance_loss(
         inputs.logp_theta_BT, inputs.logp_expert_old_BT, inputs.advantages_BT, m_on, slope=guide_slope
     )
     pg = _agg(inputs, pg_BT, agg)
     guided = _agg(inputs, g_BT, agg)
-    above = (inputs.logp_theta_BT.detach() > inputs.logp_expert_old_BT).to(pg_BT.dtype)
+    above = indicator(torch.gt, inputs.logp_theta_BT.detach(), inputs.logp_expert_old_BT.detach(), pg_BT.dtype)
     metrics.update({
         "calibrl/pg_loss": pg.detach(),
         "calibrl/guided_loss": guided.detach(),
         "calibrl/above_expert_frac": masked_mean(above, m_on),
         "calibrl/expert_frac": inputs.expert_B.to(pg_BT.dtype).mean(),
     })
-    return pg + guide_coef * guided, {**metrics, **policy_metrics(inputs)}
+    return pg + guide_coef * guided, {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=ratio)}
 
 
 def rlplus_off_policy_loss(
@@ -102,12 +113,19 @@ def rlplus_off_policy_loss(
     ``-A^c r^MIS``. 0 on masked positions.
     """
     m = mask_BT.bool()
-    p = torch.exp(torch.where(m, logp_theta_BT, torch.zeros_like(logp_theta_BT)))
-    p_old = torch.exp(torch.where(m, logp_old_BT.detach(), torch.zeros_like(logp_old_BT)))
-    r = p / (0.75 * p_old + 0.25)
-    a_c = advantages_BT.detach() * (1.0 - p.detach()).clamp(min=0.0) ** exploration_power
-    loss = -r * a_c
-    return torch.where(m, loss, torch.zeros_like(loss)), r
+    A = advantages_BT.detach()
+    p_old = torch.exp(torch.where(m, logp_old_BT.detach(), 0.0))
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # d r / d log pi_theta = r, so d l / d log pi_theta = -A^c r on loss tokens (A^c is detached)
+        p = torch.exp(torch.where(m, x, 0.0))
+        r = p / (0.75 * p_old + 0.25)
+        a_c = A * (1.0 - p).clamp(min=0.0) ** exploration_power
+        loss = torch.where(m, -r * a_c, 0.0)
+        return loss, loss, r  # the loss is -A^c r: it is its own derivative
+
+    loss, r = elementwise_loss(logp_theta_BT, value_and_grad)
+    return loss, r
 
 
 def rl_plus(
@@ -116,21 +134,26 @@ def rl_plus(
     """RL-PLUS: multiple-importance-sampling loss on expert rows, (unclipped) IS-PPO on on-policy rows."""
     expert, m_on = _row_masks(inputs)
     m_off = inputs.mask_BT.bool() & expert
-    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, m_on)
-    on_BT, metrics = ppo_clip_loss(lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high)
+    # the token log-ratio over all loss tokens (shared with the policy metrics); the 0/1 on-policy
+    # weight zeroes the PPO loss and its gradient on expert rows and padding (finite there)
+    lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+    on_BT, ratio, metrics = _ppo_clip(
+        lr, inputs.advantages_BT, m_on, eps_low=eps_low, eps_high=eps_high, dual_clip_c=None,
+        weight_BT=float_mask(m_on, lr.dtype),
+    )
     off_BT, r_off = rlplus_off_policy_loss(
         inputs.logp_theta_BT, inputs.logp_old_BT, inputs.advantages_BT, m_off, exploration_power=exploration_power
     )
-    loss_BT = torch.where(m_on, on_BT, torch.zeros_like(on_BT)) + off_BT
-    p = inputs.logp_theta_BT.detach().exp()
-    metrics.update({
-        "rlplus/on_pg_loss": _agg(inputs, torch.where(m_on, on_BT, torch.zeros_like(on_BT)), agg).detach(),
-        "rlplus/off_pg_loss": _agg(inputs, off_BT, agg).detach(),
-        "rlplus/off_policy_prob": masked_mean(p, m_off),
-        "rlplus/on_policy_prob": masked_mean(p, m_on),
-        "rlplus/off_ratio_mean": masked_mean(r_off.detach(), m_off),
-    })
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    loss_BT = on_BT + off_BT
+    with torch.no_grad():
+        p = inputs.logp_theta_BT.detach().exp()
+        metrics.update({
+            "rlplus/on_pg_loss": _agg(inputs, on_BT.detach(), agg),
+            "rlplus/off_pg_loss": _agg(inputs, off_BT.detach(), agg),
+            **masked_means({"rlplus/off_policy_prob": p, "rlplus/off_ratio_mean": r_off.detach()}, m_off),
+            "rlplus/on_policy_prob": masked_mean(p, m_on),
+        })
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=ratio)}
 
 
 register(Preset(

@@ -12,6 +12,7 @@ loss or its gradient. Left as ``None`` they default to the counts of the tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -44,6 +45,13 @@ class LossInputs:
     """Global count of sequences with at least one loss token (seq-mean normaliser)."""
     horizon: int | None = None
     """Constant length normaliser for seq-mean-token-sum-norm (default: padded width T)."""
+    logp_teacher_BT: Tensor | None = None
+    """log pi_teacher(y_t | s_t) at the sampled tokens (on-policy distillation, sampled support)."""
+    logp_theta_BTV: Tensor | None = None
+    """Student log-probs over the vocabulary ``[B, T, V]``, aligned like ``logp_theta_BT`` (full / top-k
+    distillation); carries the gradient."""
+    logp_teacher_BTV: Tensor | None = None
+    """Teacher log-probs over the vocabulary ``[B, T, V]`` (no gradient)."""
 
     def __post_init__(self) -> None:
         shape = self.logp_theta_BT.shape
@@ -56,6 +64,10 @@ class LossInputs:
                     f"LossInputs.{f.name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
                     "(the shape of logp_theta_BT)"
                 )
+        for name in ("logp_theta_BTV", "logp_teacher_BTV"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape[:2]) != tuple(shape):
+                raise ValueError(f"LossInputs.{name} has shape {tuple(value.shape)}, expected {tuple(shape)} + (V,)")
         if self.expert_B is not None and self.expert_B.shape != shape[:1]:
             raise ValueError(f"LossInputs.expert_B has shape {tuple(self.expert_B.shape)}, expected ({shape[0]},)")
 
@@ -71,10 +83,64 @@ class LossInputs:
             raise ValueError(f"objective '{preset}' needs LossInputs.{', '.join(missing)}, which was not given")
 
 
+def float_mask(mask_BT: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask as 0./1. of ``dtype``. A bool mask is read as its bytes (``uint8 -> float`` is a
+    vectorised copy on CPU, ``bool -> float`` is not); any other mask is cast as is."""
+    if mask_BT.dtype == torch.bool:
+        return mask_BT.view(torch.uint8).to(dtype)
+    return mask_BT.to(dtype)
+
+
+def indicator(compare: Callable[..., Tensor], a: Tensor, b: Tensor | float, dtype: torch.dtype | None = None) -> Tensor:
+    """``compare(a, b)`` (``torch.gt``, ``torch.lt``, ...) as 0./1. of a floating ``dtype`` (default ``a``'s).
+
+    Written straight into a floating tensor the comparison is one vectorised CPU kernel; a ``bool``
+    result followed by a cast is several times slower. No gradient.
+    """
+    shape = a.shape if not isinstance(b, Tensor) or b.shape == a.shape else torch.broadcast_shapes(a.shape, b.shape)
+    return compare(a, b, out=torch.empty(shape, dtype=dtype or a.dtype, device=a.device))
+
+
+def _masked_sum(x_BT: Tensor, m_BT: Tensor) -> Tensor:
+    """``sum x * m`` as one dot product (no ``[B, T]`` temporary) when the shapes agree."""
+    if x_BT.shape == m_BT.shape:
+        return torch.dot(x_BT.reshape(-1), m_BT.reshape(-1))
+    return (x_BT * m_BT).sum()
+
+
 def masked_mean(x_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    """Mean of ``x`` over valid entries; 0 when nothing is valid. Used for metrics."""
-    m = mask_BT.to(x_BT.dtype)
-    return (x_BT * m).sum() / m.sum().clamp(min=1.0)
+    """Mean of ``x`` over valid entries, ``sum x m / max(sum m, 1)``; 0 when nothing is valid. Used for metrics."""
+    m = float_mask(mask_BT, x_BT.dtype)
+    return _masked_sum(x_BT, m) / m.sum().clamp(min=1.0)
+
+
+def masked_means(values: dict[str, Tensor], mask_BT: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """``{name: masked_mean(x, mask)}`` for several ``[B, T]`` tensors at once, detached.
+
+    One mask conversion and one token count for all of them, one dot product per tensor. A
+    ``bool`` tensor gives the fraction of valid entries where it is True (an exact count).
+    Results have ``dtype`` (default: that of the first floating tensor, else the default dtype).
+    """
+    if not values:
+        return {}
+    if dtype is None:
+        dtype = next((v.dtype for v in values.values() if v.is_floating_point()), torch.get_default_dtype())
+    with torch.no_grad():
+        valid = mask_BT.bool()
+        m = {}
+        sums = []
+        for x in values.values():
+            if x.dtype == torch.bool:
+                sums.append((x & valid).count_nonzero().to(dtype))
+            else:
+                if x.dtype not in m:
+                    m[x.dtype] = float_mask(valid, x.dtype)
+                sums.append(_masked_sum(x.detach(), m[x.dtype]).to(dtype))
+        # the count: sum of a float 0/1 mask already built (exact up to 2^24 tokens in float32,
+        # like the sums themselves), else an integer count
+        n = next(iter(m.values())).sum().to(dtype) if m else valid.count_nonzero().to(dtype)
+        means = torch.stack(sums) / n.clamp(min=1.0)
+    return dict(zip(values, means.unbind()))
 
 
 def detach_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:

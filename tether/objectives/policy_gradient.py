@@ -6,11 +6,14 @@ Per-token losses here are *un-aggregated* ``[B, T]`` tensors; presets reduce the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
-from tether.objectives.inputs import LossInputs, masked_mean
+from tether.objectives.closed_form import elementwise_loss
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
 
@@ -26,6 +29,62 @@ def reinforce_loss(
     return -(w * advantages_BT.detach()) * logp_theta_BT
 
 
+def clipped_surrogate(
+    log_ratio_BT: Tensor,
+    advantages_BT: Tensor,
+    ratio_clipped: Callable[[Tensor, Tensor], Tensor],
+    *,
+    dual_BT: Tensor | float | None = None,
+    weight_BT: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The pessimistic surrogate shared by PPO and CTPO-LA, with its derivative in closed form.
+
+    ``r = exp(x)`` with ``x = log_ratio``; ``r_c = ratio_clipped(x, r)`` (a clip of ``r`` that equals
+    ``r`` exactly inside the trust region, returned as a new tensor); ``l1 = -A r``; ``l2 = -A r_c``;
+    ``l = max(l1, l2)``; with a dual clip ``c`` (a number or a per-token tensor): ``l = min(l, -A c)`` where ``A < 0``;
+    with a detached weight: ``l = w * l``. Returns ``(l, r, clipped, dual)``: ``clipped`` is
+    ``1[l2 > l1]`` and ``dual`` (``None`` without a dual clip) ``1[A < 0 and -A c < max(l1, l2)]``,
+    both as 0./1. of ``r``'s dtype; ``r`` and the indicators are detached.
+
+    Gradient (``closed_form.elementwise_loss``; one saved tensor):
+    ``d l / d x = w * (-A r) * (1 - max(clipped, dual))``. Inside the trust region ``r_c = r``, so
+    both branches of ``max`` agree and each carries ``d(-A r)/dx = -A r``; where ``l2 > l1`` the
+    clipped branch is constant in ``x`` (``r`` is outside the clip) and where the dual clip bites
+    ``-A c`` is constant. This is the gradient autograd records op by op, except on exact floating
+    point ties outside the trust region (``-A r == -A r_c`` with ``r != r_c``, or ``r == c``), where
+    autograd splits the gradient in halves between the two equal branches.
+    Selections are written as products with 0/1 indicators, exact while ``x`` is finite (every caller
+    clamps it: at +-20 for token ratios, at +10 for the stop-gradient sequence and prefix ratios).
+    """
+    A = advantages_BT.detach()
+    w = None if weight_BT is None else weight_BT.detach()
+
+    def value_and_grad(x: Tensor) -> tuple[Tensor, ...]:
+        # (in-place updates reuse buffers of intermediates that are not needed again)
+        neg_A = -A
+        ratio = torch.exp(x)
+        l1 = neg_A * ratio
+        l2 = ratio_clipped(x, ratio).mul_(neg_A)
+        loss = torch.maximum(l1, l2)
+        clipped = indicator(torch.gt, l2, l1)
+        keep = 1.0 - clipped
+        dual = None
+        if dual_BT is not None:
+            l3 = neg_A * dual_BT
+            dual = indicator(torch.lt, l3, loss).mul_(indicator(torch.lt, A, 0.0, loss.dtype))
+            loss = torch.lerp(loss, l3, dual)  # = where(A < 0, min(loss, l3), loss)
+            keep.sub_(dual).clamp_(min=0.0)  # 1 - max(clipped, dual)
+        grad = l1.mul_(keep)
+        if w is not None:
+            loss = w * loss
+            grad.mul_(w)
+        extra = (ratio, clipped) if dual is None else (ratio, clipped, dual)
+        return (loss, grad, *extra)
+
+    out = elementwise_loss(log_ratio_BT, value_and_grad)
+    return (*out, None) if dual_BT is None else tuple(out)
+
+
 def ppo_clip_loss(
     log_ratio_BT: Tensor,
     advantages_BT: Tensor,
@@ -34,43 +93,80 @@ def ppo_clip_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     dual_clip_c: float | None = None,
+    weight_BT: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate with asymmetric epsilons and optional dual clip (verl ``vanilla``).
 
     ``r = exp(log_ratio)``; ``l1 = -A r``; ``l2 = -A clip(r, 1-eps_low, 1+eps_high)``;
     ``l_clip = max(l1, l2)``; with dual clip ``c``: ``l = min(l_clip, -A c)`` where ``A < 0``.
+    ``weight_BT`` (detached, optional) multiplies the per-token loss: ``w * l``.
     The log-ratio's gradient path is the caller's (token, GSPO, CTPO, ...).
     ``eps = inf`` disables the clip: ``l = -A r``.
+    Gradient w.r.t. the log-ratio: ``w * (-A r)`` where neither clip bites, else 0 (see
+    ``clipped_surrogate``).
     Metrics: ``pg/clipfrac`` (tokens where ``l2 > l1``), ``pg/clipfrac_lower`` (dual-clip hits).
     """
-    A = advantages_BT.detach()
-    ratio = torch.exp(log_ratio_BT)
-    l1 = -A * ratio
-    l2 = -A * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(l1, l2)
-    metrics = {"pg/clipfrac": masked_mean((l2 > l1).to(ratio.dtype), mask_BT)}
-    if dual_clip_c is not None:
-        l3 = -A * dual_clip_c
-        dual = (A < 0) & (l3 < loss)
-        loss = torch.where(A < 0, torch.minimum(loss, l3), loss)
-        metrics["pg/clipfrac_lower"] = masked_mean(dual.to(ratio.dtype), mask_BT)
+    loss, _, metrics = _ppo_clip(
+        log_ratio_BT, advantages_BT, mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+        weight_BT=weight_BT,
+    )
     return loss, metrics
 
 
-def policy_metrics(inputs: LossInputs) -> dict[str, Tensor]:
-    """Diagnostics every preset reports (methods.md §0): ``ppo_kl`` and ratio extremes vs pi_old."""
-    lr = token_log_ratio(inputs.logp_theta_BT.detach(), inputs.logp_old_BT, inputs.mask_BT)
-    valid = inputs.mask_BT.bool()
-    ratio = torch.exp(lr)
-    big = torch.finfo(ratio.dtype).max
-    any_valid = valid.any()
-    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
-    return {
-        "pg/ppo_kl": masked_mean(-lr, inputs.mask_BT),
-        "pg/ratio_mean": masked_mean(ratio, inputs.mask_BT),
-        "pg/ratio_max": torch.where(any_valid, torch.where(valid, ratio, -big).max(), zero),
-        "pg/ratio_min": torch.where(any_valid, torch.where(valid, ratio, big).min(), zero),
-    }
+def _ppo_clip(
+    log_ratio_BT: Tensor,
+    advantages_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None,
+    weight_BT: Tensor | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``ppo_clip_loss`` that also returns the (detached) ratio ``r`` for reuse in metrics."""
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    loss, ratio, clipped, dual = clipped_surrogate(
+        log_ratio_BT, advantages_BT, lambda x, r: torch.clamp(r, lo, hi), dual_BT=dual_clip_c, weight_BT=weight_BT
+    )
+    flags = {"pg/clipfrac": clipped}
+    if dual is not None:
+        flags["pg/clipfrac_lower"] = dual
+    return loss, ratio, masked_means(flags, mask_BT, dtype=ratio.dtype)
+
+
+def policy_metrics(
+    inputs: LossInputs, *, log_ratio_BT: Tensor | None = None, ratio_BT: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Diagnostics every preset reports (methods.md §0): ``ppo_kl`` and ratio extremes vs pi_old.
+
+    ``log_ratio_BT`` / ``ratio_BT``: the token log-ratio ``token_log_ratio(logp_theta, logp_old,
+    mask)`` and its ``exp``, when the caller has them already (they are recomputed otherwise).
+    """
+    with torch.no_grad():
+        lr = log_ratio_BT
+        if lr is None:
+            lr = token_log_ratio(inputs.logp_theta_BT.detach(), inputs.logp_old_BT, inputs.mask_BT)
+        lr = lr.detach()
+        ratio = torch.exp(lr) if ratio_BT is None else ratio_BT.detach()
+        m = float_mask(inputs.mask_BT.bool(), ratio.dtype)
+        n = m.sum()
+        # 0 on loss tokens, -max on padding: ratio + off (ratio - off) is the ratio on loss tokens
+        # and -max (+max) on padding, so the plain max (min) is the max (min) over loss tokens
+        off = (m - 1.0) * torch.finfo(ratio.dtype).max
+        stats = torch.stack([
+            torch.dot(lr.reshape(-1), m.reshape(-1)),
+            torch.dot(ratio.reshape(-1), m.reshape(-1)),
+            (ratio + off).max(),
+            (ratio - off).min(),
+        ])
+        means = stats[:2] / n.clamp(min=1.0)
+        extremes = torch.where(n > 0, stats[2:], 0.0)
+        return {
+            "pg/ppo_kl": -means[0],
+            "pg/ratio_mean": means[1],
+            "pg/ratio_max": extremes[0],
+            "pg/ratio_min": extremes[1],
+        }
 
 
 def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
@@ -90,10 +186,10 @@ def ppo(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip on the token ratio ``r_t = pi_theta / pi_old`` (dual clip optional)."""
     lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
-    loss_BT, metrics = ppo_clip_loss(
+    loss_BT, ratio, metrics = _ppo_clip(
         lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
     )
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=ratio)}
 
 
 register(Preset(

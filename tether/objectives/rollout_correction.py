@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
-from tether.objectives.inputs import LossInputs, masked_mean
-from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
+from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
 from tether.objectives.registry import Preset, register
 
@@ -118,28 +118,57 @@ def level_log_ratio(delta_BT: Tensor, mask_BT: Tensor, level: str | ISLevel) -> 
 
 def weight_metrics(w_BT: Tensor, mask_BT: Tensor, prefix: str) -> dict[str, Tensor]:
     """``{prefix}/weight_mean|std|max`` over loss tokens (population std; 0 when no loss token)."""
-    w = w_BT.detach()
-    valid = mask_BT.bool()
-    mean = masked_mean(w, mask_BT)
-    var = masked_mean((w - mean) ** 2, mask_BT)
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    wmax = torch.where(valid.any(), torch.where(valid, w, torch.full_like(w, -math.inf)).max(), zero)
+    with torch.no_grad():
+        w = w_BT.detach()
+        m = float_mask(mask_BT.bool(), w.dtype)
+        n = m.sum()
+        mean = _dot(w, m) / n.clamp(min=1.0)
+        dev = (w - mean) * m
+        var = _dot(dev, dev) / n.clamp(min=1.0)
+        # (m - 1) * max is 0 on loss tokens and -max on padding: the plain max is the max over loss tokens
+        wmax = torch.where(n > 0, (w + (m - 1.0) * torch.finfo(w.dtype).max).max(), 0.0)
     return {f"{prefix}/weight_mean": mean, f"{prefix}/weight_std": var.sqrt(), f"{prefix}/weight_max": wmax}
 
 
+def _weight_and_mismatch_metrics(
+    w_BT: Tensor, delta_BT: Tensor, valid_BT: Tensor, prefix: str, kl_prefix: str = "mismatch"
+) -> dict[str, Tensor]:
+    """``weight_metrics(w) | mismatch_metrics(delta)`` in one pass (one mask, one count, one division)
+    for a correction weight that is ``>= 0`` and ``0`` on padding, as every weight built here is: then
+    the max over loss tokens is the plain max (0 when there is none)."""
+    with torch.no_grad():
+        w, d = w_BT.detach(), delta_BT.detach()
+        m = float_mask(valid_BT, w.dtype)
+        n = m.sum().clamp(min=1.0)
+        mean = _dot(w, m) / n
+        dev = (w - mean).mul_(m)
+        sums = torch.stack([_dot(dev, dev), _dot(d, m), _dot(torch.expm1(d).sub_(d), m)]) / n
+        return {
+            f"{prefix}/weight_mean": mean,
+            f"{prefix}/weight_std": sums[0].sqrt(),
+            f"{prefix}/weight_max": w.max(),
+            f"{kl_prefix}/kl_k1": -sums[1],
+            f"{kl_prefix}/kl_k3": sums[2],
+        }
+
+
+def _dot(a_BT: Tensor, b_BT: Tensor) -> Tensor:
+    return torch.dot(a_BT.reshape(-1), b_BT.reshape(-1))
+
+
 def dropped_fraction(keep_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    """Fraction of loss tokens a keep-mask removes (0 when there is no loss token)."""
-    return masked_mean((~keep_BT.bool()).to(torch.float64), mask_BT).detach()
+    """Fraction of loss tokens a keep-mask removes (0 when there is no loss token), float64."""
+    return masked_means({"": ~keep_BT.bool()}, mask_BT, dtype=torch.float64)[""]
 
 
 def mismatch_metrics(delta_BT: Tensor, mask_BT: Tensor, prefix: str = "mismatch") -> dict[str, Tensor]:
     """Train-inference KL(mu || pi_old) estimates on the sampled tokens (ROLL ``inferkl``):
     ``k1 = mean(-delta)``, ``k3 = mean(exp(delta) - 1 - delta)``."""
-    d = delta_BT.detach()
-    return {
-        f"{prefix}/kl_k1": masked_mean(-d, mask_BT),
-        f"{prefix}/kl_k3": masked_mean(torch.expm1(d) - d, mask_BT),
-    }
+    with torch.no_grad():
+        d = delta_BT.detach()
+        m = float_mask(mask_BT.bool(), d.dtype)
+        sums = torch.stack([_dot(d, m), _dot(torch.expm1(d) - d, m)]) / m.sum().clamp(min=1.0)
+    return {f"{prefix}/kl_k1": -sums[0], f"{prefix}/kl_k3": sums[1]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,19 +198,27 @@ def truncated_is_weights(
     """
     if not cap >= floor:
         raise ValueError(f"truncated_is_weights: cap ({cap}) must be >= floor ({floor})")
+    level = ISLevel.parse(level)
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    log_w = level_log_ratio(delta, mask_BT, level)
-    hi = log_w > log_bound(cap)
-    lo = log_w < log_bound(floor)
-    w = torch.exp(log_w).clamp(min=floor, max=cap)
-    w = torch.where(mask_BT.bool(), w, torch.zeros_like(w))
-    dt = w.dtype
-    metrics = {
-        **weight_metrics(w, mask_BT, prefix),
-        f"{prefix}/clipfrac_high": masked_mean(hi.to(dt), mask_BT),
-        f"{prefix}/clipfrac_low": masked_mean(lo.to(dt), mask_BT),
-        **mismatch_metrics(delta, mask_BT),
-    }
+    # delta is already 0 on padding, which is what level_log_ratio returns at token level
+    log_w = delta if level is ISLevel.TOKEN else level_log_ratio(delta, mask_BT, level)
+    valid = mask_BT.bool()
+    # exp of a log-ratio clamped to +-20 is finite, so multiplying by the 0/1 mask zeroes padding exactly
+    w = torch.exp(log_w).clamp(min=floor, max=cap) * float_mask(valid, log_w.dtype)
+    log_cap, log_floor = log_bound(cap), log_bound(floor)
+    # an infinite bound (cap = inf, floor = 0) clips nothing: its fraction is 0 without a pass over the tokens
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    flags = {f"{prefix}/clipfrac_high": zero, f"{prefix}/clipfrac_low": zero.clone()}
+    bounded = {}
+    if log_cap < math.inf:
+        bounded[f"{prefix}/clipfrac_high"] = indicator(torch.gt, log_w, log_cap)
+    if log_floor > -math.inf:
+        bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_floor)
+    flags.update(masked_means(bounded, valid, dtype=w.dtype))
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
+    metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
+    metrics.update(flags)
+    metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
     return w, metrics
 
 
@@ -227,8 +264,12 @@ def icepop_mask(
     if not high >= low:
         raise ValueError(f"icepop_mask: high ({high}) must be >= low ({low})")
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    keep = (delta >= log_bound(low)) & (delta <= log_bound(high))
-    return keep & mask_BT.bool()
+    return _band_keep(delta, mask_BT.bool(), low, high)
+
+
+def _band_keep(delta_BT: Tensor, valid_BT: Tensor, low: float, high: float) -> Tensor:
+    """``m_t 1[log low <= delta_t <= log high]``."""
+    return (delta_BT >= log_bound(low)) & (delta_BT <= log_bound(high)) & valid_BT
 
 
 def icepop_weights(
@@ -246,16 +287,20 @@ def icepop_weights(
     verl ``"lower_upper"`` rollout_is threshold): the in-band tokens keep their IS correction.
     Metrics: weight stats, ``maskfrac_low`` / ``maskfrac_high`` (tokens below / above the band).
     """
+    if not high >= low:
+        raise ValueError(f"icepop_mask: high ({high}) must be >= low ({low})")
+    valid = mask_BT.bool()
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    keep = icepop_mask(logp_old_BT, logp_mu_BT, mask_BT, low=low, high=high)
-    w = torch.where(keep, torch.exp(delta), torch.zeros_like(delta))
-    dt = w.dtype
-    metrics = {
-        **weight_metrics(w, mask_BT, prefix),
-        f"{prefix}/maskfrac_low": masked_mean((delta < log_bound(low)).to(dt), mask_BT),
-        f"{prefix}/maskfrac_high": masked_mean((delta > log_bound(high)).to(dt), mask_BT),
-        **mismatch_metrics(delta, mask_BT),
-    }
+    below = indicator(torch.lt, delta, log_bound(low))
+    above = indicator(torch.gt, delta, log_bound(high))
+    # keep = m (1 - below) (1 - above); exp(delta) is finite (|delta| <= 20), so the 0/1 products
+    # zero the dropped tokens and the padding exactly
+    w = torch.exp(delta).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
+    flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid, dtype=w.dtype)
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
+    metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
+    metrics.update(flags)
+    metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
     return w, metrics
 
 
@@ -278,9 +323,13 @@ def sequence_ratio_mask(
     if not high >= low:
         raise ValueError(f"sequence_ratio_mask: high ({high}) must be >= low ({low})")
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    log_s = geometric_log_ratio(delta, mask_BT) if geometric else sequence_log_ratio(delta, mask_BT)
-    keep_B = (log_s >= log_bound(low)) & (log_s <= log_bound(high))
-    return keep_B[:, None] & mask_BT.bool()
+    return _sequence_keep_B(delta, mask_BT, low, high, geometric)[:, None] & mask_BT.bool()
+
+
+def _sequence_keep_B(delta_BT: Tensor, mask_BT: Tensor, low: float, high: float, geometric: bool) -> Tensor:
+    """Per row: ``log low <= log s_i <= log high`` (product or geometric-mean sequence ratio), ``[B]``."""
+    log_s = geometric_log_ratio(delta_BT, mask_BT) if geometric else sequence_log_ratio(delta_BT, mask_BT)
+    return (log_s >= log_bound(low)) & (log_s <= log_bound(high))
 
 
 def divergence_rejection_mask(
@@ -346,8 +395,16 @@ def catastrophic_veto_mask(
     ``rollout_token_veto_threshold``. Returns the keep-mask ``[B, T]``.
     """
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    bad = (delta < log_bound(threshold)) & mask_BT.bool()
-    return ~bad.any(-1, keepdim=True) & mask_BT.bool()
+    return _veto_keep_B(delta, mask_BT.bool(), threshold)[:, None] & mask_BT.bool()
+
+
+def _veto_keep_B(delta_BT: Tensor, valid_BT: Tensor, threshold: float) -> Tensor:
+    """Per row: no loss token has ``delta_t < log threshold``, ``[B]``."""
+    log_thr = log_bound(threshold)
+    if log_thr <= 0.0 and delta_BT.shape[-1] > 0:
+        # delta is 0 on padding and 0 >= log_thr, so the row minimum decides (one reduction, no mask)
+        return ~(delta_BT.amin(-1) < log_thr)
+    return ~((delta_BT < log_thr) & valid_BT).any(-1)
 
 
 def opsm_mask(
@@ -392,11 +449,16 @@ def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
     )
 
 
-def _ppo(inputs: LossInputs, eps_low: float, eps_high: float, dual_clip_c: float | None) -> tuple[Tensor, dict]:
+def _weighted_ppo(
+    inputs: LossInputs, w_BT: Tensor, agg: str, eps_low: float, eps_high: float, dual_clip_c: float | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``agg(w * l^PPO)`` on ``r = pi_theta / pi_old`` with the PPO and policy metrics."""
     lr = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
-    return ppo_clip_loss(
-        lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
+    loss_BT, ratio, pg = _ppo_clip(
+        lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c,
+        weight_BT=w_BT,
     )
+    return _agg(inputs, loss_BT, agg), {**pg, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=ratio)}
 
 
 def tis(
@@ -422,8 +484,8 @@ def tis(
         w, norm = self_normalised_weights(w, inputs.mask_BT, level=level)
         metrics["tis/batch_norm_factor"] = norm
         metrics.update(weight_metrics(w, inputs.mask_BT, "tis/normalised"))
-    loss_BT, pg = _ppo(inputs, eps_low, eps_high, dual_clip_c)
-    return _agg(inputs, w * loss_BT, agg), {**pg, **policy_metrics(inputs), **metrics}
+    loss, pg = _weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
+    return loss, {**pg, **metrics}
 
 
 def icepop(
@@ -439,8 +501,8 @@ def icepop(
     """PPO clip on ``r = pi_theta/pi_old`` times IcePop weights ``rho_t 1[low <= rho_t <= high]``."""
     mu = _require_mu(inputs, "icepop")
     w, metrics = icepop_weights(inputs.logp_old_BT, mu, inputs.mask_BT, low=low, high=high)
-    loss_BT, pg = _ppo(inputs, eps_low, eps_high, dual_clip_c)
-    return _agg(inputs, w * loss_BT, agg), {**pg, **policy_metrics(inputs), **metrics}
+    loss, pg = _weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
+    return loss, {**pg, **metrics}
 
 
 def masked_is_weights(
@@ -469,27 +531,46 @@ def masked_is_weights(
     if not high >= low:
         raise ValueError(f"masked_is_weights: high ({high}) must be >= low ({low})")
     valid = mask_BT.bool()
-    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
+    delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)  # computed once, every criterion reads it
+    m = float_mask(valid, delta.dtype)
+    dt = delta.dtype
+    vetoed_B = None if veto is None else _veto_keep_B(delta, valid, veto)
+    len_B = m.sum(-1).to(torch.float64)
+    n = len_B.sum().clamp(min=1.0)
     if level is ISLevel.TOKEN:
-        band = icepop_mask(logp_old_BT, logp_mu_BT, mask_BT, low=low, high=high)
+        band = _band_keep(delta, valid, low, high)
+        keep = band if vetoed_B is None else band & vetoed_B[:, None]
+        w = torch.exp(delta) if weighted else torch.ones_like(delta)
+        # w is finite (|delta| <= 20): the 0/1 keep-mask zeroes dropped tokens and padding exactly
+        w = w * float_mask(keep, dt)
+        dropped = masked_means({"band": ~band, "any": ~keep}, valid, dtype=torch.float64)
+        frac_band, frac_any = dropped["band"], dropped["any"]
     else:
-        band = sequence_ratio_mask(
-            logp_old_BT, logp_mu_BT, mask_BT, low=low, high=high, geometric=level is ISLevel.GEOMETRIC
-        )
-    keep = band
-    if veto is not None:
-        vetoed = catastrophic_veto_mask(logp_old_BT, logp_mu_BT, mask_BT, threshold=veto)
-        keep = keep & vetoed
+        # every criterion is per sequence: decide on [B] rows, then broadcast once
+        band_B = _sequence_keep_B(delta, m, low, high, geometric=level is ISLevel.GEOMETRIC)
+        keep_B = band_B if vetoed_B is None else band_B & vetoed_B
+        if weighted:
+            if level is ISLevel.SEQUENCE:
+                log_w_B = sequence_log_ratio(delta, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            else:
+                log_w_B = geometric_log_ratio(delta, m)
+            w_B = torch.where(keep_B, torch.exp(log_w_B), 0.0)
+        else:
+            w_B = keep_B.to(dt)
+        w = w_B[:, None] * m
+        frac_band = (len_B * ~band_B).sum() / n
+        frac_any = (len_B * ~keep_B).sum() / n
+    if vetoed_B is None:
+        frac_veto = torch.zeros((), dtype=torch.float64, device=delta.device)
     else:
-        vetoed = valid
-    w = torch.exp(level_log_ratio(delta, mask_BT, level)) if weighted else torch.ones_like(delta)
-    w = torch.where(keep, w, torch.zeros_like(w))
+        frac_veto = (len_B * ~vetoed_B).sum() / n
+    wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
     metrics = {
-        **weight_metrics(w, mask_BT, prefix),
-        f"{prefix}/maskfrac_band": dropped_fraction(band, mask_BT).to(w.dtype),
-        f"{prefix}/maskfrac_veto": dropped_fraction(vetoed, mask_BT).to(w.dtype),
-        f"{prefix}/maskfrac": dropped_fraction(keep, mask_BT).to(w.dtype),
-        **mismatch_metrics(delta, mask_BT),
+        **{k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")},
+        f"{prefix}/maskfrac_band": frac_band.to(dt),
+        f"{prefix}/maskfrac_veto": frac_veto.to(dt),
+        f"{prefix}/maskfrac": frac_any.to(dt),
+        **{k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")},
     }
     return w, metrics
 
@@ -512,8 +593,8 @@ def mis(
     w, metrics = masked_is_weights(
         inputs.logp_old_BT, mu, inputs.mask_BT, level=level, low=low, high=high, weighted=weighted, veto=veto
     )
-    loss_BT, pg = _ppo(inputs, eps_low, eps_high, dual_clip_c)
-    return _agg(inputs, w * loss_BT, agg), {**pg, **policy_metrics(inputs), **metrics}
+    loss, pg = _weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
+    return loss, {**pg, **metrics}
 
 
 _PPO_DEFAULTS = {"agg": "token-mean", "eps_low": 0.2, "eps_high": 0.2, "dual_clip_c": 3.0}

@@ -13,9 +13,15 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import AggMode, aggregate
-from tether.objectives.inputs import LossInputs, masked_mean
-from tether.objectives.policy_gradient import policy_metrics, ppo_clip_loss
-from tether.objectives.ratios import cumulative_log_ratio, gspo_log_ratio, masked_positions
+from tether.objectives.inputs import LossInputs, masked_mean, masked_means
+from tether.objectives.policy_gradient import _ppo_clip, clipped_surrogate, policy_metrics
+from tether.objectives.ratios import (
+    LOG_RATIO_CLAMP,
+    SG_LOG_RATIO_MAX,
+    _cumulative_log_ratio,
+    _gspo_log_ratio,
+    masked_positions,
+)
 from tether.objectives.registry import Preset, register
 
 
@@ -68,26 +74,58 @@ def ctpo_la_loss(
     Metrics (``ctpo/``): ``clipfrac`` (tokens where the clipped branch is taken), ``clipfrac_lower``
     (dual-clip hits), ``la_scale_mean``, ``clip_low_mean`` / ``clip_high_mean`` (mean ``exp(-+c sigma)``).
     """
-    A = advantages_BT.detach()
-    sigma = masked_positions(mask_BT).clamp(min=1).to(log_rho_BT.dtype) ** power
-    lo, hi = -c_low * sigma, c_high * sigma
-    rho = torch.exp(log_rho_BT)
-    rho_c = torch.exp(torch.clamp(log_rho_BT, min=lo, max=hi))
-    l1 = -A * rho
-    l2 = -A * rho_c
-    loss = torch.maximum(l1, l2)
-    l3 = -A * torch.exp(c_c * sigma)
-    dual = (A < 0) & (l3 < loss)
-    loss = torch.where(A < 0, torch.minimum(loss, l3), loss)
-    dt = rho.dtype
+    loss, _, metrics = _ctpo_la(
+        log_rho_BT, advantages_BT, mask_BT, c_low=c_low, c_high=c_high, c_c=c_c, power=power
+    )
+    return loss, metrics
+
+
+def _ctpo_la(
+    log_rho_BT: Tensor,
+    advantages_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    c_low: float,
+    c_high: float,
+    c_c: float,
+    power: float,
+    positions_BT: Tensor | None = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``ctpo_la_loss`` that also returns the detached ``rho`` (for metrics).
+
+    ``sigma``, the bounds and the dual threshold depend on the position ``p_t`` only, so they are
+    computed once per position ``p = 0..T`` and read by index. Their loss-token means use the fact
+    that the loss tokens of row ``i`` sit at positions ``1..|y_i|``: ``sum_i S(|y_i|) / N`` with
+    ``S`` the running sum over positions. The surrogate itself is ``clipped_surrogate`` (gradient
+    in closed form).
+    """
+    dt = log_rho_BT.dtype
+    pos = masked_positions(mask_BT) if positions_BT is None else positions_BT
+    T = pos.shape[-1]
+    sigma_P = torch.arange(T + 1, device=pos.device).clamp(min=1).to(dt) ** power
+    tables = torch.stack([-c_low * sigma_P, c_high * sigma_P, torch.exp(c_c * sigma_P)])  # [3, T + 1]
+    lo, hi, dual_c = tables.index_select(1, pos.reshape(-1)).view(3, *pos.shape).unbind()
+    loss, rho, clipped, dual = clipped_surrogate(
+        log_rho_BT, advantages_BT, lambda x, r: torch.exp(torch.clamp(x, min=lo, max=hi)), dual_BT=dual_c
+    )
+    assert dual is not None
+    with torch.no_grad():
+        valid = mask_BT.bool()
+        # running sums over positions 1..p of sigma, exp(lo), exp(hi); the loss tokens of a row
+        # are at positions 1..len, so their sum is the running sum at the row's length
+        per_pos = torch.stack([sigma_P, torch.exp(tables[0]), torch.exp(tables[1])])[:, 1:]
+        run = torch.cat([per_pos.new_zeros(3, 1), per_pos.cumsum(-1)], dim=-1)  # [3, T + 1]
+        len_B = pos[:, -1] if T > 0 else pos.new_zeros(pos.shape[0])
+        n = len_B.sum().to(dt).clamp(min=1.0)
+        pos_means = run.index_select(1, len_B).sum(-1) / n
+        flags = masked_means({"ctpo/clipfrac": clipped, "ctpo/clipfrac_lower": dual}, valid, dtype=dt)
     metrics = {
-        "ctpo/clipfrac": masked_mean((l2 > l1).to(dt), mask_BT),
-        "ctpo/clipfrac_lower": masked_mean(dual.to(dt), mask_BT),
-        "ctpo/la_scale_mean": masked_mean(sigma.detach(), mask_BT),
-        "ctpo/clip_low_mean": masked_mean(torch.exp(lo).detach(), mask_BT),
-        "ctpo/clip_high_mean": masked_mean(torch.exp(hi).detach(), mask_BT),
+        **flags,
+        "ctpo/la_scale_mean": pos_means[0],
+        "ctpo/clip_low_mean": pos_means[1],
+        "ctpo/clip_high_mean": pos_means[2],
     }
-    return loss, {k: v.detach() for k, v in metrics.items()}
+    return loss, rho, metrics
 
 
 def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
@@ -103,10 +141,14 @@ def gspo(inputs: LossInputs, *, agg: str, eps_low: float, eps_high: float) -> tu
     """
     if AggMode.parse(agg) is not AggMode.SEQ_MEAN_TOKEN_MEAN:
         raise ValueError(f"objective 'gspo' hyper-parameter 'agg' must be 'seq-mean-token-mean' (GSPO), got '{agg}'")
-    lr = gspo_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
-    loss_BT, metrics = ppo_clip_loss(lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high)
-    metrics["gspo/seq_ratio_mean"] = masked_mean(torch.exp(lr.detach()), inputs.mask_BT)
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    lr, delta = _gspo_log_ratio(
+        inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT, clamp=LOG_RATIO_CLAMP, max_log=SG_LOG_RATIO_MAX
+    )
+    loss_BT, s_ratio, metrics = _ppo_clip(
+        lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=None
+    )
+    metrics["gspo/seq_ratio_mean"] = masked_mean(s_ratio, inputs.mask_BT)
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=delta)}
 
 
 def ctpo(
@@ -131,19 +173,22 @@ def ctpo(
     """
     cum_mode = _parse(CumMode, mode, "mode")
     cum_clip = _parse(CumClip, clip, "clip")
-    lr = cumulative_log_ratio(
-        inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT, geomean=cum_mode is CumMode.GEOMEAN
+    pos = masked_positions(inputs.mask_BT)
+    lr, delta = _cumulative_log_ratio(
+        inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT, geomean=cum_mode is CumMode.GEOMEAN,
+        clamp=LOG_RATIO_CLAMP, max_log=SG_LOG_RATIO_MAX, positions_BT=pos,
     )
     if cum_clip is CumClip.LA:
-        loss_BT, metrics = ctpo_la_loss(
-            lr, inputs.advantages_BT, inputs.mask_BT, c_low=c_low, c_high=c_high, c_c=c_c, power=power
+        loss_BT, rho, metrics = _ctpo_la(
+            lr, inputs.advantages_BT, inputs.mask_BT, c_low=c_low, c_high=c_high, c_c=c_c, power=power,
+            positions_BT=pos,
         )
     else:
-        loss_BT, metrics = ppo_clip_loss(
+        loss_BT, rho, metrics = _ppo_clip(
             lr, inputs.advantages_BT, inputs.mask_BT, eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c
         )
-    metrics["ctpo/cum_ratio_mean"] = masked_mean(torch.exp(lr.detach()), inputs.mask_BT)
-    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
+    metrics["ctpo/cum_ratio_mean"] = masked_mean(rho, inputs.mask_BT)
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=delta)}
 
 
 register(Preset(

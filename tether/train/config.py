@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from tether.configs import opt
+from tether.meter.budget import BudgetAction, MeterRatio
 
 
 class KLPlacement(str, enum.Enum):
@@ -18,6 +19,31 @@ class KLPlacement(str, enum.Enum):
 class LRSchedule(str, enum.Enum):
     CONSTANT = "constant"
     COSINE = "cosine"
+
+
+class TrainMode(str, enum.Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+class StalenessPolicy(str, enum.Enum):
+    WAIT = "wait"
+    DROP = "drop"
+    DOWNWEIGHT = "downweight"
+
+
+class OldLogits(str, enum.Enum):
+    RECOMPUTE = "recompute"
+    SNAPSHOT = "snapshot"
+    EWMA = "ewma"
+    LOGLINEAR = "loglinear"
+
+
+class RolloutPrecision(str, enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    INT8 = "int8"
 
 
 @dataclass
@@ -63,6 +89,29 @@ class TrainConfig:
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
     progress: bool = opt(True, "show a progress bar")
+    budget_ratio: MeterRatio = opt(MeterRatio.TOTAL, "mismatch budget: the ratio its thresholds read: total (pi_old/mu) or engine (fresh tokens)")
+    budget_min_ess_token: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_token < this (none: off)")
+    budget_min_ess_seq: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_seq < this (none: off)")
+    budget_max_abs_logr_p99: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/abs_logr_p99 > this (none: off)")
+    budget_max_kl: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/kl_k3 > this (none: off)")
+    budget_action: BudgetAction = opt(BudgetAction.WARN, "on a budget alarm: warn, tighten (the correction), lower_lr, stop")
+    budget_lr_factor: float = opt(0.5, "lower_lr multiplies the learning rate by this on every step with an alarm")
+    budget_tighten_factor: float = opt(0.5, "tighten moves caps, bands and clip ranges this factor closer to 1 per alarm step")
+    # off-policy (docs/async.md)
+    mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train) or async (concurrent)")
+    max_staleness: int = opt(1, "async: bound k on token age (trainer version - generating version)")
+    staleness_policy: StalenessPolicy = opt(StalenessPolicy.WAIT, "async: tokens older than k: wait, drop, downweight")
+    rollout_lag: int | None = opt(None, "async: the engine runs this many versions ahead of the trainer: batch s "
+                                        "starts on version s - lag (none: max_staleness)")
+    freshest_weights: bool = opt(False, "async: start batches and chunks on the newest published weights instead of "
+                                        "exactly version s - lag (real-time, not reproducible)")
+    partial_chunk_tokens: int | None = opt(None, "async: generate in chunks of this many tokens, picking up new "
+                                                 "weights between chunks (partial rollouts); none: whole completions")
+    downweight_decay: float = opt(0.5, "async downweight: a token of age a > k gets weight decay^(a - k)")
+    old_logits: OldLogits = opt(OldLogits.RECOMPUTE, "how pi_old is obtained: recompute, snapshot, ewma, loglinear")
+    ewma_beta: float = opt(0.9, "old_logits=ewma: EWMA decay of the proximal weights (PPO-EWMA beta)")
+    rollout_precision: RolloutPrecision = opt(RolloutPrecision.FP32, "rollout engine numerics: fp32, bf16, fp16, int8")
+    unified_precision: bool = opt(False, "trainer forward at the rollout precision too (Jet-RL); master weights fp32")
     chat_template: bool | None = opt(None, "wrap prompts in the tokenizer's chat template (none: iff it has one)")
     lora_r: int | None = opt(None, "LoRA rank for a Hugging Face model (none: full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) B A")
@@ -100,10 +149,44 @@ class TrainConfig:
             raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
+        from tether.train.mismatch_control import validate_config  # the budget_* fields
+
+        validate_config(self)
+        self._validate_offpolicy()
+
+    @property
+    def lag(self) -> int:
+        """Versions the async engine runs ahead of the trainer (derived: rollout_lag, else max_staleness)."""
+        return self.max_staleness if self.rollout_lag is None else self.rollout_lag
+
+    def _validate_offpolicy(self) -> None:
+        if self.max_staleness < 0:
+            raise ValueError(f"config field 'max_staleness' must be >= 0, got {self.max_staleness}")
+        if self.rollout_lag is not None and self.rollout_lag < 0:
+            raise ValueError(f"config field 'rollout_lag' must be >= 0 or none, got {self.rollout_lag}")
+        if self.partial_chunk_tokens is not None and self.partial_chunk_tokens < 1:
+            raise ValueError(f"config field 'partial_chunk_tokens' must be >= 1 or none, got {self.partial_chunk_tokens}")
+        if not 0 < self.downweight_decay <= 1:
+            raise ValueError(f"config field 'downweight_decay' must be in (0, 1], got {self.downweight_decay}")
+        if not 0 <= self.ewma_beta <= 1:
+            raise ValueError(f"config field 'ewma_beta' must be in [0, 1], got {self.ewma_beta}")
+        if self.mode is TrainMode.SYNC:
+            for name, default in (("rollout_lag", None), ("partial_chunk_tokens", None), ("freshest_weights", False),
+                                  ("old_logits", OldLogits.RECOMPUTE)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"config field '{name}' needs mode 'async' (sync rollouts are on-policy)")
+        if self.staleness_policy is StalenessPolicy.WAIT and self.lag > self.max_staleness:
+            raise ValueError("config field 'rollout_lag' exceeds 'max_staleness' under staleness_policy 'wait' "
+                             "(wait never admits a batch older than max_staleness)")
+        if self.unified_precision and self.rollout_precision is RolloutPrecision.FP32:
+            raise ValueError("config field 'unified_precision' needs a reduced 'rollout_precision' (bf16, fp16, int8)")
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"config field 'lora_r' must be >= 1, got {self.lora_r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"config field 'lora_alpha' must be > 0, got {self.lora_alpha}")
+        if self.share_engine_weights and self.mode is not TrainMode.SYNC:
+            raise ValueError("config field 'share_engine_weights' needs mode 'sync' (an async engine samples while the "
+                             "trainer updates, so it needs its own copy)")
         if self.share_engine_weights and (self.bf16 or self.gradient_checkpointing):
             raise ValueError("config field 'share_engine_weights' excludes bf16 (the engine would need its own bf16 "
                              "copy) and gradient_checkpointing (the engine switches the shared model to eval mode)")

@@ -29,6 +29,7 @@ from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
 from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
+from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
@@ -44,6 +45,7 @@ class RunState:
     bad_steps: int = 0
     accuracy_before: float | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"reward_failed": 0, "skipped_steps": 0, "dropped_groups": 0})
+    mismatch_control: dict[str, float] = field(default_factory=dict)
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -78,6 +80,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             ref_model.load_state_dict(ckpt["ref_model"])
     engine.load_weights(model.state_dict(), version=state.step)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto correction
     log = open_loggers(cfg, run_dir, MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None))
 
     if state.accuracy_before is None:
@@ -98,9 +101,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     rewards_B = rewards_B + soft_overlong_penalty(
                         rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
             mask_BT = rollout.loss_mask_BT
-            with clock("recompute"), torch.no_grad():  # 3. pi_old under the engine's sampling transform
-                logp_old_BT, entropy_BT = setup.token_logprobs(model, rollout, cfg)
-                logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
+            # 3. pi_old under the engine's sampling transform. With one mini-batch and no micro-batching
+            # the update's forward is at these same weights over these same rows: run it once, with
+            # gradients, and hand its graph to the update (pi_old is its detached value).
+            one_forward = cfg.minibatches == 1 and (cfg.micro_batch_size or rollout.batch_size) >= rollout.batch_size
+            with clock("recompute"):
+                with torch.set_grad_enabled(one_forward):
+                    logp_theta_BT, entropy_BT = setup.token_logprobs(model, rollout, cfg)
+                logp_old_BT, entropy_BT = logp_theta_BT.detach(), entropy_BT.detach()
+                with torch.no_grad():
+                    logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
             if cfg.kl_placement is KLPlacement.REWARD:
                 rewards_B = rewards_B + setup.kl_reward(logp_old_BT, logp_ref_BT, mask_BT, cfg)
             # 4. advantages (the preset's estimator), dynamic sampling
@@ -110,13 +120,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].to(logp_old_BT.dtype) * mask_BT
             with clock("meter"):
                 metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
+                step_args = control.apply(metrics, optimizer, scheduler, step=step, console=progress.console,
+                                          where=str(run_dir / "checkpoints"))
             # 5. update: epochs x mini-batches x micro-batches with global normalisers
             finite = bool(torch.isfinite(torch.where(mask_BT, logp_old_BT, 0)).all()
                           and torch.isfinite(rollout.logp_mu_BT).all())
             if finite and keep_B.any():
                 with clock("update"):
-                    update = _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B,
-                                     logp_old_BT, logp_ref_BT, advantages_BT, step)
+                    update = _update(cfg, preset, step_args, model, optimizer, rollout, keep_B,
+                                     logp_old_BT, logp_ref_BT, advantages_BT, step,
+                                     first_logp_theta_BT=logp_theta_BT if one_forward else None)
                 finite = update.pop("finite")
                 metrics.update(update)
             if finite:
@@ -159,11 +172,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp_old_BT, logp_ref_BT,
-            advantages_BT, step) -> dict[str, Any]:
+            advantages_BT, step, first_logp_theta_BT=None, prox_fn=None) -> dict[str, Any]:
     """Mini-batch epochs over one step's rollouts; returns averaged metrics and a finiteness flag.
 
     A mini-batch whose loss or gradient is non-finite is skipped (its gradient is dropped, no
-    optimiser step); the step then counts as bad.
+    optimiser step); the step then counts as bad. ``first_logp_theta_BT`` (all rows, with its
+    graph, computed at the current weights) stands in for the first micro-batch's forward.
+    ``prox_fn(logp_theta_BT, rows) -> logp_old`` (async loop, old_logits=loglinear) makes the
+    anchor from each micro-batch's own forward.
     """
     rows = torch.nonzero(keep_B).flatten()
     n_mini = min(cfg.minibatches, len(rows))
@@ -180,10 +196,14 @@ def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp
             mini_loss, ok = 0.0, True
             for micro in mini.split(cfg.micro_batch_size or len(mini)):
                 sub = rollout.select(micro)
-                logp_theta_BT, _ = setup.token_logprobs(model, sub, cfg)
+                if first_logp_theta_BT is not None:  # same weights, same rows: reuse that forward
+                    logp_theta_BT, first_logp_theta_BT = first_logp_theta_BT[micro], None
+                else:
+                    logp_theta_BT, _ = setup.token_logprobs(model, sub, cfg)
+                old_BT = logp_old_BT[micro] if prox_fn is None else prox_fn(logp_theta_BT, micro)
                 inputs = LossInputs(
-                    logp_theta_BT=logp_theta_BT, logp_old_BT=logp_old_BT[micro], advantages_BT=advantages_BT[micro],
-                    mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=logp_old_BT[micro],
+                    logp_theta_BT=logp_theta_BT, logp_old_BT=old_BT, advantages_BT=advantages_BT[micro],
+                    mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=old_BT,
                     logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[micro], **norm)
                 loss, metrics = preset.fn(inputs, **objective_args)
                 if cfg.kl_placement is KLPlacement.LOSS:

@@ -1,0 +1,183 @@
+"""Acting on the meter inside the trainer: the mismatch budget's actions and the ``auto`` correction.
+
+The sync loop calls ``MismatchControl.apply`` once per step, after the meter and before the update;
+it returns the objective hyper-parameters to use for this step's update and adds to the step's
+metrics:
+
+    budget/alarms            number of budget thresholds crossed this step
+    budget/alarm/{field}     1 for every crossed threshold (e.g. budget/alarm/max_kl)
+    budget/lr_scale          cumulative factor applied to the learning rate by ``lower_lr``
+    budget/tighten_scale     cumulative factor applied to the correction by ``tighten``
+    auto/level, auto/threshold, auto/reason   the ``auto`` objective's choice (tether.meter.auto)
+    objective/{cap,high,low,eps_low,eps_high,threshold}   the values this step's update uses
+
+Actions, once per step with at least one alarm (``f`` = the config's factor, in (0, 1)):
+
+    warn      print every alarm's message (it names the metric, its value and the threshold)
+    tighten   s <- s * f, and the objective's correction hyper-parameters become ``tighten_args(args0, s)``
+    lower_lr  every parameter group's lr and the scheduler's base lr are multiplied by f
+    stop      raise TrainingStopped with the alarm's message, before the update: the last
+              checkpoint is the last good one
+
+Steps with an alarm are counted in ``counters["budget_alarm_steps"]`` (``count/budget_alarm_steps``
+in summary.json). The state (the two scales) lives in the run state, so a resumed run continues with them (the
+lowered lr is also in the scheduler's ``base_lrs``, which its state dict saves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from tether.meter.auto import AutoRule, CorrectionLevel, choose_correction
+from tether.meter.budget import Alarm, BudgetAction, MismatchBudget, check_budget
+
+AUTO_OBJECTIVE = "auto"
+"""The preset whose ``level`` / ``threshold`` the trainer sets each step from the meter."""
+
+TIGHTEN_CAP_FOR_INF = 10.0
+"""An infinite TIS cap is first replaced by this (the auto rule's largest cap) so it can be tightened."""
+
+
+def tighten_args(args: Mapping[str, Any], scale: float) -> dict[str, Any]:
+    """The objective's correction hyper-parameters tightened by ``scale`` in (0, 1] (pure).
+
+    Each known key moves towards its no-update / no-weight-spread value by the factor ``scale``:
+
+        cap  (TIS cap, >= 1)            C'   = 1 + (min(C, 10) - 1) * s
+        high (upper ratio bound, >= 1)  h'   = 1 + (h - 1) * s
+        low  (lower ratio bound, <= 1)  l'   = 1 - (1 - l) * s
+        eps_low, eps_high (PPO clip)    eps' = eps * s
+        threshold (the auto objective)  not touched here: ``MismatchControl`` tightens the chosen
+                                        cap / tau the same way (cap: as ``cap``; tau' = tau * s)
+
+    Keys that are absent or ``None`` are left alone; ``scale = 1`` returns the arguments unchanged.
+    """
+    if not 0 < scale <= 1:
+        raise ValueError(f"tighten_args: scale must be in (0, 1], got {scale}")
+    out = dict(args)
+    if scale == 1:
+        return out
+    if out.get("cap") is not None:
+        out["cap"] = 1.0 + (min(float(out["cap"]), TIGHTEN_CAP_FOR_INF) - 1.0) * scale
+    if out.get("high") is not None:
+        out["high"] = 1.0 + (float(out["high"]) - 1.0) * scale
+    if out.get("low") is not None:
+        out["low"] = 1.0 - (1.0 - float(out["low"])) * scale
+    for key in ("eps_low", "eps_high"):
+        if out.get(key) is not None:
+            out[key] = float(out[key]) * scale
+    return out
+
+
+MEASURED_BEFORE_UPDATE = ("engine", "total")
+"""The ratios ``setup.mismatch_metrics`` measures (pi_old vs mu); drift / staleness need more inputs."""
+
+TIGHTENABLE = ("cap", "high", "low", "eps_low", "eps_high", "threshold")
+
+
+def budget_from_config(cfg: Any) -> MismatchBudget | None:
+    """The config's ``budget_*`` fields as a ``MismatchBudget``; ``None`` when no threshold is set."""
+    budget = MismatchBudget(
+        ratio=cfg.budget_ratio,
+        min_ess_token=cfg.budget_min_ess_token,
+        min_ess_seq=cfg.budget_min_ess_seq,
+        max_abs_logr_p99=cfg.budget_max_abs_logr_p99,
+        max_kl=cfg.budget_max_kl,
+        action=cfg.budget_action,
+    )
+    return budget if budget.rules() else None
+
+
+def validate_config(cfg: Any) -> None:
+    """Start-up checks of the budget fields, with errors naming the config field."""
+    try:
+        budget_from_config(cfg)
+    except ValueError as e:
+        field = str(e).split("MismatchBudget.", 1)[-1].split(" ", 1)[0]
+        raise ValueError(f"config field 'budget_{field}': {e}") from None
+    for name in ("budget_lr_factor", "budget_tighten_factor"):
+        v = getattr(cfg, name)
+        if not 0 < v < 1:
+            raise ValueError(f"config field '{name}' must be in (0, 1), got {v}")
+
+
+class MismatchControl:
+    """Budget actions and the auto choice for one run (module docstring)."""
+
+    def __init__(self, cfg: Any, objective_args: Mapping[str, Any], state: dict[str, Any],
+                 counters: dict[str, int] | None = None, *, rule: AutoRule | None = None):
+        self.budget = budget_from_config(cfg)
+        self.auto = cfg.objective == AUTO_OBJECTIVE
+        self.args0 = dict(objective_args)
+        self.lr_factor = cfg.budget_lr_factor
+        self.tighten_factor = cfg.budget_tighten_factor
+        self.rule = rule if rule is not None else AutoRule()
+        self.state = state  # persisted in the checkpoint's run state
+        self.state.setdefault("lr_scale", 1.0)
+        self.state.setdefault("tighten_scale", 1.0)
+        self.counters = counters if counters is not None else {}
+        if self.budget is not None:  # count/budget_alarm_steps in the summary
+            self.counters.setdefault("budget_alarm_steps", 0)
+        if self.budget is not None and self.budget.ratio.value not in MEASURED_BEFORE_UPDATE:
+            raise ValueError(
+                f"config field 'budget_ratio': the trainer checks the budget before the update, where it measures "
+                f"{' and '.join(MEASURED_BEFORE_UPDATE)}; '{self.budget.ratio.value}' would never be checked")
+        if self.budget is not None and self.budget.action is BudgetAction.TIGHTEN and not (
+            self.auto or any(self.args0.get(k) is not None for k in TIGHTENABLE)
+        ):
+            raise ValueError(
+                f"config field 'budget_action': 'tighten' needs an objective with a correction or clip "
+                f"hyper-parameter ({', '.join(TIGHTENABLE)}); objective '{cfg.objective}' has: "
+                f"{', '.join(sorted(self.args0)) or 'none'}")
+
+    def alarms(self, metrics: Mapping[str, Any]) -> list[Alarm]:
+        return check_budget(metrics, self.budget) if self.budget is not None else []
+
+    def apply(self, metrics: dict[str, Any], optimizer: Any, scheduler: Any, *, step: int, console: Any = None,
+              where: str = "") -> dict[str, Any]:
+        """Check the budget, act, choose the auto correction; returns this step's objective arguments."""
+        alarms = self.alarms(metrics)
+        for a in alarms:
+            metrics[f"budget/alarm/{a.field}"] = 1
+        if self.budget is not None:
+            metrics["budget/alarms"] = len(alarms)
+        if alarms:
+            self.counters["budget_alarm_steps"] = self.counters.get("budget_alarm_steps", 0) + 1
+            action = self.budget.action
+            if action is BudgetAction.STOP:
+                from tether.train.sync import TrainingStopped
+
+                raise TrainingStopped(
+                    f"step {step}: {alarms[0].message}" + "".join(f"; also {a.metric} = {a.value:.6g}" for a in alarms[1:])
+                    + (f". The last good checkpoint in {where} is intact." if where else ""))
+            if action is BudgetAction.LOWER_LR:
+                self.state["lr_scale"] *= self.lr_factor
+                for group in optimizer.param_groups:
+                    group["lr"] *= self.lr_factor
+                scheduler.base_lrs = [lr * self.lr_factor for lr in scheduler.base_lrs]
+            elif action is BudgetAction.TIGHTEN:
+                self.state["tighten_scale"] *= self.tighten_factor
+            if console is not None:
+                for a in alarms:
+                    console.print(f"[yellow]step {step}: {a.message}[/yellow]")
+        if self.budget is not None:
+            metrics["budget/lr_scale"] = self.state["lr_scale"]
+            metrics["budget/tighten_scale"] = self.state["tighten_scale"]
+        scale = self.state["tighten_scale"]
+        args = tighten_args(self.args0, scale)
+        if self.auto:
+            d = choose_correction(metrics, self.rule)
+            threshold = d.threshold
+            if scale < 1:
+                threshold = d.threshold * scale if d.level is CorrectionLevel.GEOMETRIC else 1.0 + (d.threshold - 1.0) * scale
+            args["level"], args["threshold"] = d.level.value, threshold
+            metrics["auto/level"] = d.level.value
+            metrics["auto/threshold"] = threshold
+            metrics["auto/reason"] = d.reason
+        if self.budget is not None or self.auto:
+            for k in TIGHTENABLE:
+                if isinstance(args.get(k), (int, float)):
+                    metrics[f"objective/{k}"] = float(args[k])
+        return args
+
