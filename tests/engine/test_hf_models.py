@@ -133,6 +133,10 @@ def test_shared_engine_weights_are_the_trainers(folder):
     assert separate.model is not model
     with pytest.raises(ValueError, match="share_engine_weights"):
         TrainConfig(model=str(folder), share_engine_weights=True, bf16=True)
+    with pytest.raises(ValueError, match="needs mode 'sync'"):
+        TrainConfig(model=str(folder), share_engine_weights=True, mode="async")
+    with pytest.raises(ValueError, match="rollout_precision"):
+        TrainConfig(model=str(folder), rollout_precision="bf16")
 
 
 def test_bf16_engine_runs_in_bf16_and_trainer_keeps_fp32(folder):

@@ -184,7 +184,10 @@ class TrainConfig:
             raise ValueError(f"config field 'lora_r' must be >= 1, got {self.lora_r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"config field 'lora_alpha' must be > 0, got {self.lora_alpha}")
-        if self.share_engine_weights and self.mode is not TrainMode.SYNC:
+        if self.model != "tiny" and self.rollout_precision != RolloutPrecision.FP32:
+            raise ValueError("config field 'rollout_precision' applies to the built-in model; for a Hugging Face model "
+                             "use bf16 (trainer autocast, bf16 engine weights)")
+        if self.share_engine_weights and self.mode != TrainMode.SYNC:
             raise ValueError("config field 'share_engine_weights' needs mode 'sync' (an async engine samples while the "
                              "trainer updates, so it needs its own copy)")
         if self.share_engine_weights and (self.bf16 or self.gradient_checkpointing):
