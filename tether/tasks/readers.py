@@ -100,9 +100,26 @@ def read_csv(path: Path) -> Iterator[RawRow]:
         start = reader.line_num + 1
 
 
+def read_parquet(path: Path) -> Iterator[RawRow]:
+    """One row per Parquet record (``line`` is the 1-based row number). Needs pyarrow (the
+    ``parquet`` extra)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is in the parquet extra
+        raise ValueError(f"{path}: reading Parquet needs pyarrow: pip install 'tether[parquet]'") from e
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # a corrupt or non-Parquet file
+        yield RawRow(1, None, ("bad_columns", f"unreadable Parquet file: {type(e).__name__}: {e}"))
+        return
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield RawRow(i, row)
+
+
 READERS: dict[str, Callable[[Path], Iterator[RawRow]]] = {
     ".jsonl": read_jsonl,
     ".csv": read_csv,
+    ".parquet": read_parquet,
 }
 
 

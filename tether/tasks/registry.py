@@ -59,6 +59,10 @@ def get_task(name_or_path: str, **options) -> Task:
         spec = BUILTIN_TASKS[name_or_path]
         return spec.build(_make_config(spec.config_cls, f"task {name_or_path!r}", options))
     if _looks_like_path(name_or_path):
+        from tether.tasks.trl_data import trl_task_from_path, wants_trl_task
+
+        if wants_trl_task(name_or_path, options):  # TRL formats, Parquet, TRL-convention rewards
+            return trl_task_from_path(name_or_path, options)
         if "path" in options:
             raise ValueError(f"task {name_or_path!r}: the path is given twice (drop the 'path' option)")
         return JsonlTask(_make_config(JsonlConfig, f"dataset task {name_or_path!r}", {"path": name_or_path, **options}))

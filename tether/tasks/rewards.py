@@ -204,7 +204,7 @@ def load_reward_fn(spec: str) -> RewardFn:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
         sig = None  # builtins / C functions: trust them
-    if sig is not None:
+    if sig is not None and "completions" not in sig.parameters:  # TRL convention: tether.tasks.trl_data
         try:
             sig.bind("prompt", "completion", "answer")
         except TypeError as e:

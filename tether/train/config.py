@@ -112,6 +112,17 @@ class TrainConfig:
     ewma_beta: float = opt(0.9, "old_logits=ewma: EWMA decay of the proximal weights (PPO-EWMA beta)")
     rollout_precision: RolloutPrecision = opt(RolloutPrecision.FP32, "rollout engine numerics: fp32, bf16, fp16, int8")
     unified_precision: bool = opt(False, "trainer forward at the rollout precision too (Jet-RL); master weights fp32")
+    chat_template: bool | None = opt(None, "wrap prompts in the tokenizer's chat template (none: iff it has one)")
+    lora_r: int | None = opt(None, "LoRA rank for a Hugging Face model (none: full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) B A")
+    lora_target_modules: str = opt("all-linear", "LoRA target layers: 'all-linear' or names, e.g. q_proj,v_proj")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (Hugging Face models; less memory)")
+    bf16: bool = opt(False, "bfloat16: trainer forward under autocast, engine weights in bf16")
+    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)")
+    wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)")
+    mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)")
+    share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
+                                     "trainer's own fp32 weights (no second copy in memory)")
 
     def __post_init__(self) -> None:
         positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
@@ -169,3 +180,20 @@ class TrainConfig:
                              "(wait never admits a batch older than max_staleness)")
         if self.unified_precision and self.rollout_precision is RolloutPrecision.FP32:
             raise ValueError("config field 'unified_precision' needs a reduced 'rollout_precision' (bf16, fp16, int8)")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"config field 'lora_r' must be >= 1, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"config field 'lora_alpha' must be > 0, got {self.lora_alpha}")
+        if self.model != "tiny" and self.rollout_precision != RolloutPrecision.FP32:
+            raise ValueError("config field 'rollout_precision' applies to the built-in model; for a Hugging Face model "
+                             "use bf16 (trainer autocast, bf16 engine weights)")
+        if self.share_engine_weights and self.mode != TrainMode.SYNC:
+            raise ValueError("config field 'share_engine_weights' needs mode 'sync' (an async engine samples while the "
+                             "trainer updates, so it needs its own copy)")
+        if self.share_engine_weights and (self.bf16 or self.gradient_checkpointing):
+            raise ValueError("config field 'share_engine_weights' excludes bf16 (the engine would need its own bf16 "
+                             "copy) and gradient_checkpointing (the engine switches the shared model to eval mode)")
+        for name in ("lora_r", "gradient_checkpointing", "chat_template", "share_engine_weights"):
+            if self.model == "tiny" and getattr(self, name):
+                raise ValueError(f"config field '{name}' needs a Hugging Face model (--model PATH or smollm2), "
+                                 "not the built-in 'tiny'")

@@ -38,8 +38,10 @@ def build_task(cfg: TrainConfig) -> Task:
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:
     from tether.models import builtin
 
-    if cfg.model != "tiny":
-        raise ValueError(f"config field 'model': unknown model {cfg.model!r}; available: tiny")
+    if cfg.model != "tiny":  # a Hugging Face folder, a .gguf file or an alias (tether.models.hf)
+        from tether.models.hf import build_hf_policy
+
+        return Policy(*build_hf_policy(cfg))
     model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps)
     from tether.engine.torch_engine import TorchEngine
 
@@ -89,7 +91,9 @@ def sampling_params(cfg: TrainConfig) -> SamplingParams:
 
 
 def generate(policy: Policy, examples: list[Example], cfg: TrainConfig, seed: int) -> Rollout:
-    prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples for _ in range(cfg.group_size)]
+    from tether.tasks.trl_data import encode_prompt  # chat messages for conversational rows
+
+    prompts = [encode_prompt(policy.tokenizer, ex) for ex in examples for _ in range(cfg.group_size)]
     group_B = torch.arange(len(examples)).repeat_interleave(cfg.group_size)
     return policy.engine.generate(prompts, sampling_params(cfg), seed=seed, group_B=group_B)
 
@@ -112,7 +116,8 @@ def score(task: Task, policy: Policy, rollout: Rollout, examples: list[Example],
     rewards, failed = [], 0
     for i, text in enumerate(texts):
         ex = examples[i // cfg.group_size]
-        result = score_one(task.reward, ex.prompt, text, ex.answer, timeout_s=cfg.reward_timeout_s)
+        reward = task.reward_for(ex) if hasattr(task, "reward_for") else task.reward  # TRL-convention rewards
+        result = score_one(reward, ex.prompt, text, ex.answer, timeout_s=cfg.reward_timeout_s)
         rewards.append(result.reward)
         failed += int(result.failed)
     return torch.tensor(rewards, dtype=torch.float32), failed
@@ -121,19 +126,23 @@ def score(task: Task, policy: Policy, rollout: Rollout, examples: list[Example],
 def token_logprobs(model: torch.nn.Module, rollout: Rollout, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
     from tether.models.logprobs import token_logprobs as recompute
 
-    return recompute(model, rollout, replay_truncation=cfg.replay_truncation)
+    with torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        return recompute(model, rollout, replay_truncation=cfg.replay_truncation)
 
 
 def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
     """Greedy accuracy on the task's held-out split (first ``eval_size`` problems)."""
     examples = task.eval_examples()[: cfg.eval_size]
     greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=cfg.max_new_tokens)
-    prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples]
+    from tether.tasks.trl_data import encode_prompt
+
+    prompts = [encode_prompt(policy.tokenizer, ex) for ex in examples]
     rollout = policy.engine.generate(prompts, greedy, seed=0)
     texts = completions(policy, rollout)
     from tether.tasks.rewards import score as score_one
 
-    results = [score_one(task.reward, ex.prompt, t, ex.answer, timeout_s=cfg.reward_timeout_s) for ex, t in zip(examples, texts)]
+    reward = getattr(task, "reward_for", lambda ex: task.reward)
+    results = [score_one(reward(ex), ex.prompt, t, ex.answer, timeout_s=cfg.reward_timeout_s) for ex, t in zip(examples, texts)]
     return sum(r.reward for r in results) / max(len(examples), 1)
 
 

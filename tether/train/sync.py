@@ -27,6 +27,7 @@ from tether.objectives.kl import check_kl_combination
 from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
+from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
@@ -80,7 +81,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     engine.load_weights(model.state_dict(), version=state.step)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto correction
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None)
+    log = open_loggers(cfg, run_dir, MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None))
 
     if state.accuracy_before is None:
         state.accuracy_before = setup.evaluate(policy, task, cfg)
@@ -152,6 +153,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "scheduler": scheduler.state_dict(), "run_state": state.__dict__,
                     **({"ref_model": ref_model.state_dict()} if ref_model is not None else {}),
                 })
+    log.close()  # flush TensorBoard / W&B / MLflow
     accuracy_after = setup.evaluate(policy, task, cfg)
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
