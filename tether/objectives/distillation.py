@@ -100,6 +100,21 @@ def sft_loss(inputs: LossInputs, *, agg: str) -> tuple[Tensor, dict[str, Tensor]
     return _agg(inputs, loss_BT, agg), {"sft/nll": masked_mean(loss_BT.detach(), inputs.mask_BT)}
 
 
+def _discounted_suffix_sum(x_BN: Tensor, gamma: float) -> Tensor:
+    """``s_n = sum_{j >= n} gamma^(j - n) x_j`` along the last axis.
+
+    ``gamma = 1`` (the default): a reverse cumulative sum, O(N). Otherwise the product with the
+    upper-triangular discount matrix ``D[n, j] = gamma^(j - n) [j >= n]``, O(N^2) (a closed form
+    through ``gamma^-n`` would overflow for long sequences)."""
+    if gamma == 1.0:
+        return x_BN.flip(-1).cumsum(-1).flip(-1)
+    pos = torch.arange(x_BN.shape[-1], device=x_BN.device)
+    diff = (pos[None, :] - pos[:, None]).to(x_BN.dtype)  # [n, j] = j - n
+    disc_NN = torch.where(diff >= 0, torch.as_tensor(gamma, dtype=x_BN.dtype) ** diff.clamp(min=0),
+                          torch.zeros_like(diff))
+    return x_BN @ disc_NN.T
+
+
 def pear_log_weights(logp_theta_BT: Tensor, logp_mu_BT: Tensor, mask_BT: Tensor, *, mode: str, gamma: float = 1.0,
                      block: int = 4) -> Tensor:
     """PEAR's log importance weights (detached), 0 off the mask.
@@ -120,22 +135,14 @@ def pear_log_weights(logp_theta_BT: Tensor, logp_mu_BT: Tensor, mask_BT: Tensor,
     if mode == "sequence":
         return _masked(lr.sum(-1, keepdim=True).expand_as(lr), m)
     if mode == "token":
-        pos = torch.arange(T, device=lr.device)
-        diff = (pos[None, :] - pos[:, None]).to(lr.dtype)  # [t, j] = j - t
-        disc_TT = torch.where(diff >= 0, torch.as_tensor(gamma, dtype=lr.dtype) ** diff.clamp(min=0),
-                              torch.zeros_like(diff))
-        return _masked(lr @ disc_TT.T, m)
+        return _masked(_discounted_suffix_sum(lr, gamma), m)
     if mode == "block":
         if block < 1:
             raise ValueError(f"pear: block must be >= 1, got {block}")
         idx_BT = (m.long().cumsum(-1) - 1).clamp(min=0) // block
         n_blocks = T // block + 1
         blocks_BN = torch.zeros(lr.shape[0], n_blocks, dtype=lr.dtype, device=lr.device).scatter_add_(-1, idx_BT, lr)
-        pos = torch.arange(n_blocks, device=lr.device)
-        diff = (pos[None, :] - pos[:, None]).to(lr.dtype)
-        disc_NN = torch.where(diff >= 0, torch.as_tensor(gamma, dtype=lr.dtype) ** diff.clamp(min=0),
-                              torch.zeros_like(diff))
-        suffix_BN = blocks_BN @ disc_NN.T
+        suffix_BN = _discounted_suffix_sum(blocks_BN, gamma)
         return _masked(suffix_BN.gather(-1, idx_BT), m)
     raise ValueError(f"pear: unknown weighting mode '{mode}'; valid: sequence, token, block")
 
