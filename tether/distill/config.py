@@ -25,7 +25,7 @@ class Algorithm(str, enum.Enum):
 
 
 DEFAULT_OBJECTIVE = {
-    Algorithm.OPD: "opd",
+    Algorithm.OPD: "distill_reverse_kl",
     Algorithm.OPSD: "distill_jsd",
     Algorithm.SFT: "sft",
     Algorithm.PEAR: "pear",
@@ -39,7 +39,7 @@ DEFAULT_OBJECTIVE = {
 @dataclass
 class DistillConfig:
     algorithm: Algorithm = opt(Algorithm.OPD, "opd, opsd, sft, pear, caopd, blackbox (text-only teacher) or rl (no teacher)")
-    objective: str | None = opt(None, "objective preset (none: the algorithm's default: opd -> opd, opsd -> "
+    objective: str | None = opt(None, "objective preset (none: the algorithm's default: opd -> distill_reverse_kl (full vocabulary), opsd -> "
                                 "distill_jsd, sft -> sft, pear -> pear, blackbox/rl -> grpo)")
     objective_args: dict | None = opt(None, 'JSON dict of preset overrides, e.g. {"support": "topk_teacher", "k": 8}')
     task: str = opt("arithmetic", "built-in task name or a JSONL file path")
@@ -63,7 +63,7 @@ class DistillConfig:
     confidence_label: str = opt("Confidence: ", "caopd: the label before the stated confidence")
     teacher_samples: int = opt(4, "blackbox: teacher completions per prompt used as references")
     teacher_token_budget: int | None = opt(None, "stop once this many teacher tokens were spent (none: run all steps)")
-    steps: int = opt(60, "optimiser steps")
+    steps: int = opt(300, "optimiser steps")
     seed: int = opt(0, "seed of everything")
     prompts_per_step: int = opt(16, "prompts per step")
     group_size: int = opt(4, "student completions per prompt")
