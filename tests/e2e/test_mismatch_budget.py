@@ -61,7 +61,10 @@ def test_stop_names_the_metric_and_keeps_the_last_checkpoint(tmp_path, drift):
     with pytest.raises(TrainingStopped, match=r"step 1: mismatch budget exceeded: meter/total/kl_k3 = [0-9.e-]+ > 0.02"):
         train(TrainConfig(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="stop", **SMALL))
     assert load_latest_checkpoint(run)["run_state"]["step"] == 1  # step 0 completed, step 1 stopped before its update
-    assert len(_rows(run)) == 1
+    rows = _rows(run)  # step 1's measurements are logged before the stop, marked as the stopping step
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[1]["budget/stopped"] == 1 and rows[1]["budget/alarm/max_kl"] == 1 and rows[1]["meter/total/kl_k3"] > 0.02
+    assert "budget/stopped" not in rows[0]
 
 
 def test_auto_objective_logs_a_choice_that_follows_the_drift(tmp_path, drift):

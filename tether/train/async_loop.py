@@ -42,7 +42,7 @@ from tether.train.progress import StepProgress, Stopwatch
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
-from tether.train.sync import RunState, _update, finish_update, step_seed
+from tether.train.sync import RunState, TrainingStopped, _update, finish_update, step_seed
 
 
 class WeightBoard:
@@ -234,8 +234,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].float() * mask_BT * weight_BT
                 with clock("meter"):
                     metrics: dict[str, Any] = _meter(rollout, current_BT, behave_BT, entropy_BT, s)
-                    step_args = control.apply(metrics, optimizer, scheduler, step=s, console=progress.console,
-                                              where=str(run_dir / "checkpoints"))
+                    try:
+                        step_args = control.apply(metrics, optimizer, scheduler, step=s, console=progress.console,
+                                                  where=str(run_dir / "checkpoints"))
+                    except TrainingStopped:  # the stopping step's measurements are kept, not dropped
+                        log.write({**metrics, "step": s, "budget/stopped": 1})
+                        raise
                 # 3. update: the sync loop's epochs x mini-batches; loglinear makes its anchor per micro-batch
                 old_for_loss = anchor_BT if anchor_BT is not None else rollout.logp_mu_BT
                 finite = bool(torch.isfinite(torch.where(mask_BT, old_for_loss, 0)).all()

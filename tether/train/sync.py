@@ -120,8 +120,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].to(logp_old_BT.dtype) * mask_BT
             with clock("meter"):
                 metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
-                step_args = control.apply(metrics, optimizer, scheduler, step=step, console=progress.console,
-                                          where=str(run_dir / "checkpoints"))
+                try:
+                    step_args = control.apply(metrics, optimizer, scheduler, step=step, console=progress.console,
+                                              where=str(run_dir / "checkpoints"))
+                except TrainingStopped:  # the stopping step's measurements are kept, not dropped
+                    log.write({**metrics, "step": step, "budget/stopped": 1})
+                    raise
             # 5. update: epochs x mini-batches x micro-batches with global normalisers
             finite = bool(torch.isfinite(torch.where(mask_BT, logp_old_BT, 0)).all()
                           and torch.isfinite(rollout.logp_mu_BT).all())
