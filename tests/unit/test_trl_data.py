@@ -140,3 +140,17 @@ def test_math_verify_reward():
     assert fn("", "The answer is 3", "0.5") == 0.0
     # runs in score's worker thread (no signal-based timeouts inside)
     assert score(fn, "", "so x = 19", "19", timeout_s=5).reward == 1.0
+
+
+def test_skip_bad_rows_counts_every_bad_row_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = "".join(json.dumps({"prompt": r["prompt"], "answer": r["answer"]}) + "\n" for r in ROWS)
+    bad = [json.dumps({"prompt": ""}), "{not json", json.dumps({"question": "x"}), json.dumps({"prompt": "1+1=", "answer": [2]})]
+    path.write_text(good + "\n".join(bad) + "\n")
+    with pytest.raises(RowError, match=r"mixed.jsonl: row 41: field 'prompt': empty prompt"):
+        get_task(str(path), format="trl")
+    task = get_task(str(path), format="trl", skip_bad_rows=True)
+    assert task.n_skipped == 4 and [e.kind for e in task.skipped] == ["empty_prompt", task.skipped[1].kind,
+                                                                       "missing_field", "wrong_type"]
+    assert "line 42" in str(task.skipped[1]) or "row 42" in str(task.skipped[1])
+    assert len(task.train_examples()) + len(task.eval_examples()) == len(ROWS)

@@ -126,15 +126,13 @@ def parse_row(data: Any, source: str, row: int, *, answer_field: str = "answer",
 
 
 def _rows(source: Any) -> tuple[str, Sequence[Any]]:
+    """The rows of a file (an unreadable row becomes a ``RowError`` in its place) or of a dataset."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"dataset file {str(path)!r} not found")
-        rows = []
-        for raw in reader_for(path)(path):
-            if raw.error is not None:
-                raise RowError(str(path), raw.line, None, raw.error[0], raw.error[1])
-            rows.append(raw.data)
+        rows = [raw.data if raw.error is None else RowError(str(path), raw.line, None, raw.error[0], raw.error[1])
+                for raw in reader_for(path)(path)]
         return str(path), rows
     name = f"<{type(source).__name__}>"
     return name, source  # datasets.Dataset: indexing / iteration yields dicts
@@ -153,8 +151,9 @@ class TRLDatasetTask:
 
     def __init__(self, source: Any, *, reward: Callable | str = "exact_match", eval_fraction: float = 0.1,
                  eval_size: int | None = None, answer_field: str = "answer", max_prompt_chars: int = 8192,
-                 name: str | None = None) -> None:
+                 name: str | None = None, skip_bad_rows: bool = False) -> None:
         self.source, rows = _rows(source)
+        self.skipped: list[RowError] = []  # with skip_bad_rows: every bad row, counted in the run summary
         self.name = name or (Path(source).stem if isinstance(source, (str, Path)) else "dataset")
         fn = load_reward_fn(reward) if isinstance(reward, str) else reward
         if not callable(fn):
@@ -164,14 +163,22 @@ class TRLDatasetTask:
         self._train: list[TRLExample] = []
         self._eval: list[TRLExample] = []
         for i, data in enumerate(rows, start=1):
-            ex = parse_row(data, self.source, i, answer_field=answer_field, max_prompt_chars=max_prompt_chars)
-            if not self.trl_convention and answer_field not in ex.fields:
-                raise RowError(self.source, i, answer_field, "missing_field",
-                               f"missing; reward {getattr(fn, '__name__', fn)!r} takes (prompt, completion, answer)")
-            if builtin is not None and builtin.check_answer is not None:
-                problem = builtin.check_answer(ex.answer)
-                if problem is not None:
-                    raise RowError(self.source, i, answer_field, "bad_answer", f"{ex.answer!r} {problem}")
+            try:
+                if isinstance(data, RowError):
+                    raise data
+                ex = parse_row(data, self.source, i, answer_field=answer_field, max_prompt_chars=max_prompt_chars)
+                if not self.trl_convention and answer_field not in ex.fields:
+                    raise RowError(self.source, i, answer_field, "missing_field",
+                                   f"missing; reward {getattr(fn, '__name__', fn)!r} takes (prompt, completion, answer)")
+                if builtin is not None and builtin.check_answer is not None:
+                    problem = builtin.check_answer(ex.answer)
+                    if problem is not None:
+                        raise RowError(self.source, i, answer_field, "bad_answer", f"{ex.answer!r} {problem}")
+            except RowError as e:
+                if not skip_bad_rows:
+                    raise
+                self.skipped.append(e)
+                continue
             held = eval_fraction > 0 and is_heldout(ex.prompt, eval_fraction, "tether-trl-v1")
             (self._eval if held else self._train).append(ex)
         if eval_size is not None:
@@ -180,6 +187,10 @@ class TRLDatasetTask:
             raise ValueError(f"{self.source}: no training rows ({len(rows)} rows, {len(self._eval)} held out)")
         if not self._eval and eval_fraction > 0:
             raise ValueError(f"{self.source}: no evaluation rows; raise eval_fraction or set it to 0")
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
 
     def sample(self, rng: random.Random) -> TRLExample:
         return self._train[rng.randrange(len(self._train))]
@@ -240,7 +251,7 @@ def is_trl_format(path: str | Path) -> bool:
     return False
 
 
-_OPTIONS = ("reward", "eval_fraction", "eval_size", "answer_field", "max_prompt_chars")
+_OPTIONS = ("reward", "eval_fraction", "eval_size", "answer_field", "max_prompt_chars", "skip_bad_rows")
 
 
 def wants_trl_task(path: str, options: dict) -> bool:
