@@ -42,7 +42,7 @@ from tether.train.progress import StepProgress, Stopwatch
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
-from tether.train.sync import RunState, TrainingStopped, _update, finish_update, step_seed
+from tether.train.sync import TrainingStopped, _update, finish_update, restore, step_seed
 
 
 class WeightBoard:
@@ -152,15 +152,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     old_logits = OldLogitSource(cfg.old_logits, model, lambda m, r: setup.token_logprobs(m, r, cfg),
                                 keep_versions=keep, ewma_beta=cfg.ewma_beta)
 
-    state = RunState()
     ckpt = load_latest_checkpoint(run_dir) if cfg.resume else None
+    state = restore(ckpt, model, optimizer, scheduler, ref_model)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = RunState(**ckpt["run_state"])
-        if ref_model is not None:
-            ref_model.load_state_dict(ckpt["ref_model"])
         for v, sd in sorted(ckpt["async"]["board"].items()):
             board.publish(int(v), sd)
         old_logits.load_state_dict(ckpt["async"]["old_logits"])

@@ -69,15 +69,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ref_model = setup.frozen_copy(model) if cfg.kl_placement is not KLPlacement.NONE else None
     optimizer, scheduler = setup.build_optimizer(cfg, model)
 
-    state = RunState()
     ckpt = load_latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = RunState(**ckpt["run_state"])
-        if ref_model is not None:
-            ref_model.load_state_dict(ckpt["ref_model"])
+    state = restore(ckpt, model, optimizer, scheduler, ref_model)
     engine.load_weights(model.state_dict(), version=state.step)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto correction
@@ -162,6 +155,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
                          time.perf_counter() - t_start)
+
+
+def restore(ckpt: dict[str, Any] | None, model, optimizer, scheduler, ref_model) -> RunState:
+    """Load a checkpoint's model, optimiser, scheduler (and reference model) state in place; returns
+    its run state, or a fresh one when there is no checkpoint."""
+    if ckpt is None:
+        return RunState()
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ref_model is not None:
+        ref_model.load_state_dict(ckpt["ref_model"])
+    return RunState(**ckpt["run_state"])
 
 
 def finish_update(cfg: TrainConfig, state: RunState, metrics: dict[str, Any], scheduler, finite: bool, *, step: int,
