@@ -21,15 +21,15 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from trl_timing import step_timer  # benchmarks/ is on sys.path when the script runs
 
 
 def run_trl(model_dir: Path, prompts: list[str], args) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from tether.tasks.registry import get_task
@@ -40,19 +40,9 @@ def run_trl(model_dir: Path, prompts: list[str], args) -> dict:
     def reward(prompts, completions, **_):
         return [task.reward(p, c, answers[p]) for p, c in zip(prompts, completions)]
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], None
-
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
-
     n_rows = args.prompts * (args.steps + 2)
     ds = Dataset.from_dict({"prompt": [p for p, _ in prompts][:n_rows]})
-    timer = Timer()
+    timer = step_timer()
     cfg = GRPOConfig(
         output_dir=str(model_dir / "trl_out"), use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,

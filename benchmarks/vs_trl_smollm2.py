@@ -30,8 +30,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from trl_timing import step_timer  # benchmarks/ is on sys.path when the script runs
 
 
 def arithmetic_rows(n: int) -> list[tuple[str, str]]:
@@ -50,7 +51,7 @@ def peak_rss_mb() -> float:
 
 def run_trl(folder: str, args) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
     from tether.tasks.rewards import numeric
@@ -61,18 +62,8 @@ def run_trl(folder: str, args) -> dict:
     def reward(prompts, completions, **_):
         return [numeric("", c[-1]["content"], answers[p[-1]["content"]]) for p, c in zip(prompts, completions)]
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.t0 = [], None
-
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.times.append(time.perf_counter() - self.t0)
-
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p, _ in rows]})
-    timer = Timer()
+    timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
         cfg = GRPOConfig(
             output_dir=out, use_cpu=True, bf16=args.precision == "bf16", fp16=False, gradient_checkpointing=False,
