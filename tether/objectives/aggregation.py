@@ -20,11 +20,23 @@ To reproduce verl's scale multiply by ``N_seq`` (or the learning rate).
 from __future__ import annotations
 
 from enum import Enum
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from tether.objectives.inputs import float_mask
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(enum_cls: type[E], value: str | E, what: str) -> E:
+    """``enum_cls(value)``, or a ``ValueError`` naming ``what`` and listing the valid values."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        valid = ", ".join(m.value for m in enum_cls)
+        raise ValueError(f"unknown {what} '{value}'; valid: {valid}") from None
 
 
 class AggMode(str, Enum):
@@ -35,11 +47,7 @@ class AggMode(str, Enum):
 
     @classmethod
     def parse(cls, value: str | AggMode) -> AggMode:
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown aggregation mode '{value}'; valid modes: {valid}") from None
+        return parse_choice(cls, value, "aggregation mode")
 
 
 def count_tokens(mask_BT: Tensor) -> Tensor:

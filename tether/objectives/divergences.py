@@ -43,6 +43,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from tether.objectives.aggregation import parse_choice
+
 EMPTY_BUCKET_LOGP = -1.0e4
 """Log-probability given to an empty tail bucket (k = V): exp(-1e4) is exactly 0 in float32/64, and
 a finite value keeps values and gradients free of ``0 * inf``."""
@@ -56,10 +58,7 @@ class Divergence(str, Enum):
 
     @classmethod
     def parse(cls, value: str | Divergence) -> Divergence:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown divergence '{value}'; valid: {', '.join(m.value for m in cls)}") from None
+        return parse_choice(cls, value, "divergence")
 
 
 class Support(str, Enum):
@@ -70,10 +69,7 @@ class Support(str, Enum):
 
     @classmethod
     def parse(cls, value: str | Support) -> Support:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown divergence support '{value}'; valid: {', '.join(m.value for m in cls)}") from None
+        return parse_choice(cls, value, "divergence support")
 
 
 def _kl(logp_a_V: Tensor, logp_b_V: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from tether.objectives.aggregation import aggregate
+from tether.objectives.aggregation import aggregate, parse_choice
 from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
 from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
@@ -54,11 +54,7 @@ class ISLevel(str, Enum):
 
     @classmethod
     def parse(cls, value: str | ISLevel, *, field: str = "level") -> ISLevel:
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown {field} '{value}'; valid: {valid}") from None
+        return parse_choice(cls, value, field)
 
 
 class Divergence(str, Enum):
