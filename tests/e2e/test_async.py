@@ -49,6 +49,9 @@ def test_lag_zero_async_is_the_sync_loop(tmp_path):
     for ra, rb in zip(_metrics(tmp_path / "sync"), _metrics(tmp_path / "async")):
         assert ra["reward/mean"] == rb["reward/mean"] and ra["loss"] == rb["loss"] != 0
         assert rb["meter/version/age_max"] == 0
+        assert ra["mismatch/abs_logp_diff_max"] == rb["mismatch/abs_logp_diff_max"] >= rb["mismatch/abs_logp_diff_mean"]
+    sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("sync", "async"))
+    assert sa["mismatch/abs_logp_diff_max"] == sb["mismatch/abs_logp_diff_max"] is not None
 
 
 def test_async_resume_is_bitwise(tmp_path):

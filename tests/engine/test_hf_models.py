@@ -62,10 +62,16 @@ def test_chat_requested_without_template_is_an_error(folder):
         hf.load_hf(str(folder), chat=True)
 
 
-def test_generation_config_eos_wins_over_tokenizer(folder):
+def test_generation_config_eos_ids_all_become_stop_ids(folder):
     model, tok = hf.load_hf(str(folder))
     model.generation_config.eos_token_id = [5, 2]
-    assert hf.generation_eos(model, tok.tokenizer) == 5
+    assert hf.generation_eos(model, tok.tokenizer) == [5, 2]
+    several = hf.HFTokenizer(tok.tokenizer, eos_id=hf.generation_eos(model, tok.tokenizer))
+    assert several.eos_ids == (5, 2) and several.eos_id == 5
+    model.generation_config.eos_token_id = None
+    assert hf.generation_eos(model, tok.tokenizer) == [tok.tokenizer.eos_token_id]
+    with pytest.raises(ValueError, match="engine tokenizer differs"):
+        hf.check_vocab(tok, model, engine_tokenizer=several)
 
 
 def test_tokenizer_larger_than_model_vocab_is_refused(tmp_path):

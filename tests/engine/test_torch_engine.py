@@ -80,6 +80,28 @@ def test_pad_equal_to_eos_keeps_the_real_eos():
     assert (lp - rollout.logp_mu_BT)[mask].abs().max() < 1e-5
 
 
+def test_several_eos_ids_stop_at_the_first_of_any():
+    """Instruct models list several stop ids (end-of-turn, end-of-text): a row stops at whichever
+    comes first; before it, tokens are those of a run that stops on one id only (same seed)."""
+    model = tiny_builtin(vocab_size=6, init_std=0.02)  # near-uniform over 6 ids
+    prompts, params = [[3, 4, 3]] * 16, SamplingParams(max_new_tokens=25)
+    one = TorchEngine(model, eos_id=EOS, pad_id=PAD).generate(prompts, params, seed=3)
+    both = TorchEngine(model, eos_id=(EOS, 5), pad_id=PAD).generate(prompts, params, seed=3)
+    ended_on_5 = 0
+    for b in range(16):
+        p = int(one.prompt_len_B[b])
+        ref = one.tokens_BT[b, p:p + int(one.completion_len_B[b])].tolist()
+        comp = both.tokens_BT[b, p:p + int(both.completion_len_B[b])].tolist()
+        cut = next((i + 1 for i, t in enumerate(ref) if t in (EOS, 5)), len(ref))
+        assert comp == ref[:cut]
+        assert bool(both.finished_B[b]) == (cut < len(ref) or ref[-1] in (EOS, 5))
+        ended_on_5 += comp[-1] == 5 and bool(both.finished_B[b])
+    assert ended_on_5 >= 2  # the second id really stops rows
+    assert torch.equal(both.loss_mask_BT, loop_masks(both))
+    with pytest.raises(ValueError, match="at least one"):
+        TorchEngine(model, eos_id=())
+
+
 def test_stop_strings_on_ids():
     model = tiny_builtin(vocab_size=5, init_std=0.02)
 

@@ -72,7 +72,7 @@ def completion_texts(rollout: Rollout, tokenizer) -> list[str]:
     for i in range(rollout.batch_size):
         p, n = int(rollout.prompt_len_B[i]), int(rollout.completion_len_B[i])
         ids = rollout.tokens_BT[i, p:p + n].tolist()
-        if ids and ids[-1] == tokenizer.eos_id:
+        if ids and ids[-1] in tokenizer.eos_ids:
             ids = ids[:-1]
         out.append(tokenizer.decode(ids))
     return out

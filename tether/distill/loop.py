@@ -68,7 +68,7 @@ def evaluate(model, tokenizer, task, cfg) -> float:
     from tether.train.setup import Policy
     from tether.train.setup import evaluate as greedy_accuracy
 
-    engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     return greedy_accuracy(Policy(model, tokenizer, engine), task, cfg)
 
 
@@ -105,11 +105,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
     algo = make_algorithm(cfg, tokenizer, model, rows)
     teacher = build_teacher(cfg, task, vocab) if algo.needs_teacher else None
-    ctx = Context(cfg, task, tokenizer, model, TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_id,
+    ctx = Context(cfg, task, tokenizer, model, TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids,
                                                            pad_id=tokenizer.pad_id))
     if teacher is not None:
         ctx.teacher = teacher
-        ctx.teacher_engine = TorchEngine(copy.deepcopy(teacher), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        ctx.teacher_engine = TorchEngine(copy.deepcopy(teacher), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(cfg.warmup_steps, 1)))
     teacher_accuracy = evaluate(teacher, tokenizer, task, cfg) if teacher is not None else None

@@ -78,6 +78,15 @@ class _HFStepper:
         return self._call(tokens_B[:, None], positions_B[:, None])
 
 
+def eos_ids(eos: int | Sequence[int]) -> tuple[int, ...]:
+    """The stop ids as a non-empty tuple of ints (one id or several; duplicates removed, order kept)."""
+    ids = (eos,) if isinstance(eos, int) or (isinstance(eos, Tensor) and eos.dim() == 0) else tuple(eos)
+    out = tuple(dict.fromkeys(int(i) for i in ids))
+    if not out:
+        raise ValueError("TorchEngine: eos_id must name at least one token id")
+    return out
+
+
 class TorchEngine:
     """Rollout engine over a torch model it owns.
 
@@ -85,8 +94,9 @@ class TorchEngine:
         model: a :class:`TinyLM` or a ``transformers`` causal LM. The engine uses it as given
             (pass ``copy=True`` to keep a private copy, so trainer updates reach it only via
             :meth:`load_weights`).
-        eos_id: the end-of-sequence id (a row stops after generating it).
-        pad_id: filler for padding (defaults to ``eos_id``; masks never depend on it).
+        eos_id: the end-of-sequence id, or several (a row stops after generating any of them: instruct
+            models often list more than one, e.g. end-of-turn and end-of-text).
+        pad_id: filler for padding (defaults to the first EOS id; masks never depend on it).
         dtype: run the engine's model in this dtype (e.g. ``torch.bfloat16``); sampling maths stays
             float32. Default: the model's dtype.
         encode: ``str -> list[int]``, needed only to turn ``SamplingParams.stop`` strings into token
@@ -95,7 +105,7 @@ class TorchEngine:
         version: initial weight version.
     """
 
-    def __init__(self, model: torch.nn.Module, *, eos_id: int, pad_id: int | None = None,
+    def __init__(self, model: torch.nn.Module, *, eos_id: int | Sequence[int], pad_id: int | None = None,
                  dtype: torch.dtype | None = None, copy: bool = False,
                  encode: Callable[[str], list[int]] | None = None, version: int = 0) -> None:
         if copy:
@@ -103,7 +113,8 @@ class TorchEngine:
         if dtype is not None:
             model = model.to(dtype)
         self.model = model.eval()  # sampling runs under inference_mode; requires_grad is left alone
-        self.eos_id = int(eos_id)
+        self.eos_ids = eos_ids(eos_id)
+        self.eos_id = self.eos_ids[0]
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
         self.encode = encode
         self.version = int(version)
@@ -201,6 +212,7 @@ class TorchEngine:
         positions_NB = lens[None, :] + torch.arange(N, device=dev)[:, None]
         noise_BV = torch.empty(B, V, dtype=torch.float32, device=dev)
         temperature, top_k, top_p = params.temperature, params.top_k, params.top_p
+        eos_t = torch.tensor(self.eos_ids, dtype=torch.long, device=dev) if len(self.eos_ids) > 1 else None
 
         logits_BV = stepper.prefill(tokens_BP, valid_BP, positions_BP)
         steps = N
@@ -210,7 +222,11 @@ class TorchEngine:
             torch.gather(logp_BV, 1, tok_B[:, None], out=logp_NB[t, :, None])
             if kept_NB is not None:
                 kept_NB[t] = kept_B
-            stop_B = torch.eq(tok_B, self.eos_id, out=stop_NB[t])
+            if eos_t is None:
+                stop_B = torch.eq(tok_B, self.eos_id, out=stop_NB[t])
+            else:
+                stop_B = stop_NB[t]
+                stop_B.copy_(torch.isin(tok_B, eos_t))
             for s in stops:
                 L = len(s)
                 if L <= t + 1:

@@ -121,19 +121,23 @@ class HFTokenizer:
         tokenizer: the ``transformers`` tokenizer.
         chat: wrap prompts in the chat template (one user turn + generation prompt). None: exactly
             when the tokenizer has a chat template.
-        eos_id: the stop token; default: the tokenizer's EOS.
+        eos_id: the stop token, or several (the model's generation config often lists more than one,
+            e.g. end-of-turn and end-of-text); default: the tokenizer's EOS. ``eos_id`` is the first,
+            ``eos_ids`` all of them.
     """
 
-    def __init__(self, tokenizer: Any, *, chat: bool | None = None, eos_id: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, *, chat: bool | None = None,
+                 eos_id: int | Sequence[int] | None = None) -> None:
         self.tokenizer = tokenizer
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if chat and not has_template:
             raise ValueError("config field 'chat_template': the tokenizer has no chat template")
         self.chat = has_template if chat is None else bool(chat)
         eos = tokenizer.eos_token_id if eos_id is None else eos_id
-        if eos is None:
+        if eos is None or (not isinstance(eos, int) and len(eos) == 0):
             raise ValueError("the model's tokenizer and generation config define no EOS token; tether needs one to stop")
-        self.eos_id = int(eos)
+        self.eos_ids = (int(eos),) if isinstance(eos, int) else tuple(dict.fromkeys(int(i) for i in eos))
+        self.eos_id = self.eos_ids[0]
         pad = tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad is None else int(pad)
 
@@ -180,20 +184,23 @@ def check_vocab(tokenizer: HFTokenizer, model: torch.nn.Module, engine_model: to
                          f"({n_model}): engine and trainer must use the same tokenizer and vocabulary")
     if engine_tokenizer is not None:
         a, b = engine_tokenizer.tokenizer.get_vocab(), tokenizer.tokenizer.get_vocab()
-        if a != b or engine_tokenizer.eos_id != tokenizer.eos_id:
+        if a != b or engine_tokenizer.eos_ids != tokenizer.eos_ids:
             diff = sorted(set(a.items()) ^ set(b.items()))[:3]
-            raise ValueError(f"engine tokenizer differs from the trainer's (eos {engine_tokenizer.eos_id} vs "
-                             f"{tokenizer.eos_id}; first differing entries {diff}): engine and trainer must use the "
+            raise ValueError(f"engine tokenizer differs from the trainer's (eos {list(engine_tokenizer.eos_ids)} vs "
+                             f"{list(tokenizer.eos_ids)}; first differing entries {diff}): engine and trainer must use the "
                              "same tokenizer and vocabulary")
 
 
-def generation_eos(model: torch.nn.Module, tokenizer: Any) -> int | None:
-    """The model's own EOS: its generation config's first, else the tokenizer's."""
+def generation_eos(model: torch.nn.Module, tokenizer: Any) -> list[int] | None:
+    """The model's own stop ids: every EOS its generation config lists (in order), else the
+    tokenizer's EOS; None if neither defines one."""
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return tokenizer.eos_token_id if eos is None else int(eos)
+    if isinstance(eos, int):
+        eos = [eos]
+    if not eos:
+        eos = None if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return None if eos is None else [int(i) for i in eos]
 
 
 def load_hf(spec: str, *, chat: bool | None = None, cache_dir: str | Path | None = None,
@@ -239,7 +246,7 @@ def build_hf_policy(cfg) -> tuple[torch.nn.Module, HFTokenizer, Any]:
         model.train()  # transformers checkpoints only in training mode; these models have no dropout by default
     # the engine's own copy; with share_engine_weights the very same modules (load_weights then copies nothing)
     engine_model = model if cfg.share_engine_weights else copy.deepcopy(model).eval()
-    engine = TorchEngine(engine_model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+    engine = TorchEngine(engine_model, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                          dtype=torch.bfloat16 if cfg.bf16 else None, encode=tokenizer.encode)
     check_vocab(tokenizer, model, engine_model=engine.model, engine_tokenizer=tokenizer)
     return model, tokenizer, engine

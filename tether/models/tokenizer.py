@@ -24,6 +24,7 @@ class CharTokenizer:
     pad_id = 0
     bos_id = 1
     eos_id = 2
+    eos_ids = (2,)
 
     def __init__(self) -> None:
         self._offset = len(SPECIALS)

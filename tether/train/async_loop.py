@@ -293,5 +293,6 @@ def _meter(rollout, current_BT, behave_BT, entropy_BT, step: int) -> dict[str, A
     if current_BT is not None:
         diff = (current_BT - rollout.logp_mu_BT).abs()
         stats["mismatch/abs_logp_diff_mean"] = (diff * mask).sum() / mask.sum().clamp(min=1)
+        stats["mismatch/abs_logp_diff_max"] = torch.where(mask, diff, 0).max() if mask.any() else torch.zeros(())
         stats["entropy/mean"] = (entropy_BT * mask).sum() / mask.sum().clamp(min=1)
     return to_floats(stats)

@@ -45,12 +45,12 @@ def build_policy(cfg: TrainConfig, task: Task) -> Policy:
     model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps)
     from tether.engine.torch_engine import TorchEngine
 
-    engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     if cfg.rollout_precision is not RolloutPrecision.FP32:  # numerics mismatch on purpose (docs/async.md)
         from tether.engine.precision import PrecisionEngine, install_train_precision
 
         engine = PrecisionEngine(copy.deepcopy(model), precision=cfg.rollout_precision, unified=cfg.unified_precision,
-                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                                 eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
         if cfg.unified_precision:
             install_train_precision(model, cfg.rollout_precision)
     return Policy(model=model, tokenizer=tokenizer, engine=engine)
@@ -103,7 +103,7 @@ def completions(policy: Policy, rollout: Rollout) -> list[str]:
     for i in range(rollout.batch_size):
         start = int(rollout.prompt_len_B[i])
         ids = rollout.tokens_BT[i, start:start + int(rollout.completion_len_B[i])].tolist()
-        if ids and ids[-1] == policy.tokenizer.eos_id and bool(rollout.finished_B[i]):
+        if ids and ids[-1] in policy.tokenizer.eos_ids and bool(rollout.finished_B[i]):
             ids = ids[:-1]
         out.append(policy.tokenizer.decode(ids))
     return out

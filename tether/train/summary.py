@@ -35,7 +35,8 @@ def write_summary(run_dir: Path, cfg_dict: dict[str, Any], counters: dict[str, A
         "time/step_s_mean": _mean(records, "time/step_s", slice(None)),
         "perf/tokens_per_s": tokens_total / seconds if seconds > 0 else None,
         "mismatch/abs_logp_diff_mean": _mean(records, "mismatch/abs_logp_diff_mean", slice(None)),
-        "mismatch/abs_logp_diff_max": max((r.get("mismatch/abs_logp_diff_max", 0.0) for r in records), default=None),
+        "mismatch/abs_logp_diff_max": max((r["mismatch/abs_logp_diff_max"] for r in records
+                                           if "mismatch/abs_logp_diff_max" in r), default=None),
         **{f"count/{k}": v for k, v in counters.items()},
         **(extra or {}),
     }
