@@ -12,7 +12,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 
-from tests.engine.hf_helpers import tiny_llama_folder  # noqa: E402
+from tests.engine.hf_helpers import tiny_llama_folder, write_llama_gguf  # noqa: E402
 from tether.models import hf  # noqa: E402
 from tether.train.config import TrainConfig  # noqa: E402
 
@@ -234,6 +234,30 @@ def test_smollm2_alias_loads_chats_and_stops(tmp_path):
                         SamplingParams(temperature=1.0, top_k=1, max_new_tokens=16), seed=0)
     text = tok.decode(r.tokens_BT[0, int(r.prompt_len_B[0]):].tolist())
     assert bool(r.finished_B[0]) and "5" in text
+
+
+def test_gguf_file_written_in_the_test_loads_and_trains(folder, tmp_path, monkeypatch):
+    """A real GGUF file (written here from the tiny Llama, llama.cpp's layout) goes through the real
+    conversion: same logits bit for bit, same tokenizer and EOS, and ``--model FILE.gguf`` trains."""
+    pytest.importorskip("gguf")
+    from tether.train.sync import train
+
+    gguf_file = write_llama_gguf(folder, tmp_path / "tiny.gguf")
+    converted = hf.resolve_model(str(gguf_file), tmp_path / "cache")
+    assert (converted / "model.safetensors").is_file() and (converted / "tokenizer.json").is_file()
+    model, tok = hf.load_hf(str(gguf_file), cache_dir=tmp_path / "cache")
+    ref_model, ref_tok = hf.load_hf(str(folder))
+    text = "12+7= 31\n"
+    assert tok.encode(text) == ref_tok.encode(text) and tok.decode(tok.encode(text)) == text
+    assert tok.eos_ids == ref_tok.eos_ids and tok.pad_id == ref_tok.pad_id
+    tokens = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, ref_model(input_ids=tokens).logits, rtol=0, atol=0)
+    hf.convert_gguf(gguf_file, tmp_path / "again")  # the model is a plain (dequantised) one: saving works
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
+    summary = train(TrainConfig(model=str(gguf_file), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4,
+                                eval_size=2, out=str(tmp_path / "run"), progress=False))
+    assert summary["steps"] == 1
 
 
 def test_gguf_is_converted_once_and_cached(tmp_path, monkeypatch, folder):
