@@ -304,8 +304,9 @@ class TinyLM(nn.Module):
         return KVCache(self.config, batch, max_len or self.config.max_len, dtype=p.dtype, device=p.device)
 
     def forward(self, tokens_BT: Tensor, *, positions_BT: Tensor | None = None, key_valid_BT: Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> Tensor:
-        """Logits (float32) for every position, or only the last one (``last_only``: shape ``[B, 1, V]``).
+                cache: KVCache | None = None, last_only: bool = False, keep_from: int = 0) -> Tensor:
+        """Logits (float32) for every position, only the last one (``last_only``: shape ``[B, 1, V]``),
+        or positions ``keep_from ..`` (``[B, T - keep_from, V]``; earlier positions skip the head).
 
         Without ``cache``: a plain causal forward over ``tokens_BT`` with positions ``0..T-1`` unless
         ``positions_BT`` is given; right padding needs no mask (pads come after the real tokens).
@@ -352,6 +353,8 @@ class TinyLM(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
+        elif keep_from:
+            x = x[:, keep_from:]
         return self.lm_head(self.model.norm(x)).float()
 
 
