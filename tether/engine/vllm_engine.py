@@ -171,16 +171,18 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the server (asks it to exit, then terminates it) and remove the temporary folder."""
+        asked = False
         if self._conn is not None:
             try:
                 self._call("shutdown")
+                asked = True
             except VLLMServerError:
                 pass
             self._conn.close()
             self._conn = None
         if self._proc is not None and self._proc.poll() is None:
             try:
-                self._proc.wait(timeout=30)
+                self._proc.wait(timeout=30 if asked else 0.1)  # a server never connected to is not waited for
             except subprocess.TimeoutExpired:
                 self._proc.terminate()
                 try:
