@@ -12,6 +12,7 @@ from tether.rollout import SamplingParams
 from tether.train.config import EngineKind, RolloutPrecision, TrainConfig, TrainMode
 
 pytestmark = pytest.mark.engine
+pytest.importorskip("safetensors")  # weights travel to the server as a safetensors file (the hf extra)
 
 FAKE = [sys.executable, str(Path(__file__).with_name("fake_vllm_server.py"))]
 V, EOS, PAD = 11, 2, 0

@@ -217,7 +217,10 @@ class VLLMEngine:
         version = int(version)
         if self.pushed_version is not None and version - self.pushed_version < self.options.sync_every:
             return
-        from safetensors.torch import save_file
+        try:
+            from safetensors.torch import save_file
+        except ImportError as e:
+            raise ImportError("the vLLM engine pushes weights as safetensors: pip install -e '.[hf]'") from e
 
         t0 = time.perf_counter()
         path = self._tmp / "weights.safetensors"
