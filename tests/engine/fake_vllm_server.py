@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tether.engine.vllm_server import serve  # noqa: E402
+from tether.engine.vllm_server import exit_with_parent, serve  # noqa: E402
 
 
 class FakeServer:
@@ -59,6 +59,8 @@ def main() -> int:
     if mode == "crash":
         print("fake server: boom at start-up", flush=True)
         return 3
+    if "--parent-pid" in args:
+        exit_with_parent(int(args["--parent-pid"]), period_s=0.2)
     if mode == "hang":
         time.sleep(60)
         return 0

@@ -1,7 +1,9 @@
 """The vLLM engine client and its loopback protocol, against a fake server (no vLLM needed)."""
 
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,28 @@ def test_close_stops_the_server_and_removes_its_files(model_dir):
     with pytest.raises(VLLMServerError, match="closed"):
         engine.generate([[1]], SamplingParams(max_new_tokens=2), seed=0)
     engine.close()  # idempotent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited
+
+
+def test_server_exits_when_its_parent_is_killed(model_dir):
+    """A killed trainer runs no clean-up; its server must not outlive it."""
+    code = ("import sys, os; sys.path.insert(0, '.'); from pathlib import Path; "
+            "from tests.engine.test_vllm_client import fake_engine; "
+            f"e = fake_engine(Path({str(model_dir)!r})); print(e.pid, flush=True); os._exit(9)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)
 
 
 def test_errors_before_the_server(model_dir):

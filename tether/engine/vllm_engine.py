@@ -123,7 +123,8 @@ class VLLMEngine:
             command = [python, str(SERVER_SCRIPT)]
         ready = self._tmp / "ready.json"
         args = [*command, "--model", str(model_dir), "--ready-file", str(ready), "--dtype", self.options.dtype,
-                "--seed", str(self.options.seed), "--max-logprobs", str(max(20, min(self.vocab_size, 256)))]
+                "--parent-pid", str(os.getpid()), "--seed", str(self.options.seed),
+                "--max-logprobs", str(max(20, min(self.vocab_size, 256)))]
         if self.options.max_model_len is not None:
             args += ["--max-model-len", str(self.options.max_model_len)]
         key = secrets.token_bytes(32)

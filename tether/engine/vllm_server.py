@@ -161,6 +161,24 @@ def serve(server: Server, ready_file: str, authkey: bytes) -> None:
                         conn.send({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
 
+def exit_with_parent(parent_pid: int, period_s: float = 1.0) -> None:
+    """A daemon thread that ends this server once the tether process that started it is gone (a
+    killed trainer runs no clean-up, and an orphaned server would hold memory and cores)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="tether's vLLM rollout server (loopback only)")
     p.add_argument("--model", required=True, help="Hugging Face model folder")
@@ -169,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-logprobs", type=int, default=20, help="most log-probs a request may ask for")
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE unless already set")
     args = p.parse_args(argv)
     key = os.environ.get("TETHER_VLLM_AUTHKEY")
     if not key:
         print("vllm_server: TETHER_VLLM_AUTHKEY is not set", file=sys.stderr)
         return 2
+    if args.parent_pid is not None:
+        exit_with_parent(args.parent_pid)
     server = Server(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
                     max_logprobs=args.max_logprobs, kv_cache_gib=args.kv_cache_gib)
     serve(server, args.ready_file, bytes.fromhex(key))
