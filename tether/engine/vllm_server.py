@@ -92,12 +92,10 @@ class Server:
 
         if len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
-        common = dict(temperature=temperature, top_k=top_k if top_k is not None else 0,
+        common = dict(temperature=temperature, top_k=top_k if top_k is not None else 0,  # 0: no top-k
                       top_p=top_p if top_p is not None else 1.0, max_tokens=max_tokens,
                       stop_token_ids=list(stop_token_ids), ignore_eos=True, detokenize=False,
                       logprobs=self.max_logprobs if kept_counts else 0)
-        if top_k is None:
-            common["top_k"] = -1 if _top_k_disabled_is_minus_one() else 0
         params = [SamplingParams(seed=int(s), **common) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         rows = []
@@ -120,17 +118,6 @@ class Server:
         counts = self.llm.collective_rpc(_load_weights_on_worker, args=(path,))
         self.llm.reset_prefix_cache()
         return {"loaded": int(counts[0]), "seconds": time.perf_counter() - t0}
-
-
-def _top_k_disabled_is_minus_one() -> bool:
-    """vLLM releases disagree on 'no top-k' (0 or -1); ask the installed one."""
-    from vllm import SamplingParams
-
-    try:
-        SamplingParams(top_k=0)
-        return False
-    except ValueError:
-        return True
 
 
 def serve(server: Server, ready_file: str, authkey: bytes) -> None:
