@@ -97,6 +97,17 @@ def test_truncation_support_sizes(model_dir):
         assert r.kept_count_BT[mask].tolist() == [4] * int(mask.sum())  # top-k alone: k, no server round trip
         r = engine.generate([[1]], SamplingParams(max_new_tokens=3, top_p=0.5), seed=0)
         assert r.kept_count_BT[r.loss_mask_BT].tolist() == [7] * int(r.loss_mask_BT.sum())  # counted by the server
+    with fake_engine(model_dir, record_support=False) as engine:
+        engine.load_weights({"w": torch.ones(1)}, version=0)
+        r = engine.generate([[1]], SamplingParams(max_new_tokens=3, top_p=0.5), seed=0)
+        assert r.kept_count_BT is None  # not asked for: no full-vocabulary log-probs
+
+
+def test_top_p_support_needs_a_small_vocabulary(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 300}))
+    with VLLMEngine(tmp_path, eos_id=EOS, vocab_size=300, command=FAKE) as engine:
+        with pytest.raises(ValueError, match="top_p needs the support size"):
+            engine.generate([[1]], SamplingParams(max_new_tokens=2, top_p=0.9), seed=0)
 
 
 def test_sync_every_pushes_every_kth_version_and_tokens_record_it(model_dir):

@@ -68,6 +68,9 @@ class VLLMOptions:
     """vLLM's context length (None: the model config's)."""
     seed: int = 0
     """vLLM's engine seed (every request also carries its own seed)."""
+    record_support: bool = True
+    """Record the top-p support size of every token (for the trainer's truncation replay); off, a
+    top-p rollout carries no kept counts and needs no full-vocabulary log-probs."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -241,10 +244,12 @@ class VLLMEngine:
             return "none"
         if params.top_p is None or params.top_p >= 1.0:
             return "top_k"  # the support is the k best tokens: its size is known without asking
+        if not self.options.record_support:
+            return "none"
         if self.vocab_size > int(self.info["max_logprobs"]):
             raise ValueError(f"vLLM engine: top_p needs the support size of every sampled token, which this engine "
                              f"reads from full-vocabulary log-probs (vocabulary {self.vocab_size} > "
-                             f"{self.info['max_logprobs']}); use top_k, or the torch engine")
+                             f"{self.info['max_logprobs']}); use top_k, no truncation replay, or the torch engine")
         return "count"
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed: int,
@@ -280,7 +285,9 @@ class VLLMEngine:
             raise VLLMServerError(f"vLLM server returned {len(out)} rows for {B} prompts")
         comp = [r["token_ids"] for r in out]
         logp = [r["logprobs"] for r in out]
-        if mode == "top_k":
+        if mode == "none" and params.truncates:
+            kept = None  # not recorded (record_support off)
+        elif mode == "top_k":
             kept = [[min(int(params.top_k), self.vocab_size)] * len(c) for c in comp]
         elif mode == "count":
             kept = [r["kept"] for r in out]
@@ -288,8 +295,11 @@ class VLLMEngine:
             kept = [[self.vocab_size] * len(c) for c in comp]
         ver = [[self.version] * len(c) for c in comp]
         finished = [bool(r["stopped"]) for r in out]
-        return assemble(rows, comp, logp, kept, ver, finished, params, group_B, pad_id=self.pad_id,
-                        vocab_size=self.vocab_size)
+        rollout = assemble(rows, comp, logp, kept or [[self.vocab_size] * len(c) for c in comp], ver, finished, params,
+                           group_B, pad_id=self.pad_id, vocab_size=self.vocab_size)
+        if kept is None:
+            rollout.kept_count_BT = None
+        return rollout
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -312,6 +322,7 @@ def build_vllm_engine(cfg, model: torch.nn.Module, tokenizer) -> VLLMEngine:
         from tether.models.hf import resolve_model
 
         folder, own = resolve_model(cfg.model), False
-    options = VLLMOptions(dtype=cfg.vllm_dtype, sync_every=cfg.vllm_sync_every, seed=cfg.seed)
+    options = VLLMOptions(dtype=cfg.vllm_dtype, sync_every=cfg.vllm_sync_every, seed=cfg.seed,
+                          record_support=cfg.replay_truncation)
     return VLLMEngine(folder, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=model_vocab_size(model),
                       options=options, own_model_dir=own)
