@@ -1,8 +1,10 @@
 """The vLLM engine client and its loopback protocol, against a fake server (no vLLM needed)."""
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,10 +37,16 @@ def test_missing_vllm_env_names_the_setup_script(model_dir):
         VLLMEngine(model_dir, eos_id=EOS, vocab_size=V, options=VLLMOptions(python="/nonexistent/.venv-vllm/bin/python"))
 
 
-def test_server_crash_at_startup_reports_its_log(model_dir, monkeypatch):
+def _engine_folders() -> set:
+    return set(Path(tempfile.gettempdir()).glob("tether-vllm-*"))
+
+
+def test_server_crash_at_startup_reports_its_log_and_cleans_up(model_dir, monkeypatch):
     monkeypatch.setenv("FAKE_VLLM_MODE", "crash")
+    before = _engine_folders()
     with pytest.raises(VLLMServerError, match="boom at start-up"):
         fake_engine(model_dir)
+    assert _engine_folders() <= before
 
 
 def test_startup_timeout_is_an_error_and_kills_the_server(model_dir, monkeypatch):
@@ -150,14 +158,15 @@ def test_server_exits_when_its_parent_is_killed(model_dir):
     """A killed trainer runs no clean-up; its server must not outlive it."""
     code = ("import sys, os; sys.path.insert(0, '.'); from pathlib import Path; "
             "from tests.engine.test_vllm_client import fake_engine; "
-            f"e = fake_engine(Path({str(model_dir)!r})); print(e.pid, flush=True); os._exit(9)")
+            f"e = fake_engine(Path({str(model_dir)!r})); print(e.pid, e._tmp, flush=True); os._exit(9)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=str(Path(__file__).resolve().parents[2]))
-    pid = int(out.stdout.split()[0])
+    pid, folder = out.stdout.split()
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while _alive(int(pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid)
+    shutil.rmtree(folder, ignore_errors=True)  # the killed parent could not remove it
+    assert not _alive(int(pid))
 
 
 def test_errors_before_the_server(model_dir):

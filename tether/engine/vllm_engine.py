@@ -111,7 +111,11 @@ class VLLMEngine:
         self._tmp = Path(tempfile.mkdtemp(prefix="tether-vllm-"))
         self._log_path = self._tmp / "server.log"
         self._owned = Path(model_dir) if own_model_dir else None  # removed on close (a folder written for us)
-        self.info = self._start(Path(model_dir), command)
+        try:
+            self.info = self._start(Path(model_dir), command)
+        except BaseException:
+            self.close()  # no server, temporary folder or model copy left behind by a failed start
+            raise
         if int(self.info["vocab_size"]) != self.vocab_size:
             self.close()
             raise ValueError(f"vLLM model vocabulary ({self.info['vocab_size']}) differs from the trainer's "
@@ -147,7 +151,6 @@ class VLLMEngine:
                 raise VLLMServerError(f"vLLM server exited with code {self._proc.returncode} during start-up "
                                       f"(if vLLM is missing: {SETUP_HINT}); last log lines:\n{self.log_tail()}")
             if time.monotonic() > deadline:
-                self.close()
                 raise VLLMServerError(f"vLLM server not ready after {self.options.startup_timeout_s:.0f} s; "
                                       f"last log lines:\n{self.log_tail()}")
             time.sleep(0.1)
