@@ -39,6 +39,11 @@ class OldLogits(str, enum.Enum):
     LOGLINEAR = "loglinear"
 
 
+class EngineKind(str, enum.Enum):
+    TORCH = "torch"
+    VLLM = "vllm"
+
+
 class RolloutPrecision(str, enum.Enum):
     FP32 = "fp32"
     BF16 = "bf16"
@@ -121,6 +126,10 @@ class TrainConfig:
     tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)")
     wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)")
     mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)")
+    engine: EngineKind = opt(EngineKind.TORCH, "rollout engine: torch (in-process) or vllm (a vLLM server in its own "
+                             "env, .venv-vllm from scripts/setup_vllm.sh; docs/engines.md)")
+    vllm_sync_every: int = opt(1, "engine vllm, sync mode: push weights to vLLM every k steps (tokens up to k-1 "
+                                  "versions stale, recorded per token)")
     share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
                                      "trainer's own fp32 weights (no second copy in memory)")
 
@@ -193,7 +202,37 @@ class TrainConfig:
         if self.share_engine_weights and (self.bf16 or self.gradient_checkpointing):
             raise ValueError("config field 'share_engine_weights' excludes bf16 (the engine would need its own bf16 "
                              "copy) and gradient_checkpointing (the engine switches the shared model to eval mode)")
+        self._validate_engine()
         for name in ("lora_r", "gradient_checkpointing", "chat_template", "share_engine_weights"):
             if self.model == "tiny" and getattr(self, name):
                 raise ValueError(f"config field '{name}' needs a Hugging Face model (--model PATH or smollm2), "
                                  "not the built-in 'tiny'")
+
+    def _validate_engine(self) -> None:
+        if self.vllm_sync_every < 1:
+            raise ValueError(f"config field 'vllm_sync_every' must be >= 1, got {self.vllm_sync_every}")
+        if self.engine is EngineKind.TORCH:
+            if self.vllm_sync_every != 1:
+                raise ValueError("config field 'vllm_sync_every' needs engine 'vllm'")
+            return
+        if self.vllm_sync_every != 1 and self.mode is not TrainMode.SYNC:
+            raise ValueError("config field 'vllm_sync_every' needs mode 'sync' (the async loop bounds staleness with "
+                             "max_staleness / rollout_lag)")
+        if self.rollout_precision is RolloutPrecision.INT8:
+            raise ValueError("config field 'rollout_precision': engine 'vllm' runs fp32, bf16 or fp16, not int8")
+        for name in ("lora_r", "share_engine_weights"):
+            if getattr(self, name):
+                raise ValueError(f"config field '{name}' is not supported with engine 'vllm' (vLLM loads the full "
+                                 "model's weights by their Hugging Face names)")
+        if self.top_p is not None and self.top_p < 1.0 and self.model != "tiny" and self.replay_truncation:
+            raise ValueError("config field 'top_p' with engine 'vllm' and a Hugging Face model cannot be replayed "
+                             "(the support size needs full-vocabulary log-probs); use top_k or --no-replay-truncation")
+
+    @property
+    def vllm_dtype(self) -> str:
+        """vLLM's dtype, derived: rollout_precision bf16 / fp16, or bf16 for a Hugging Face model; else float32."""
+        if self.rollout_precision is RolloutPrecision.FP16:
+            return "float16"
+        if self.rollout_precision is RolloutPrecision.BF16 or (self.bf16 and self.model != "tiny"):
+            return "bfloat16"
+        return "float32"

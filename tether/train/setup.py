@@ -14,7 +14,7 @@ from torch import Tensor
 
 from tether.rollout import Rollout, SamplingParams
 from tether.tasks.base import Example, Task
-from tether.train.config import LRSchedule, RolloutPrecision, TrainConfig
+from tether.train.config import EngineKind, LRSchedule, RolloutPrecision, TrainConfig
 
 
 @dataclass
@@ -36,6 +36,15 @@ def build_task(cfg: TrainConfig) -> Task:
 
 
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:
+    policy = _build_policy(cfg, task)
+    if cfg.engine is EngineKind.VLLM:  # a vLLM server in its own environment replaces the torch engine
+        from tether.engine.vllm_engine import build_vllm_engine
+
+        policy.engine = build_vllm_engine(cfg, policy.model, policy.tokenizer)
+    return policy
+
+
+def _build_policy(cfg: TrainConfig, task: Task) -> Policy:
     from tether.models import builtin
 
     if cfg.model != "tiny":  # a Hugging Face folder, a .gguf file or an alias (tether.models.hf)
