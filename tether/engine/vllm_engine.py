@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from tether.engine.partial import assemble
+from tether.engine.torch_engine import eos_ids
 from tether.rollout import Rollout, SamplingParams
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -86,8 +87,8 @@ class VLLMEngine:
 
     Args:
         model_dir: a Hugging Face model folder (``config.json`` + safetensors) with the initial weights.
-        eos_id: the stop token (passed to vLLM as a stop token id; kept in the completion).
-        pad_id: filler for padding (defaults to ``eos_id``; masks never depend on it).
+        eos_id: the stop token id, or several (passed to vLLM as stop token ids; kept in the completion).
+        pad_id: filler for padding (defaults to the first EOS id; masks never depend on it).
         vocab_size: the trainer's vocabulary size (checked against the server's).
         options: :class:`VLLMOptions`.
         own_model_dir: remove ``model_dir`` on :meth:`close` (a folder written only for this engine).
@@ -95,10 +96,11 @@ class VLLMEngine:
             venv's python running ``vllm_server.py``.
     """
 
-    def __init__(self, model_dir: str | Path, *, eos_id: int, pad_id: int | None = None, vocab_size: int,
+    def __init__(self, model_dir: str | Path, *, eos_id: int | Sequence[int], pad_id: int | None = None, vocab_size: int,
                  options: VLLMOptions = VLLMOptions(), command: Sequence[str] | None = None, version: int = 0,
                  own_model_dir: bool = False) -> None:
-        self.eos_id = int(eos_id)
+        self.eos_ids = eos_ids(eos_id)
+        self.eos_id = self.eos_ids[0]
         self.pad_id = self.eos_id if pad_id is None else int(pad_id)
         self.vocab_size = int(vocab_size)
         self.options = options
@@ -281,7 +283,7 @@ class VLLMEngine:
         mode = self._kept_mode(params)
         seeds = [row_seed(seed, i) for i in range(B)]
         reply = self._call("generate", prompts=rows, seeds=seeds, temperature=float(params.temperature),
-                           top_k=params.top_k, top_p=params.top_p, max_tokens=N, stop_token_ids=[self.eos_id],
+                           top_k=params.top_k, top_p=params.top_p, max_tokens=N, stop_token_ids=list(self.eos_ids),
                            kept_counts=mode == "count")
         out = reply["rows"]
         if len(out) != B:
@@ -327,5 +329,5 @@ def build_vllm_engine(cfg, model: torch.nn.Module, tokenizer) -> VLLMEngine:
         folder, own = resolve_model(cfg.model), False
     options = VLLMOptions(dtype=cfg.vllm_dtype, sync_every=cfg.vllm_sync_every, seed=cfg.seed,
                           record_support=cfg.replay_truncation)
-    return VLLMEngine(folder, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=model_vocab_size(model),
+    return VLLMEngine(folder, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, vocab_size=model_vocab_size(model),
                       options=options, own_model_dir=own)
