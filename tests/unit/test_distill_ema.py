@@ -164,3 +164,9 @@ def test_config_field_validation_and_defaults():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="teacher_ema_decay"):
             DistillConfig(algorithm=Algorithm.OPSD, opsd_teacher=OPSDTeacher.EMA, teacher_ema_decay=bad)
+
+
+def test_opsd_teacher_accepts_its_value_and_names_the_field_when_wrong():
+    assert DistillConfig(algorithm="opsd", opsd_teacher="ema").opsd_teacher is OPSDTeacher.EMA
+    with pytest.raises(ValueError, match="opsd_teacher"):
+        DistillConfig(algorithm=Algorithm.OPSD, opsd_teacher="current")

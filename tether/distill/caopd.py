@@ -48,6 +48,7 @@ from torch import Tensor
 
 from tether.distill.base import Batch, Context, completion_texts, on_policy, sampling
 from tether.distill.calibration import (
+    brier_score,
     empirical_confidence,
     expected_calibration_error,
     overconfidence_gap,
@@ -144,17 +145,33 @@ class CaOPD:
         return Batch(batch_rollout, rows, teacher_signals(lp_BTV, batch_rollout), rewards_B=rewards)
 
 
-@torch.no_grad()
-def calibration_report(engine, tokenizer, task, cfg) -> dict[str, float]:
-    """Greedy held-out accuracy, stated confidence, ECE (10 bins) and overconfidence gap."""
+def _calibration(texts: list[str], examples, task, cfg) -> dict[str, float]:
     from tether.tasks.rewards import score
 
-    examples = task.eval_examples()[: cfg.eval_size]
-    greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=sampling(cfg).max_new_tokens)
-    rollout = engine.generate([tokenizer.encode(ex.prompt) for ex in examples], greedy, seed=0)
-    texts = completion_texts(rollout, tokenizer)
     correct = torch.tensor([score(task.reward, ex.prompt, t, ex.answer, timeout_s=cfg.reward_timeout_s).reward > 0.5
                             for ex, t in zip(examples, texts)], dtype=torch.float64)
     conf = torch.tensor([stated_confidence(t, cfg.confidence_label) for t in texts], dtype=torch.float64)
     return {"accuracy": float(correct.mean()), "confidence_mean": float(conf.mean()),
-            "ece": float(expected_calibration_error(conf, correct)), "ocg": float(overconfidence_gap(conf, correct))}
+            "ece": float(expected_calibration_error(conf, correct)), "ocg": float(overconfidence_gap(conf, correct)),
+            "brier": float(brier_score(conf, correct))}
+
+
+@torch.no_grad()
+def calibration_report(engine, tokenizer, task, cfg, *, samples_per_problem: int = 4) -> dict[str, float]:
+    """Held-out accuracy, mean stated confidence, ECE (10 bins), overconfidence gap and Brier score.
+
+    Twice: on the greedy completion of each problem (keys as named), and on ``samples_per_problem``
+    completions per problem sampled as in training (``temperature`` / ``top_k`` / ``top_p``; keys
+    prefixed ``sampled_``). The sampled ones measure what CaOPD's target estimates: ``P_acc`` is the
+    success rate of *sampled* completions, and at temperature 1 that is lower than the greedy
+    accuracy, so a calibrated sampler looks underconfident on greedy answers.
+    """
+    examples = task.eval_examples()[: cfg.eval_size]
+    prompts = [tokenizer.encode(ex.prompt) for ex in examples]
+    greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=sampling(cfg).max_new_tokens)
+    out = _calibration(completion_texts(engine.generate(prompts, greedy, seed=0), tokenizer), examples, task, cfg)
+    sampled = engine.generate(prompts, sampling(cfg), seed=0, n=samples_per_problem)
+    rows = [ex for ex in examples for _ in range(samples_per_problem)]
+    out.update({f"sampled_{k}": v for k, v in
+                _calibration(completion_texts(sampled, tokenizer), rows, task, cfg).items()})
+    return out

@@ -95,6 +95,12 @@ class DistillConfig:
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        for name, kind in (("algorithm", Algorithm), ("opsd_teacher", OPSDTeacher)):  # accept the enum's value
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"config field '{name}' must be one of {[k.value for k in kind]}, "
+                                 f"got {getattr(self, name)!r}") from None
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_size", "teacher_samples",
                      "teacher_d_model", "teacher_layers", "student_d_model", "student_layers"):
             if getattr(self, name) < 1:
