@@ -2,7 +2,7 @@
 
 Per prompt the student samples K = ``group_size`` completions; each is verified by the task
 (the reward reads the first line), giving the group's empirical success rate ``P_acc``. Every
-completion is rewritten as ``<first line>\n{confidence_label}{P_acc:.2f}<eos>`` (the body is cut so
+completion is rewritten as ``<first line>\\n{confidence_label}{P_acc:.2f}<eos>`` (the body is cut so
 the whole fits ``max_new_tokens``): the confidence target is the student's *empirical* success
 rate, not its self-report (SalesforceAIResearch/CaOPD ``_generate_and_score_completions``;
 methods.md §(b)3). The rewritten rows carry no valid behaviour log-probs (as CaOPD disables TIS).
@@ -15,10 +15,10 @@ distribution at each position is:
 
 - on the answer (the first line): the EMA teacher's next-token distribution, reading the same
   context as the student. This term holds the answer where the student's own samples put it (the
-  EMA trails the student) and is what keeps accuracy: without it (plain NLL of the rewritten
-  sequence, this module's earlier version) the new suffix pulled the answer digits with it and
-  held-out accuracy fell from 36 % to 3 % (docs/distill.md).
-- on the confidence suffix (``\n{label}{P_acc:.2f}<eos>``): a point mass on the target text
+  EMA trails the student). This module's earlier version had no such term (plain NLL of the
+  rewritten sequence) and held-out accuracy fell from 36 % to 3 % in 40 steps; with it, 18 %
+  (without the stated-confidence warm start below; docs/distill.md).
+- on the confidence suffix (``\\n{label}{P_acc:.2f}<eos>``): a point mass on the target text
   (:func:`point_mass_logprobs`). CaOPD's teacher *reads* ``P_acc`` in its context, told "Output this
   exact value in the 'Confidence:' field", so its distribution there is (for an instruction-following
   LLM) concentrated on those characters; a built-in character model cannot follow that
@@ -27,7 +27,7 @@ distribution at each position is:
   sum *is* the first 2-3 tokens).
 
 The student must already state a confidence, as CaOPD's prompted LLMs do: :class:`StatedConfidence`
-is the task variant whose reference completions are ``<answer>\n{label}1.00`` (every answer asserted
+is the task variant whose reference completions are ``<answer>\\n{label}1.00`` (every answer asserted
 with full confidence, the habit SFT on correct demonstrations teaches), and the caopd student is
 warm-started on it. Teaching the format from scratch inside CaOPD broke the answers instead: the
 new suffix's digits and ``.`` leaked into the answer line (measured in docs/distill.md).
