@@ -41,3 +41,19 @@ def test_sft_then_pear_on_saved_teacher_data(tmp_path):
     ess = _metric(tmp_path / "pear", "pear/ess")
     assert all(0 < e <= 1 + 1e-6 for e in ess)
     assert s["steps"] == p["steps"] == 3 and nll[0] > 0
+
+
+def test_caopd_runs_with_an_ema_teacher_and_reports_calibration(tmp_path):
+    s = distill(DistillConfig(algorithm=Algorithm.CAOPD, confidence_label="c", max_new_tokens=10, steps=3,
+                              out=str(tmp_path), **SMALL))
+    for key in ("ece", "sampled_ece", "confidence_mean", "sampled_accuracy", "brier"):
+        for when in ("before", "after"):
+            assert 0.0 <= s[f"calibration/{key}_{when}"] <= 1.0
+    div = _metric(tmp_path, "distill/divergence")
+    assert len(div) == 3 and all(d > 0 for d in div)  # the confidence line is a new target: positive KL
+
+
+def test_opsd_with_an_ema_teacher_runs(tmp_path):
+    s = distill(DistillConfig(algorithm=Algorithm.OPSD, opsd_teacher="ema", teacher_ema_decay=0.5, steps=2,
+                              out=str(tmp_path), **SMALL))
+    assert s["steps"] == 2 and s["teacher_tokens"] > 0

@@ -33,9 +33,13 @@ def run(args: argparse.Namespace) -> int:
         table.add_row("teacher held-out accuracy", f"{s['eval/teacher_accuracy']:.1%}")
     table.add_row("params (student / teacher)", f"{s['student_params']:,} / " + (f"{s['teacher_params']:,}" if s['teacher_params'] else "-"))
     if "calibration/ece_before" in s:
-        table.add_row("calibration ECE", f"{s['calibration/ece_before']:.3f} -> {s['calibration/ece_after']:.3f}")
-        table.add_row("stated confidence (mean)",
-                      f"{s['calibration/confidence_mean_before']:.2f} -> {s['calibration/confidence_mean_after']:.2f}")
+        for prefix, what in (("sampled_", "sampled"), ("", "greedy")):
+            c = {k: (s[f"calibration/{prefix}{k}_before"], s[f"calibration/{prefix}{k}_after"])
+                 for k in ("ece", "confidence_mean", "accuracy")}
+            table.add_row(f"calibration ECE ({what})", f"{c['ece'][0]:.3f} -> {c['ece'][1]:.3f}")
+            table.add_row(f"stated confidence / accuracy ({what})",
+                          f"{c['confidence_mean'][0]:.2f} / {c['accuracy'][0]:.2f} -> "
+                          f"{c['confidence_mean'][1]:.2f} / {c['accuracy'][1]:.2f}")
     table.add_row("steps", str(s["steps"]))
     table.add_row("teacher tokens", f"{s['teacher_tokens']:,}")
     table.add_row("time", f"{s['time/total_s']:.1f} s")

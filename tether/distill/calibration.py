@@ -1,5 +1,5 @@
-"""Calibration metrics and CaOPD's empirical-confidence target (building blocks; the ``caopd``
-algorithm itself is not implemented yet, see docs/distill.md).
+"""Calibration metrics and CaOPD's empirical-confidence target (building blocks of the ``caopd``
+algorithm in :mod:`tether.distill.caopd`; results in docs/distill.md).
 
 With stated confidences ``c_i`` in [0, 1] and correctness ``a_i`` in {0, 1} (CaOPD
 ``eval/calibration_metrics.py``, methods.md §(b)3):

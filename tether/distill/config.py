@@ -24,23 +24,32 @@ class Algorithm(str, enum.Enum):
     RL = "rl"
 
 
+class OPSDTeacher(str, enum.Enum):
+    FIXED = "fixed"
+    EMA = "ema"
+
+
 DEFAULT_OBJECTIVE = {
     Algorithm.OPD: "distill_reverse_kl",
     Algorithm.OPSD: "distill_jsd",
     Algorithm.SFT: "sft",
     Algorithm.PEAR: "pear",
-    Algorithm.CAOPD: "sft",
+    Algorithm.CAOPD: "distill_forward_kl",
     Algorithm.BLACKBOX: "grpo",
     Algorithm.RL: "grpo",
 }
 """The preset each algorithm uses when ``objective`` is not given."""
+
+DEFAULT_EMA_DECAY = {Algorithm.OPSD: 0.999, Algorithm.CAOPD: 0.99}
+"""The EMA teacher's decay when ``teacher_ema_decay`` is not given (OPSD ``use_ema_teacher``; CaOPD
+``ref_model_mixup_alpha = 0.01``)."""
 
 
 @dataclass
 class DistillConfig:
     algorithm: Algorithm = opt(Algorithm.OPD, "opd, opsd, sft, pear, caopd, blackbox (text-only teacher) or rl (no teacher)")
     objective: str | None = opt(None, "objective preset (none: the algorithm's default: opd -> distill_reverse_kl (full vocabulary), opsd -> "
-                                "distill_jsd, sft -> sft, pear -> pear, blackbox/rl -> grpo)")
+                                "distill_jsd, sft -> sft, pear -> pear, caopd -> distill_forward_kl, blackbox/rl -> grpo)")
     objective_args: dict | None = opt(None, 'JSON dict of preset overrides, e.g. {"support": "topk_teacher", "k": 8}')
     task: str = opt("arithmetic", "built-in task name or a JSONL file path")
     task_options: dict | None = opt(None, "JSON dict of task config fields (none: 1-2 digit addition)")
@@ -60,6 +69,11 @@ class DistillConfig:
                            "sampling the teacher")
     save_data: str | None = opt(None, "sft/pear: also write the teacher samples (with behaviour log-probs) here")
     opsd_template: str = opt("{solution}\n{prompt}", "opsd: the teacher's privileged context ({prompt}, {solution})")
+    opsd_teacher: OPSDTeacher = opt(OPSDTeacher.FIXED, "opsd: the teacher's weights: fixed (the student's initial "
+                                    "weights) or ema (an EMA of the student's weights)")
+    teacher_ema_decay: float | None = opt(None, "opsd with opsd_teacher ema, caopd: EMA teacher decay d in [0, 1], "
+                                          "theta_T <- d theta_T + (1 - d) theta_S after every step (none: opsd 0.999, "
+                                          "caopd 0.99)")
     confidence_label: str = opt("Confidence: ", "caopd: the label before the stated confidence")
     teacher_samples: int = opt(4, "blackbox: teacher completions per prompt used as references")
     teacher_token_budget: int | None = opt(None, "stop once this many teacher tokens were spent (none: run all steps)")
@@ -81,6 +95,12 @@ class DistillConfig:
     progress: bool = opt(True, "show a progress bar")
 
     def __post_init__(self) -> None:
+        for name, kind in (("algorithm", Algorithm), ("opsd_teacher", OPSDTeacher)):  # accept the enum's value
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"config field '{name}' must be one of {[k.value for k in kind]}, "
+                                 f"got {getattr(self, name)!r}") from None
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "eval_size", "teacher_samples",
                      "teacher_d_model", "teacher_layers", "student_d_model", "student_layers"):
             if getattr(self, name) < 1:
@@ -98,9 +118,27 @@ class DistillConfig:
         if self.algorithm is Algorithm.CAOPD and self.max_new_tokens < need:
             raise ValueError(f"config field 'max_new_tokens' must be >= {need} for caopd with confidence_label "
                              f"{self.confidence_label!r}, got {self.max_new_tokens}")
+        if self.teacher_ema_decay is not None:
+            if not self.uses_ema_teacher:
+                raise ValueError("config field 'teacher_ema_decay' applies to algorithm caopd, or opsd with "
+                                 "opsd_teacher 'ema', only")
+            if not 0.0 <= self.teacher_ema_decay <= 1.0:
+                raise ValueError(f"config field 'teacher_ema_decay' must be in [0, 1], got {self.teacher_ema_decay}")
         if "{prompt}" not in self.opsd_template or "{solution}" not in self.opsd_template:
             raise ValueError("config field 'opsd_template' must contain {prompt} and {solution}")
 
     @property
     def preset_name(self) -> str:
         return self.objective or DEFAULT_OBJECTIVE[self.algorithm]
+
+    @property
+    def uses_ema_teacher(self) -> bool:
+        return self.algorithm is Algorithm.CAOPD or (self.algorithm is Algorithm.OPSD
+                                                     and self.opsd_teacher is OPSDTeacher.EMA)
+
+    @property
+    def ema_decay(self) -> float | None:
+        """The EMA teacher's decay, or None when the algorithm has no EMA teacher."""
+        if not self.uses_ema_teacher:
+            return None
+        return self.teacher_ema_decay if self.teacher_ema_decay is not None else DEFAULT_EMA_DECAY[self.algorithm]

@@ -43,6 +43,7 @@ def step_seed(seed: int, step: int) -> int:
 def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows=None):
     from tether.distill.blackbox import BlackBox
     from tether.distill.caopd import CaOPD
+    from tether.distill.ema import frozen_copy
     from tether.distill.opd import OPD, OPSD
     from tether.distill.rl import RL
     from tether.distill.sft import OffPolicySFT
@@ -50,16 +51,13 @@ def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows
     if cfg.algorithm is Algorithm.OPD:
         return OPD()
     if cfg.algorithm is Algorithm.OPSD:
-        teacher = copy.deepcopy(student).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        return OPSD(teacher)
+        return OPSD(frozen_copy(student), cfg.ema_decay)
     if cfg.algorithm in (Algorithm.SFT, Algorithm.PEAR):
         return OffPolicySFT(rows)
     if cfg.algorithm is Algorithm.BLACKBOX:
         return BlackBox()
     if cfg.algorithm is Algorithm.CAOPD:
-        return CaOPD()
+        return CaOPD(frozen_copy(student), cfg.ema_decay)
     return RL()
 
 
@@ -100,6 +98,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
+    if cfg.algorithm is Algorithm.CAOPD:  # the student states a confidence before CaOPD calibrates it
+        from tether.distill.caopd import StatedConfidence
+
+        task = StatedConfidence(task, cfg.confidence_label)
     model, tokenizer = build_student(cfg, task)
     if cfg.init is not None:
         model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))

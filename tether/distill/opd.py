@@ -6,10 +6,12 @@ Both sample from the student and add the teacher's log-probabilities at every st
 so a preset can mix in RL (``rl_coef``).
 
 - ``opd``: the teacher is a separate causal LM sharing the student's tokenizer (methods.md §(b)1).
-- ``opsd``: the teacher is the student's *initial* weights (siyan-zhao/OPSD ``fixed_teacher``)
-  conditioned on privileged context, ``opsd_template`` with the reference solution, while the
-  student sees the question only (methods.md §(b)2). The teacher's row is the privileged prompt
-  followed by the student's completion; its log-probs are moved back onto the student's positions.
+- ``opsd``: the teacher is the student's *initial* weights (siyan-zhao/OPSD ``fixed_teacher``, the
+  default) or, with ``opsd_teacher = ema``, an EMA of the student's weights (``use_ema_teacher``,
+  decay ``teacher_ema_decay``, default 0.999; :mod:`tether.distill.ema`), conditioned on
+  privileged context, ``opsd_template`` with the reference solution, while the student sees the
+  question only (methods.md §(b)2). The teacher's row is the privileged prompt followed by the
+  student's completion; its log-probs are moved back onto the student's positions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from tether.distill.base import Batch, Context, on_policy
+from tether.distill.ema import ema_update
 from tether.distill.models import vocab_logprobs
 from tether.rollout import Rollout
 
@@ -66,12 +69,17 @@ class OPD:
 
 
 class OPSD:
-    needs_teacher = False  # the teacher is the student's frozen initial weights
+    needs_teacher = False  # the teacher is a frozen copy of the student
 
-    def __init__(self, initial_student: torch.nn.Module) -> None:
+    def __init__(self, initial_student: torch.nn.Module, ema_decay: float | None = None) -> None:
+        """``initial_student``: a frozen copy of the student (:func:`tether.distill.ema.frozen_copy`);
+        ``ema_decay``: None keeps it fixed, else it trails the student by this EMA decay."""
         self.teacher = initial_student
+        self.ema_decay = ema_decay
 
     def batch(self, ctx: Context, step: int, seed: int) -> Batch:
+        if self.ema_decay is not None:  # the student as of the last optimiser step (a no-op at step 0)
+            ema_update(self.teacher, ctx.student, decay=self.ema_decay)
         rollout, rows, rewards = on_policy(ctx, seed)
         template = ctx.cfg.opsd_template
         prompts = [ctx.tokenizer.encode(template.format(prompt=ex.prompt, solution=ex.solution or ex.answer))
