@@ -61,6 +61,8 @@ def old_logits_for(method: str, flags: list[str]) -> str | None:
 
 
 def matrix(seeds: list[int], only: str | None) -> list[tuple[str, str, list[str], int]]:
+    """The runs, seed by seed (every cell gets its first seeds before any gets its last: a matrix cut
+    short, or continued with --reuse, stays balanced)."""
     todo = []
     for source, flags in SOURCES:
         if only is not None and only not in source:
@@ -73,7 +75,7 @@ def matrix(seeds: list[int], only: str | None) -> list[tuple[str, str, list[str]
             old = old_logits_for(method, flags)
             extra = ["--objective", method] + (["--old-logits", old] if old is not None else [])
             todo += [(source, method, flags + extra, seed) for seed in seeds]
-    return todo
+    return sorted(todo, key=lambda t: seeds.index(t[3]))
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
