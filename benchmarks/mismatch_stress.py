@@ -15,8 +15,8 @@ the staleness sources each method gets the old-logit strategy it needs (``old_lo
 decoupled_ppo uses ``snapshot`` (its proximal anchor is then exactly pi at the behaviour version);
 the others ``recompute``, so their IS weight pi_old/mu sees the whole staleness gap.
 
-Reported per (source, method): held-out greedy accuracy after (mean ± sd) and its change from
-before, mean token ESS of the total ratio, runs that collapsed (train_runs.COLLAPSE_*: accuracy
+Reported per (source, method): held-out greedy accuracy after (mean ± sd), its change from
+before, its difference from grpo's on the same source and seed (paired), mean token ESS of the total ratio, runs that collapsed (train_runs.COLLAPSE_*: accuracy
 ends > 10 points below its start, or last-quarter reward < 0.02), and the meter's mismatch size
 (mean |log pi_theta_s / mu| per token). Writes ``results.json`` and ``table.md`` in ``--out`` (and
 ``--json`` / ``--plot`` where asked). ``--timing`` instead measures sync vs async samples/s, one run
@@ -87,9 +87,11 @@ def summarise(results: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["source"], r["method"]), []).append(r)
+    grpo = {(r["source"], r["seed"]): r["acc_after"] for r in results if r["method"] == "grpo" and "error" not in r}
     rows = []
     for (source, method), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
+        paired = [100 * (r["acc_after"] - grpo[source, r["seed"]]) for r in ok if (source, r["seed"]) in grpo]
         row = {"source": source, "method": method, "old_logits": old_logits_for(method, rs[0]["flags"]),
                "runs": len(rs), "failed": len(rs) - len(ok)}
         if ok:
@@ -99,6 +101,7 @@ def summarise(results: list[dict]) -> list[dict]:
                 "acc_after_mean": _mean_sd(after)[0], "acc_after_sd": _mean_sd(after)[1],
                 "acc_change_mean": _mean_sd(delta)[0], "acc_change_sd": _mean_sd(delta)[1],
                 "acc_before": [100 * r["acc_before"] for r in ok],
+                "vs_grpo_mean": _mean_sd(paired)[0] if paired else None, "vs_grpo_sd": _mean_sd(paired)[1] if paired else None,
                 "ess_token": mean_of(ok, "total_ess_token"), "abs_logr": mean_of(ok, "total_abs_logr"),
                 "kl_k3": mean_of(ok, "total_kl_k3"), "collapsed": sum(bool(r["collapsed"]) for r in ok),
                 "samples_per_s": mean_of(ok, "samples_per_s"),
@@ -111,47 +114,49 @@ def summarise(results: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| source | method | old logits | held-out acc after, % (mean ± sd) | change, points (mean ± sd) | "
-             "token ESS | collapsed | mismatch abs log-ratio | mismatch KL (k3) |", "|" + "---|" * 9]
+             "vs grpo, same seed, points | token ESS | collapsed | mismatch abs log-ratio | mismatch KL (k3) |",
+             "|" + "---|" * 10]
     for r in rows:
         head = f"| {r['source']} | {r['method']} | {r['old_logits'] or '-'} |"
         if "error" in r:
-            lines.append(f"{head} failed ({r['failed']}/{r['runs']}): {r['error'][-120:]!r} | | | | | |")
+            lines.append(f"{head} failed ({r['failed']}/{r['runs']}): {r['error'][-120:]!r} | | | | | | |")
             continue
         failed = f" (+{r['failed']} failed)" if r["failed"] else ""
+        vs = "-" if r["vs_grpo_mean"] is None or r["method"] == "grpo" else f"{r['vs_grpo_mean']:+.1f} ± {r['vs_grpo_sd']:.1f}"
         lines.append(f"{head} {r['acc_after_mean']:.1f} ± {r['acc_after_sd']:.1f} | "
-                     f"{r['acc_change_mean']:+.1f} ± {r['acc_change_sd']:.1f} | {fmt(r['ess_token'], '.4f')} | "
+                     f"{r['acc_change_mean']:+.1f} ± {r['acc_change_sd']:.1f} | {vs} | {fmt(r['ess_token'], '.4f')} | "
                      f"{r['collapsed']}/{r['runs'] - r['failed']}{failed} | "
                      f"{fmt(r['abs_logr'])} | {fmt(r['kl_k3'])} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Held-out accuracy after training per method, grouped by source, with sd error bars."""
+    """Per method, grouped by source, with sd error bars: held-out accuracy after (top) and its change
+    from before (bottom: the seeds start at different accuracies, which the top panel's bars include)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sources = list(dict.fromkeys(r["source"] for r in rows if "error" not in r))
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    ok = [r for r in rows if "error" not in r]
+    sources = list(dict.fromkeys(r["source"] for r in ok))
+    methods = [m for m in METHODS if any(r["method"] == m for r in ok)]
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(sources)), 4.5))
-    for j, m in enumerate(methods):
-        xs, ys, es = [], [], []
-        for i, s in enumerate(sources):
-            r = next((r for r in rows if r["source"] == s and r["method"] == m and "error" not in r), None)
-            if r is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(r["acc_after_mean"])
-                es.append(r["acc_after_sd"])
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=m)
-    before = [b for r in rows if "error" not in r for b in r["acc_before"]]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.7 * len(sources)), 7.5), sharex=True)
+    for ax, key, label in ((axes[0], "acc_after", "held-out accuracy after, %"),
+                           (axes[1], "acc_change", "change from before, points")):
+        for j, m in enumerate(methods):
+            cells = [(i, r) for i, s in enumerate(sources) for r in ok if r["source"] == s and r["method"] == m]
+            ax.bar([i - 0.4 + width * (j + 0.5) for i, _ in cells], [r[f"{key}_mean"] for _, r in cells], width,
+                   yerr=[r[f"{key}_sd"] for _, r in cells], capsize=2, label=m, color=f"C{j}")
+        ax.set_ylabel(f"{label}\n(mean ± sd over seeds)", fontsize=8)
+        ax.axhline(0, color="black", lw=0.6)
+    before = [b for r in ok for b in r["acc_before"]]
     if before:
-        ax.axhline(statistics.mean(before), color="grey", ls="--", lw=1, label="before (mean)")
-    ax.set_xticks(range(len(sources)), sources, fontsize=8)
-    ax.set_ylabel("held-out accuracy after, % (mean ± sd over seeds)")
-    ax.set_title("Mismatch stress: accuracy per method, grouped by mismatch source")
-    ax.legend(fontsize=7, ncol=4)
+        axes[0].axhline(statistics.mean(before), color="grey", ls="--", lw=1, label="before (mean)")
+    axes[1].set_xticks(range(len(sources)), sources, fontsize=8)
+    axes[0].set_title("Mismatch stress: each method under each mismatch source (default job)")
+    axes[0].legend(fontsize=7, ncol=4)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
