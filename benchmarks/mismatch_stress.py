@@ -12,8 +12,8 @@ The default ``tether train`` job (built-in tiny model warm-started 400 steps, 1-
 
 Methods (``METHODS``): grpo, tis, icepop, p3o, decoupled_ppo, ctpo and the meter's ``auto``. Under
 the staleness sources each method gets the old-logit strategy it needs (``old_logits_for``):
-decoupled_ppo uses ``snapshot`` (its proximal anchor is then exactly pi at the behaviour version);
-the others ``recompute``, so their IS weight pi_old/mu sees the whole staleness gap.
+decoupled_ppo, p3o and ctpo use ``snapshot`` (``ANCHORED_ON_BEHAVIOUR``); tis, icepop, auto and
+grpo ``recompute``.
 
 Reported per (source, method): held-out greedy accuracy after (mean ± sd), its change from
 before, its difference from grpo's on the same source and seed (paired), mean token ESS of the total ratio, runs that collapsed (train_runs.COLLAPSE_*: accuracy
@@ -50,6 +50,11 @@ SOURCES: list[tuple[str, list[str]]] = [
     ("vLLM rollout", ["--engine", "vllm"]),
 ]
 METHODS = ["grpo", "tis", "icepop", "p3o", "decoupled_ppo", "ctpo", "auto"]
+ANCHORED_ON_BEHAVIOUR = {"decoupled_ppo", "p3o", "ctpo"}
+"""Methods whose correction is a ratio to ``pi_old`` alone (p3o, ctpo) or that need the exact proximal
+anchor (decoupled_ppo): under staleness they need ``pi_old`` = the behaviour version (snapshot). With
+recompute their ratio starts at 1 and never sees the staleness. tis, icepop and auto correct with
+``pi_old / mu`` and get recompute, so that weight carries the staleness."""
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
@@ -57,7 +62,7 @@ def old_logits_for(method: str, flags: list[str]) -> str | None:
     """The old-logit strategy a method gets under an async source (None: a sync source has none)."""
     if "async" not in flags:
         return None
-    return "snapshot" if method == "decoupled_ppo" else "recompute"
+    return "snapshot" if method in ANCHORED_ON_BEHAVIOUR else "recompute"
 
 
 def matrix(seeds: list[int], only: str | None) -> list[tuple[str, str, list[str], int]]:
