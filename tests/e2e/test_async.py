@@ -1,6 +1,6 @@
 """The async loop end to end on the built-in model (issue 6): lag 0 is the sync loop bit for bit,
-a resumed async run equals an uninterrupted one, and the staleness bound holds in real-time mode
-under a slow reward function.
+a resumed async run equals an uninterrupted one, `drop` refills the batch (and still resumes bitwise),
+and the staleness bound holds in real-time mode under a slow reward function.
 
 To stay within seconds the model is not warm-started; a synthetic reward (share of digits in the
 completion) replaces exact match so the untrained model still gets non-zero advantages and updates.
