@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from train_runs import add_run_options, fmt, run_all  # benchmarks/ is on sys.path when the script runs
+
 ASYNC = ["--mode", "async"]
 ROWS: list[tuple[str, str, list[str]]] = [
     ("none", "grpo", []),
@@ -55,56 +52,13 @@ ROWS: list[tuple[str, str, list[str]]] = [
 ]
 
 
-def _mean(rows: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _run_dir(out: Path, source: str, correction: str, flags: list[str], seed: int) -> Path:
-    return out / f"{source}-{correction}-{seed}".replace(" ", "_").replace("/", "_").replace(",", "")
-
-
-def run_one(source: str, correction: str, flags: list[str], seed: int, steps: int, out: Path, threads: int,
-            reuse: bool = False) -> dict:
-    run = _run_dir(out, source, correction, flags, seed)
-    cmd = [sys.executable, "-m", "tether", "train", "--steps", str(steps), "--seed", str(seed), "--threads",
-           str(threads), "--no-progress", "--out", str(run), "--checkpoint-every", str(steps), *flags]
-    if not (reuse and (run / "summary.json").exists()):
-        p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-        if p.returncode != 0:
-            return {"source": source, "correction": correction, "seed": seed,
-                    "error": p.stdout[-2000:] + p.stderr[-2000:]}
-    summary = json.loads((run / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    batch = 16 * 8
-    return {
-        "source": source, "correction": correction, "seed": seed,
-        "acc_before": summary["eval/accuracy_before"], "acc_after": summary["eval/accuracy_after"],
-        "engine_abs_logr": _mean(metrics, "meter/engine/abs_logr_mean"),
-        "engine_kl_k3": _mean(metrics, "meter/engine/kl_k3"),
-        "total_abs_logr": _mean(metrics, "meter/total/abs_logr_mean"),
-        "total_ess_token": _mean(metrics, "meter/total/ess_token"),
-        "staleness_kl_k3": _mean(metrics, "meter/staleness/kl_k3"),
-        "age_mean": _mean(metrics, "meter/version/age_mean"),
-        "step_s": summary["time/step_s_mean"],
-        "old_logits_s": _mean(metrics, "time/old_logits_s"),
-        "old_logits_mb": (_mean(metrics, "mem/old_logits_bytes") or 0) / 2**20,
-        "samples_per_s": batch * len(metrics) / summary["time/total_s"],
-        "collapsed": summary["eval/accuracy_after"] < summary["eval/accuracy_before"] - 0.10,
-    }
-
-
-def fmt(x, spec=".3g") -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def table(results: list[dict]) -> str:
     head = ("| source | correction | held-out acc change, points (mean ± sd; per seed before->after) | engine abs log-ratio | "
             "total abs log-ratio | total ESS | staleness KL | s/step | old-logit s/step | old-logit MB | samples/s |")
     lines = [head, "|" + "---|" * 11]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
-        groups.setdefault((r["source"], r["correction"]), []).append(r)
+        groups.setdefault((r["source"], r["method"]), []).append(r)
     for (source, corr), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
@@ -126,25 +80,16 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--only", default=None, help="substring of the source names to run")
-    ap.add_argument("--out", default=None, help="run directories (default: a temporary folder)")
-    ap.add_argument("--reuse", action="store_true", help="rows whose run directory has a summary are not rerun")
-    ap.add_argument("--table-only", action="store_true", help="run nothing: tabulate the run directories in --out")
+    add_run_options(ap, seeds=[0])
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="tether-offpolicy-"))
     rows = [r for r in ROWS if args.only is None or args.only in r[0]]
     todo = [(s, c, f, seed) for s, c, f in rows for seed in args.seeds]
+    results = run_all(todo, steps=args.steps, out=out, threads=args.threads, jobs=args.jobs, reuse=args.reuse,
+                      table_only=args.table_only)
     if args.table_only:
-        results = [run_one(*t, args.steps, out, args.threads, True) for t in todo
-                   if (_run_dir(out, *t) / "summary.json").exists()]
         print(table(results))
         return
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda t: run_one(*t, args.steps, out, args.threads, args.reuse), todo))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"steps {args.steps}, seeds {args.seeds}; runs in {out}")
     print(table(results))

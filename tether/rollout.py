@@ -101,3 +101,37 @@ class Rollout:
             group_B=pick(self.group_B),
             finished_B=pick(self.finished_B),
         )
+
+
+def concat_rows(rollouts: list[Rollout], *, pad_id: int, vocab_size: int) -> Rollout:
+    """The rows of ``rollouts`` stacked in order as one record, right-padded to the longest row.
+
+    Padding follows the record's conventions (``pad_id`` tokens, ``logp_mu`` 0, version -1, kept count
+    ``vocab_size``); masks come from the lengths, so padding never enters a loss. Group ids are
+    shifted so the groups of different parts stay distinct. All parts share one ``sampling``.
+    """
+    T = max(r.tokens_BT.shape[1] for r in rollouts)
+
+    def cat(get, fill):
+        parts = [get(r) for r in rollouts]
+        if any(p is None for p in parts):
+            return None
+        return torch.cat([torch.nn.functional.pad(p, (0, T - p.shape[1]), value=fill) if p.dim() == 2 else p
+                          for p in parts])
+
+    groups, offset = [], 0
+    for r in rollouts:
+        g = r.group_B if r.group_B is not None else torch.arange(r.batch_size)
+        groups.append(g + offset)
+        offset += int(g.max()) + 1 if g.numel() else 0
+    return replace(
+        rollouts[0],
+        tokens_BT=cat(lambda r: r.tokens_BT, pad_id),
+        prompt_len_B=cat(lambda r: r.prompt_len_B, 0),
+        completion_len_B=cat(lambda r: r.completion_len_B, 0),
+        logp_mu_BT=cat(lambda r: r.logp_mu_BT, 0.0),
+        version_BT=cat(lambda r: r.version_BT, -1),
+        kept_count_BT=cat(lambda r: r.kept_count_BT, vocab_size),
+        group_B=torch.cat(groups),
+        finished_B=cat(lambda r: r.finished_B, False),
+    )

@@ -1,6 +1,6 @@
 """The async loop end to end on the built-in model (issue 6): lag 0 is the sync loop bit for bit,
-a resumed async run equals an uninterrupted one, and the staleness bound holds in real-time mode
-under a slow reward function.
+a resumed async run equals an uninterrupted one, `drop` refills the batch (and still resumes bitwise),
+and the staleness bound holds in real-time mode under a slow reward function.
 
 To stay within seconds the model is not warm-started; a synthetic reward (share of digits in the
 completion) replaces exact match so the untrained model still gets non-zero advantages and updates.
@@ -68,6 +68,36 @@ def test_async_resume_is_bitwise(tmp_path):
     # lag 2 > k = 1: the oldest tokens of steps >= 2 are down-weighted, and partial rollouts span versions
     assert sum(r["async/downweighted_tokens"] for r in full) > 0
     assert any(r["async/version_min"] < r["step"] - 1 for r in full)
+
+
+def test_drop_refills_the_batch_with_fresh_groups_and_resumes_bitwise(tmp_path, monkeypatch):
+    """Under `drop` with the engine 2 versions ahead of a bound of 1 (and a slow reward), every group of
+    steps >= 2 is too old and dropped; the trainer refills the batch with fresh groups at its own
+    version, so every trained batch is full and dropped == refilled, step by step and in the counters.
+    The refill is seeded and uses the restored weights, so a resumed run still equals an uninterrupted one."""
+    def slow_score(*args, **kwargs):
+        time.sleep(0.05)
+        return digit_share(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "score", slow_score)
+    cfg = dict(SMALL, mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=2, staleness_policy=StalenessPolicy.DROP,
+               old_logits=OldLogits.SNAPSHOT, objective="decoupled_ppo")
+    full = async_loop.train(TrainConfig(**cfg, steps=4, out=str(tmp_path / "full")))
+    rows = _metrics(tmp_path / "full")
+    groups = SMALL["prompts_per_step"]
+    assert [r["async/dropped_groups"] for r in rows] == [0, 0, groups, groups]
+    for r in rows:
+        assert r["async/batch_groups"] == groups
+        assert r["async/refilled_groups"] == r["async/dropped_groups"]
+        assert r["meter/version/age_max"] <= 1  # the refilled tokens are fresh: nothing beyond the bound is trained
+    assert full["count/stale_dropped_groups"] == full["count/stale_refilled_groups"] == 2 * groups
+    assert rows[2]["async/dropped_reward_mean"] == rows[2]["async/dropped_reward_mean"]  # the bias is still measured
+    async_loop.train(TrainConfig(**cfg, steps=2, out=str(tmp_path / "cut")))
+    async_loop.train(TrainConfig(**cfg, steps=4, resume=str(tmp_path / "cut")))
+    a, b = _state(tmp_path / "full", 4), _state(tmp_path / "cut", 4)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["loss"] for r in rows] == [r["loss"] for r in _metrics(tmp_path / "cut")]
 
 
 def test_staleness_bound_holds_in_real_time_mode_with_a_slow_reward(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from tether.engine.torch_engine import TorchEngine
 from tether.meter.measure import measure
 from tether.models.builtin import tiny_model
 from tether.models.logprobs import token_logprobs
-from tether.rollout import SamplingParams
+from tether.rollout import Rollout, SamplingParams, concat_rows
 from tether.train.config import OldLogits, RolloutPrecision, StalenessPolicy, TrainConfig, TrainMode
 from tether.train.old_logits import OldLogitSource
 from tether.train.staleness import apply_staleness, drop_bias_metrics
@@ -74,6 +74,27 @@ def test_wait_counts_violations_and_changes_nothing():
     v, mask, group = _versions()
     keep, w, c = apply_staleness(v, mask, group, 5, max_staleness=1, policy=StalenessPolicy.WAIT, decay=0.5)
     assert keep.all() and torch.equal(w, torch.ones_like(w)) and c["async/stale_tokens"] == 3
+
+
+def test_concat_rows_pads_the_shorter_part_and_keeps_groups_apart():
+    def part(T, comp, group, version):
+        B = len(comp)
+        tokens = torch.arange(B * T).reshape(B, T) + 1
+        mask = torch.arange(T)[None, :] < (1 + torch.tensor(comp))[:, None]
+        return Rollout(tokens_BT=tokens, prompt_len_B=torch.ones(B, dtype=torch.long),
+                       completion_len_B=torch.tensor(comp), logp_mu_BT=torch.where(mask, -0.5, 0.0),
+                       version_BT=torch.where(mask, version, -1), group_B=torch.tensor(group),
+                       finished_B=torch.ones(B, dtype=torch.bool))
+
+    a, b = part(3, [2, 1], [0, 0], 7), part(5, [4, 4, 3], [0, 1, 1], 9)
+    r = concat_rows([a, b], pad_id=0, vocab_size=11)
+    assert r.tokens_BT.shape == (5, 5) and r.group_B.tolist() == [0, 0, 1, 2, 2]
+    assert torch.equal(r.tokens_BT[:2, :3], a.tokens_BT) and (r.tokens_BT[:2, 3:] == 0).all()
+    assert torch.equal(r.tokens_BT[2:], b.tokens_BT) and r.kept_count_BT is None
+    assert r.loss_mask_BT.sum() == 2 + 1 + 4 + 4 + 3 and (r.version_BT[:2, 3:] == -1).all()
+    assert torch.equal(r.logp_mu_BT[r.loss_mask_BT], torch.full((14,), -0.5))
+    empty = concat_rows([a.select(torch.tensor([], dtype=torch.long)), b], pad_id=0, vocab_size=11)
+    assert empty.group_B.tolist() == [0, 1, 1] and torch.equal(empty.tokens_BT, b.tokens_BT)
 
 
 def test_drop_bias_metrics():

@@ -2,7 +2,8 @@
 
     producer thread:  for batch s: wait until version s - lag is published (admission)
                       -> generate in chunks, each on version s - lag + c (or the newest) -> score -> queue
-    trainer (main):   take batch s -> staleness policy (wait / drop / downweight; tokens aged > k)
+    trainer (main):   take batch s -> staleness policy (wait / drop / downweight; tokens aged > k;
+                      drop refills the batch with fresh groups sampled at version s)
                       -> old logits (recompute / snapshot / ewma / loglinear) -> meter
                       -> the sync loop's update -> publish version s + 1
 
@@ -32,9 +33,10 @@ from tether.meter.measure import measure, to_floats
 from tether.objectives import get_preset
 from tether.objectives.advantages import get_advantage
 from tether.objectives.kl import check_kl_combination
+from tether.rollout import concat_rows
 from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
-from tether.train.config import KLPlacement, OldLogits, TrainConfig
+from tether.train.config import KLPlacement, OldLogits, StalenessPolicy, TrainConfig
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource, clone_state
@@ -43,45 +45,7 @@ from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
 from tether.train.sync import TrainingStopped, _update, finish_update, restore, step_seed
-
-
-class WeightBoard:
-    """Weights the trainer publishes per version; the producer waits on and reads them."""
-
-    def __init__(self, keep: int) -> None:
-        self.keep = keep
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-        self.latest = -1
-        self.closed = False
-        self._cond = threading.Condition()
-
-    def publish(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        with self._cond:
-            self.weights[version] = state
-            self.latest = max(self.latest, version)
-            for v in [v for v in self.weights if v < self.latest - self.keep]:
-                del self.weights[v]
-            self._cond.notify_all()
-
-    def wait_for(self, version: int) -> None:
-        with self._cond:
-            while self.latest < version and not self.closed:
-                self._cond.wait(0.5)
-            if self.closed:
-                raise _Stop
-
-    def get(self, version: int) -> dict[str, torch.Tensor]:
-        with self._cond:
-            return self.weights[version]
-
-    def close(self) -> None:
-        with self._cond:
-            self.closed = True
-            self._cond.notify_all()
-
-
-class _Stop(Exception):
-    pass
+from tether.train.weight_board import BoardClosed, EngineLease, WeightBoard
 
 
 @dataclass
@@ -93,7 +57,20 @@ class Batch:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _producer(cfg: TrainConfig, task, policy, board: WeightBoard, out: queue.Queue, start: int, stop: threading.Event):
+def _generate_scored(cfg: TrainConfig, task, policy, examples, *, seed_fn, before_chunk, chunk_tokens):
+    """Generate ``group_size`` completions per example and score them: ``(rollout, rewards_B, failed, s)``."""
+    t0 = time.perf_counter()
+    prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples for _ in range(cfg.group_size)]
+    group_B = torch.arange(len(examples)).repeat_interleave(cfg.group_size)
+    rollout = generate_partial(policy.engine, prompts, setup.sampling_params(cfg), group_B=group_B,
+                               chunk_tokens=chunk_tokens, seed_fn=seed_fn, before_chunk=before_chunk)
+    t1 = time.perf_counter()
+    rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
+    return rollout, rewards_B, failed, {"time/rollout_s": t1 - t0, "time/score_s": time.perf_counter() - t1}
+
+
+def _producer(cfg: TrainConfig, task, policy, board: WeightBoard, lease: EngineLease, out: queue.Queue, start: int,
+              stop: threading.Event):
     engine, lag = policy.engine, cfg.lag
     try:
         for s in range(start, cfg.steps):
@@ -103,32 +80,57 @@ def _producer(cfg: TrainConfig, task, policy, board: WeightBoard, out: queue.Que
 
             def before_chunk(c: int, s=s) -> None:
                 v = board.latest if cfg.freshest_weights else max(0, min(s, s - lag + c))
+                lease.release()  # never hold the engine while waiting for the trainer
                 board.wait_for(v)
+                lease.acquire()
                 if v != engine.version:
                     engine.load_weights(board.get(v), version=v)
 
-            t1 = time.perf_counter()
-            examples = setup.sample_examples(task, cfg, step_seed(cfg.seed, s))
-            prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples for _ in range(cfg.group_size)]
-            group_B = torch.arange(len(examples)).repeat_interleave(cfg.group_size)
-            rollout = generate_partial(
-                engine, prompts, setup.sampling_params(cfg), group_B=group_B, chunk_tokens=cfg.partial_chunk_tokens,
-                seed_fn=lambda c, s=s: step_seed(cfg.seed, s, 1 if c == 0 else 1000 + c), before_chunk=before_chunk)
-            t2 = time.perf_counter()
-            rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
-            t3 = time.perf_counter()
-            batch = Batch(s, rollout, rewards_B, failed,
-                          {"async/producer_wait_s": waited, "time/rollout_s": t2 - t1, "time/score_s": t3 - t2})
+            try:
+                rollout, rewards_B, failed, seconds = _generate_scored(
+                    cfg, task, policy, setup.sample_examples(task, cfg, step_seed(cfg.seed, s)),
+                    seed_fn=lambda c, s=s: step_seed(cfg.seed, s, 1 if c == 0 else 1000 + c),
+                    before_chunk=before_chunk, chunk_tokens=cfg.partial_chunk_tokens)
+            finally:
+                lease.release()
+            batch = Batch(s, rollout, rewards_B, failed, {"async/producer_wait_s": waited, **seconds})
             while not stop.is_set():
                 try:
                     out.put(batch, timeout=0.5)
                     break
                 except queue.Full:
                     pass
-    except _Stop:
+    except BoardClosed:
         pass
     except BaseException as e:  # handed to the trainer, which re-raises it
         out.put(e)
+
+
+def refill_dropped(cfg: TrainConfig, task, policy, board: WeightBoard, lease: EngineLease, batch: Batch,
+                   keep_B: torch.Tensor, step: int) -> tuple[Any, torch.Tensor, int, dict[str, float]]:
+    """``drop``'s refill: as many fresh groups as were dropped, sampled at the trainer's version ``step``
+    (age 0, so never beyond the bound: one round always fills the batch), appended to the kept rows.
+
+    Deterministic: the prompts and samples are seeded by (seed, step, 2) and (seed, step, 3), and the
+    weights are version ``step`` (restored on resume). Returns ``(rollout, rewards_B, failed, metrics)``.
+    """
+    kept_groups = torch.unique(batch.rollout.group_B[keep_B])
+    n_new = cfg.prompts_per_step - int(kept_groups.numel())
+    kept = batch.rollout.select(keep_B.nonzero().squeeze(-1))
+    if n_new == 0:
+        return kept, batch.rewards_B[keep_B], 0, {"async/refilled_groups": 0.0}
+    examples = setup.sample_examples(task, cfg, step_seed(cfg.seed, step, 2))[:n_new]
+    engine = policy.engine
+    with lease:
+        if engine.version != step:
+            engine.load_weights(board.get(step), version=step)
+        fresh, rewards_B, failed, seconds = _generate_scored(
+            cfg, task, policy, examples, seed_fn=lambda c: step_seed(cfg.seed, step, 3), before_chunk=None,
+            chunk_tokens=None)
+    rollout = concat_rows([kept, fresh], pad_id=engine.pad_id, vocab_size=engine.vocab_size)
+    metrics = {"async/refilled_groups": float(n_new), "time/refill_rollout_s": seconds["time/rollout_s"],
+               "time/refill_score_s": seconds["time/score_s"]}
+    return rollout, torch.cat([batch.rewards_B[keep_B], rewards_B]), failed, metrics
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -148,7 +150,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ref_model = setup.frozen_copy(model) if cfg.kl_placement is not KLPlacement.NONE else None
     optimizer, scheduler = setup.build_optimizer(cfg, model)
     keep = max(cfg.lag, cfg.max_staleness) + 1  # the oldest version a consumed token can have
-    board = WeightBoard(keep=cfg.lag)
+    board, lease = WeightBoard(keep=cfg.lag), EngineLease()
     old_logits = OldLogitSource(cfg.old_logits, model, lambda m, r: setup.token_logprobs(m, r, cfg),
                                 keep_versions=keep, ewma_beta=cfg.ewma_beta)
 
@@ -167,12 +169,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto
     if state.accuracy_before is None:
         state.accuracy_before = setup.evaluate(policy, task, cfg)
-    for k in ("stale_tokens", "stale_dropped_groups", "downweighted_tokens"):
+    for k in ("stale_tokens", "stale_dropped_groups", "stale_refilled_groups", "downweighted_tokens"):
         state.counters.setdefault(k, 0)
 
     batches: queue.Queue = queue.Queue(maxsize=cfg.lag + 1)
     stop = threading.Event()
-    producer = threading.Thread(target=_producer, args=(cfg, task, policy, board, batches, state.step, stop),
+    producer = threading.Thread(target=_producer, args=(cfg, task, policy, board, lease, batches, state.step, stop),
                                 name="tether-rollout", daemon=True)
     producer.start()
     t_start, tokens_total = time.perf_counter(), 0
@@ -188,19 +190,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 assert batch.step == s, f"async loop: got batch {batch.step} at step {s}"
                 rollout, rewards_B = batch.rollout, batch.rewards_B
                 state.counters["reward_failed"] += batch.failed
-                raw_reward_mean = rewards_B.mean()
-                if cfg.overlong_buffer is not None:
-                    rewards_B = rewards_B + soft_overlong_penalty(
-                        rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
                 mask_BT = rollout.loss_mask_BT
-                # 1. staleness policy on token ages s - v
+                # 1. staleness policy on token ages s - v; drop refills the batch with fresh groups
                 keep_B, weight_BT, counts = apply_staleness(
                     rollout.version_BT, mask_BT, rollout.group_B, s, max_staleness=cfg.max_staleness,
                     policy=cfg.staleness_policy, decay=cfg.downweight_decay)
                 bias = drop_bias_metrics(rewards_B, rollout.completion_len_B, keep_B)
+                if cfg.staleness_policy is StalenessPolicy.DROP:
+                    with clock("refill"):
+                        rollout, rewards_B, failed, refill = refill_dropped(cfg, task, policy, board, lease, batch,
+                                                                            keep_B, s)
+                    state.counters["reward_failed"] += failed
+                    counts.update(refill, **{"async/batch_groups": float(torch.unique(rollout.group_B).numel())})
+                    mask_BT = rollout.loss_mask_BT
+                    keep_B = torch.ones(rollout.batch_size, dtype=torch.bool)
+                    weight_BT = torch.ones(mask_BT.shape, dtype=torch.float32)
                 state.counters["stale_tokens"] += int(counts["async/stale_tokens"])
                 state.counters["stale_dropped_groups"] += int(counts["async/dropped_groups"])
+                state.counters["stale_refilled_groups"] += int(counts.get("async/refilled_groups", 0))
                 state.counters["downweighted_tokens"] += int(counts["async/downweighted_tokens"])
+                raw_reward_mean = rewards_B.mean()
+                if cfg.overlong_buffer is not None:
+                    rewards_B = rewards_B + soft_overlong_penalty(
+                        rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
                 # 2. old logits: pi_{theta_s} (skipped by loglinear, which needs no extra forward) and the anchor
                 # As in the sync loop: with one mini-batch and no micro-batching, the forward at the current
                 # weights is also the update's first forward (run once, with gradients).

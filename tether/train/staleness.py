@@ -6,7 +6,8 @@ the weight version that sampled it). With the bound ``k`` (``max_staleness``):
     wait        the engine is never admitted to start a batch older than k (the loop enforces it);
                 here nothing changes, and tokens with a > k are only counted (they must be 0)
     drop        every group (prompt) with a row holding a token of age a > k leaves the batch
-                (the whole group, so group baselines stay unbiased); not refilled
+                (the whole group, so group baselines stay unbiased); the async loop then refills the
+                batch with as many fresh groups, sampled at version s (``async_loop.refill_dropped``)
     downweight  a token of age a > k keeps its row but its advantage is multiplied by
                 w_t = decay^(a_t - k)  (1 for a <= k)
 
