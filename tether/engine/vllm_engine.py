@@ -312,7 +312,6 @@ def row_seed(seed: int, row: int) -> int:
     return (int(seed) * 1_000_003 + row) % (2**31 - 1)
 
 
-
 def build_vllm_engine(cfg, model: torch.nn.Module, tokenizer) -> VLLMEngine:
     """The engine for ``tether train --engine vllm``: the built-in model is written as a Hugging Face
     (Llama) folder for the server; a Hugging Face ``--model`` is served from its own folder. The

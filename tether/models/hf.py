@@ -136,7 +136,9 @@ class HFTokenizer:
         eos = tokenizer.eos_token_id if eos_id is None else eos_id
         if eos is None or (not isinstance(eos, int) and len(eos) == 0):
             raise ValueError("the model's tokenizer and generation config define no EOS token; tether needs one to stop")
-        self.eos_ids = (int(eos),) if isinstance(eos, int) else tuple(dict.fromkeys(int(i) for i in eos))
+        from tether.engine.torch_engine import eos_ids
+
+        self.eos_ids = eos_ids(eos)
         self.eos_id = self.eos_ids[0]
         pad = tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad is None else int(pad)
