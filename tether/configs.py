@@ -1,20 +1,31 @@
-"""Typed, flat dataclass configs: CLI flags generated from the fields, TOML/YAML files, validation.
+"""Typed dataclass configs: flat CLI flags and files generated from (possibly nested) fields, validation.
 
-A config is a dataclass whose fields are declared with ``opt(default, "one-line help")``. Choices are
-``Enum`` fields. ``add_dataclass_arguments`` makes one ``--field-name`` flag per field;
-``config_from_args`` merges defaults < ``--config FILE`` < explicit flags, and type-checks every value
-with an error that names the field (and the file).
+A config is a dataclass whose fields are declared with ``opt(default, "one-line help", group=...)``. Choices
+are ``Enum`` fields. A field declared with ``section(...)`` holds a nested config of one mode or feature
+(``TrainConfig.async_``: the async loop's settings): on the command line and in files its fields stay flat
+(``--max-staleness``, ``budget_max_kl = 0.02``), routed to the section by the section's flag prefix. An
+optional section (``AsyncConfig | None``) exists only when its switch is on (``mode = async``); a flat field
+of a section that is off is an error naming the field and the switch, never silently ignored.
+
+``build(cls, values)`` is the one edge every entry point goes through (the CLI, ``--config FILE``, the
+Python API's ``TrainConfig.from_flat(...)``): unknown names get a "did you mean" (TRL's names included),
+every value is coerced to its declared type (strings to enums, ...) with an error that names the field and
+the file. ``coerce_fields(self)`` in a config's ``__post_init__`` gives direct construction
+(``TrainConfig(mode="async")``) the same conversion and checks.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import enum
 import json
+import math
 import sys
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,9 +33,44 @@ T = TypeVar("T")
 _UNSET = object()
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:
-    """A config field with a default and a one-line help string."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+def opt(default: Any, help: str, *, group: str | None = None, **kwargs: Any) -> Any:
+    """A config field with a default, a one-line help string and (for ``--help``) the group it is listed under."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, **kwargs})
+
+
+def section(cls: type, help: str, *, prefix: str = "", switch: Callable[[Mapping[str, Any]], bool] | None = None,
+            needs: str = "", group: str | None = None) -> Any:
+    """A nested config field. Its fields are flat flags named ``prefix + field``. ``switch(top_level_values)``
+    (an optional section): the section exists iff it returns True; ``needs`` says what turns it on (for errors)."""
+    default = {"default": None} if switch is not None else {"default_factory": cls}
+    return dataclasses.field(**default, metadata={"help": help, "section": cls, "prefix": prefix, "switch": switch,
+                                                  "needs": needs, "group": group or cls.__name__})
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatField:
+    """One flat flag / file key of a config and where it lives."""
+    name: str
+    """The flat name (``max_staleness``, ``budget_max_kl``)."""
+    owner: type
+    """The dataclass that declares it (the config or one of its sections)."""
+    field: dataclasses.Field
+    section: str | None
+    """The attribute of the section holding it; None for a top-level field."""
+    group: str
+
+
+def flat_fields(cls: type) -> list[FlatField]:
+    """Every flat field of ``cls``, sections expanded in declaration order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        sec = f.metadata.get("section")
+        if sec is None:
+            out.append(FlatField(f.name, cls, f, None, f.metadata.get("group") or "general"))
+            continue
+        for g in dataclasses.fields(sec):
+            out.append(FlatField(f.metadata["prefix"] + g.name, sec, g, f.name, f.metadata["group"]))
+    return out
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -89,6 +135,22 @@ def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
     return value
 
 
+
+
+def coerce_fields(obj: Any, where: str = "") -> None:
+    """Coerce every (non-section) field of a config instance in place, as ``build`` does: strings to enums,
+    ints to floats, ...; a float field must be finite. Call first in ``__post_init__``."""
+    cls = type(obj)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("section") is not None:
+            continue
+        value = coerce(cls, f.name, getattr(obj, f.name), where)
+        tp, _ = _unwrap_optional(_field_types(cls)[f.name])
+        if tp is float and value is not None and not math.isfinite(value):
+            raise ValueError(f"config field '{f.name}' must be finite, got {value}")
+        object.__setattr__(obj, f.name, value)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
@@ -119,29 +181,80 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def build(cls: type[T], values: dict[str, Any], where: str = "") -> T:
-    """Construct ``cls`` from a mapping, rejecting unknown keys and coercing every value."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+def _did_you_mean(name: str, names: list[str], aliases: Mapping[str, str]) -> str:
+    if name in aliases:
+        return f" (did you mean '{aliases[name]}'? tether's name for it)"
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def build(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    """Construct ``cls`` from flat values (CLI, files, ``from_flat``): unknown keys rejected with a "did you
+    mean", every value coerced naming the field, section fields routed to their section."""
+    loc = f" in {where}" if where else ""
+    fields = {ff.name: ff for ff in flat_fields(cls)}
+    aliases = getattr(cls, "ALIASES", {})
+    unknown = sorted(set(values) - set(fields))
     if unknown:
-        loc = f" in {where}" if where else ""
-        raise ValueError(f"unknown config field(s) {', '.join(unknown)}{loc}; valid fields: {', '.join(sorted(names))}")
-    return cls(**{k: coerce(cls, k, v, where) for k, v in values.items()})
+        hints = "; ".join(f"'{u}'{_did_you_mean(u, list(fields), aliases)}" for u in unknown)
+        raise ValueError(f"unknown config field(s){loc}: {hints}. `tether {getattr(cls, 'COMMAND', 'train')} --help` "
+                         "lists every field")
+    top: dict[str, Any] = {}
+    per_section: dict[str, dict[str, Any]] = {}
+    for name, v in values.items():
+        ff = fields[name]
+        value = coerce(ff.owner, ff.field.name, v, where)
+        if ff.section is None:
+            top[name] = value
+        else:
+            per_section.setdefault(ff.section, {})[ff.field.name] = (name, value)
+    resolved = {f.name: top.get(f.name, f.default) for f in dataclasses.fields(cls) if f.metadata.get("section") is None
+                and f.default is not dataclasses.MISSING}
+    for f in dataclasses.fields(cls):
+        sec = f.metadata.get("section")
+        if sec is None:
+            continue
+        given = per_section.get(f.name, {})
+        switch = f.metadata["switch"]
+        if switch is not None and not switch(resolved):
+            if given:
+                flat = next(iter(given.values()))[0]
+                raise ValueError(f"config field '{flat}'{loc} needs {f.metadata['needs']} (it is a setting of "
+                                 f"{f.metadata['help']}; without it the field would be ignored)")
+            top[f.name] = None
+            continue
+        try:
+            top[f.name] = sec(**{k: v for k, (_, v) in given.items()})
+        except ValueError as e:
+            raise ValueError(f"{e}{loc}") from None
+    return cls(**top)
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help strings with %
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--field-name`` flag per field; defaults are left unset so file values are not overridden."""
-    hints = _field_types(cls)
+    """One ``--field-name`` flag per flat field, listed by group; enum flags show their choices; defaults are
+    left unset so file values are not overridden."""
     parser.add_argument("--config", default=None, help="TOML or YAML file of config fields (flags override it)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        tp, _ = _unwrap_optional(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default if not isinstance(f.default, enum.Enum) else f.default.value})"
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for ff in flat_fields(cls):
+        if ff.group not in groups:
+            groups[ff.group] = parser.add_argument_group(ff.group)
+        g = groups[ff.group]
+        f = ff.field
+        flag = "--" + ff.name.replace("_", "-")
+        tp, _ = _unwrap_optional(_field_types(ff.owner)[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = default.value if isinstance(default, enum.Enum) else default
+        help_text = _help(f"{f.metadata.get('help', '')} (default: {shown})")
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=_UNSET, help=help_text)
+            g.add_argument(flag, dest=ff.name, action=argparse.BooleanOptionalAction, default=_UNSET, help=help_text)
+        elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+            g.add_argument(flag, dest=ff.name, default=_UNSET, choices=[m.value for m in tp], help=help_text)
         else:
-            choices = [m.value for m in tp] if isinstance(tp, type) and issubclass(tp, enum.Enum) else None
-            parser.add_argument(flag, dest=f.name, default=_UNSET, choices=choices, help=help_text, metavar=f.name.upper())
+            g.add_argument(flag, dest=ff.name, default=_UNSET, help=help_text, metavar=ff.name.upper())
 
 
 def given(args: argparse.Namespace, name: str) -> Any:
@@ -156,16 +269,22 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
         where = str(args.config)
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, _UNSET)
+    for ff in flat_fields(cls):
+        v = getattr(args, ff.name, _UNSET)
         if v is not _UNSET:
-            values[f.name] = v
+            values[ff.name] = v
     return build(cls, values, where)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as flat JSON-able values (what ``build`` reads back: config.json, trackers); an optional
+    section that is off is left out."""
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        if f.metadata.get("section") is not None:
+            if v is not None:
+                out.update({f.metadata["prefix"] + k: x for k, x in to_dict(v).items()})
+            continue
         out[f.name] = v.value if isinstance(v, enum.Enum) else v
     return out

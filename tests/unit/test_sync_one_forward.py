@@ -13,7 +13,7 @@ from tether.objectives import get_preset
 from tether.rollout import SamplingParams
 from tether.train import setup
 from tether.train.config import TrainConfig
-from tether.train.sync import _update
+from tether.train.update import update_phase
 
 pytestmark = pytest.mark.unit
 
@@ -34,15 +34,16 @@ def test_reused_forward_gives_the_update_of_a_separate_recompute():
     opt_a, _ = setup.build_optimizer(cfg, separate)
     with torch.no_grad():
         old_a, _ = setup.token_logprobs(separate, rollout, cfg)
-    out_a = _update(cfg, preset, args, separate, opt_a, rollout, keep_B, old_a, None, adv_BT, step=0)
+    out_a = update_phase(cfg, preset, args, separate, opt_a, rollout, keep_B, old_a, None, adv_BT, step=0,
+                         logprobs=lambda m, r: setup.token_logprobs(m, r, cfg))
 
     opt_b, _ = setup.build_optimizer(cfg, reused)
     theta_b, _ = setup.token_logprobs(reused, rollout, cfg)
     assert theta_b.requires_grad
     old_b = theta_b.detach()
     assert torch.equal(old_a, old_b)  # the same kernels with and without gradients
-    out_b = _update(cfg, preset, args, reused, opt_b, rollout, keep_B, old_b, None, adv_BT, step=0,
-                    first_logp_theta_BT=theta_b)
+    out_b = update_phase(cfg, preset, args, reused, opt_b, rollout, keep_B, old_b, None, adv_BT, step=0,
+                         logprobs=lambda m, r: setup.token_logprobs(m, r, cfg), first_logp_theta_BT=theta_b)
 
     assert out_a["finite"] and out_b["finite"]
     assert abs(out_a["loss"] - out_b["loss"]) < 1e-6 and abs(out_a["grad_norm"] - out_b["grad_norm"]) < 1e-5

@@ -292,12 +292,42 @@ def p4o(
     return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=lr, ratio_BT=w)}
 
 
+def _step_ratio_weights(logp_theta_BT: Tensor, logp_anchor_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """``w = exp(clamp(log pi_theta - log anchor))`` detached: the weights whose ESS P3O / P4O read."""
+    with torch.no_grad():
+        return torch.exp(token_log_ratio(logp_theta_BT.detach(), logp_anchor_BT, mask_BT))
+
+
+def p3o_batch_stats(inputs: LossInputs, args) -> dict[str, Tensor]:
+    """P3O's whole-step statistic: ``{"ess": ESS(pi_theta / pi_old)}`` over every token of the step
+    (nothing when the user fixed ``ess``)."""
+    if args.get("ess") is not None:
+        return {}
+    w = _step_ratio_weights(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+    return {"ess": effective_sample_size(w, inputs.mask_BT)}
+
+
+def p4o_batch_stats(inputs: LossInputs, args) -> dict[str, Tensor]:
+    """P4O's whole-step statistics ``ess_b = ESS(pi_theta / pi_old)``, ``ess_p = ESS(pi_theta / pi_prox)``
+    (each only when not fixed by the user)."""
+    out = {}
+    if args.get("ess_b") is None:
+        w = _step_ratio_weights(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.mask_BT)
+        out["ess_b"] = effective_sample_size(w, inputs.mask_BT)
+    if args.get("ess_p") is None:
+        inputs.require("logp_prox_BT", preset="p4o")
+        w = _step_ratio_weights(inputs.logp_theta_BT, inputs.logp_prox_BT, inputs.mask_BT)
+        out["ess_p"] = effective_sample_size(w, inputs.mask_BT)
+    return out
+
+
 register(Preset(
     name="p3o",
     description="P3O (Trust the Batch): weight sg(min(r, ESS)) plus (1-ESS) k3 trust region; no clip constants.",
     fn=p3o,
     defaults={"agg": "token-mean", "ess": None, "clip_low": 0.2, "clip_high": 0.2},
     advantage="grpo",
+    batch_stats=p3o_batch_stats,
     source=(
         "Fakoor et al. 2026, arXiv 2605.12380 (Trust the Batch); FeynRL algs/P3O/p3o.py "
         "compute_policy_loss, calculate_ess; algs/RL/common.py compute_kl_distance"
@@ -315,6 +345,7 @@ register(Preset(
     advantage="grpo",
     source="FeynRL algs/P4O/p4o.py (extension of P3O, arXiv 2605.12380)",
     requires=("logp_prox_BT",),
+    batch_stats=p4o_batch_stats,
     equation=(
         "ESS_mix = min(ESS(pi/pi_old), ESS(pi/pi_prox)); l_t = -sg(clamp(w_b, 0, ESS_mix)) A log pi_t "
         "+ (1-ESS_mix) KL_k3(pi||pi_mix)_t [0 if 1-ESS_mix <= 1e-6]; "

@@ -41,6 +41,11 @@ class Preset:
     """Optional ``LossInputs`` fields that must be present (e.g. ``logp_mu_BT``)."""
     equation: str = ""
     """The per-token loss in plain text, for docs and ``tether objectives --verbose``."""
+    batch_stats: Callable[[LossInputs, Mapping[str, Any]], dict[str, Any]] | None = None
+    """Whole-batch statistics the loss reads (P3O's ESS): ``batch_stats(inputs, args) -> overrides``, called by
+    the trainer once per optimiser step on the whole step's inputs, its result passed as hyper-parameters to
+    every micro-batch, so the loss and gradient do not depend on how the step is split. ``None``: the loss has
+    no whole-batch statistic beyond the global normalisers ``num_tokens`` / ``num_seqs``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -55,8 +60,15 @@ class Preset:
         return params
 
     def __call__(self, inputs: LossInputs, **overrides: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The checked entry point: required inputs present, overrides known, then the loss."""
         inputs.require(*self.requires, preset=self.name)
         return self.fn(inputs, **self.resolve(overrides))
+
+    def step_overrides(self, inputs: LossInputs, args: Mapping[str, Any]) -> dict[str, Any]:
+        """``args`` plus this preset's whole-batch statistics of ``inputs`` (the whole optimiser step)."""
+        if self.batch_stats is None:
+            return dict(args)
+        return {**args, **self.batch_stats(inputs, args)}
 
 
 _PRESETS: dict[str, Preset] = {}

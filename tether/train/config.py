@@ -164,6 +164,13 @@ class TrainConfig:
         self._validate_offpolicy()
 
     @property
+    def task_stem(self) -> str:
+        """The task's name for default run directories (a file's stem)."""
+        from pathlib import Path
+
+        return Path(self.task).stem
+
+    @property
     def lag(self) -> int:
         """Versions the async engine runs ahead of the trainer (derived: rollout_lag, else max_staleness)."""
         return self.max_staleness if self.rollout_lag is None else self.rollout_lag

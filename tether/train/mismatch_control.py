@@ -146,7 +146,7 @@ class MismatchControl:
             self.counters["budget_alarm_steps"] = self.counters.get("budget_alarm_steps", 0) + 1
             action = self.budget.action
             if action is BudgetAction.STOP:
-                from tether.train.sync import TrainingStopped
+                from tether.train.errors import TrainingStopped
 
                 raise TrainingStopped(
                     f"step {step}: {alarms[0].message}" + "".join(f"; also {a.metric} = {a.value:.6g}" for a in alarms[1:])

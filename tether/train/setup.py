@@ -99,11 +99,17 @@ def sampling_params(cfg: TrainConfig) -> SamplingParams:
     return SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
 
 
-def generate(policy: Policy, examples: list[Example], cfg: TrainConfig, seed: int) -> Rollout:
+def encode_prompts(policy: Policy, examples: list[Example], cfg: TrainConfig) -> tuple[list[list[int]], Tensor]:
+    """Token ids of ``group_size`` copies of each example's prompt (chat messages through the chat template)
+    and the group index of every row."""
     from tether.tasks.trl_data import encode_prompt  # chat messages for conversational rows
 
     prompts = [encode_prompt(policy.tokenizer, ex) for ex in examples for _ in range(cfg.group_size)]
-    group_B = torch.arange(len(examples)).repeat_interleave(cfg.group_size)
+    return prompts, torch.arange(len(examples)).repeat_interleave(cfg.group_size)
+
+
+def generate(policy: Policy, examples: list[Example], cfg: TrainConfig, seed: int) -> Rollout:
+    prompts, group_B = encode_prompts(policy, examples, cfg)
     return policy.engine.generate(prompts, sampling_params(cfg), seed=seed, group_B=group_B)
 
 
@@ -168,15 +174,21 @@ def kl_loss_terms(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, c
     return kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl_estimator, coef=cfg.kl_coef)
 
 
-def mismatch_metrics(logp_old_BT: Tensor, rollout: Rollout, entropy_BT: Tensor, step: int) -> dict[str, Any]:
-    """The meter on pi_old vs mu (plus versions), as plain floats for metrics.jsonl."""
+def mismatch_metrics(logp_old_BT: Tensor | None, rollout: Rollout, entropy_BT: Tensor | None, step: int, *,
+                     behave_BT: Tensor | None = None) -> dict[str, Any]:
+    """The meter on pi_old vs mu (plus versions), as plain floats for metrics.jsonl.
+
+    ``behave_BT``: pi_old at each token's own behaviour version (old_logits=snapshot), which separates the
+    engine and staleness parts exactly. ``logp_old_BT`` None (old_logits=loglinear): versions only."""
     from tether.meter.measure import measure, to_floats
 
     mask = rollout.loss_mask_BT
-    diff = (logp_old_BT - rollout.logp_mu_BT).abs()
-    stats = measure(mask_BT=mask, logp_old_BT=logp_old_BT, logp_mu_BT=rollout.logp_mu_BT, entropy_BT=entropy_BT,
-                    version_BT=rollout.version_BT, current_version=step, profiles=("total",))
-    stats["mismatch/abs_logp_diff_mean"] = (diff * mask).sum() / mask.sum().clamp(min=1)
-    stats["mismatch/abs_logp_diff_max"] = torch.where(mask, diff, 0).max() if mask.any() else torch.zeros(())
-    stats["entropy/mean"] = (entropy_BT * mask).sum() / mask.sum().clamp(min=1)
+    stats = measure(mask_BT=mask, logp_old_BT=logp_old_BT, logp_mu_BT=rollout.logp_mu_BT, logp_behave_old_BT=behave_BT,
+                    entropy_BT=entropy_BT, version_BT=rollout.version_BT, current_version=step,
+                    profiles=("total",) if logp_old_BT is not None else False)
+    if logp_old_BT is not None:
+        diff = (logp_old_BT - rollout.logp_mu_BT).abs()
+        stats["mismatch/abs_logp_diff_mean"] = (diff * mask).sum() / mask.sum().clamp(min=1)
+        stats["mismatch/abs_logp_diff_max"] = torch.where(mask, diff, 0).max() if mask.any() else torch.zeros(())
+        stats["entropy/mean"] = (entropy_BT * mask).sum() / mask.sum().clamp(min=1)
     return to_floats(stats)

@@ -1,0 +1,275 @@
+"""The shared RL run: everything one run builds and everything one step computes, written once.
+
+A driver (``sync.py``, ``async_loop.py``, later a distributed or multi-turn one) owns only scheduling:
+when and where rollouts are generated and scored, and when weights reach the engine. It hands each step's
+scored rollouts to :meth:`Run.learn`, which runs the step's stages in this order:
+
+    shaping (overlong penalty) -> pi_old / the old-logit anchor (+ pi_ref) -> KL in the reward
+    -> dynamic sampling -> advantages (the preset's estimator) x staleness weights
+    -> meter -> mismatch control (budget actions, auto correction: this step's objective arguments)
+    -> update phase (update.py) -> LR schedule or a counted non-finite step -> version + 1
+
+Around it the run builds the task, policy, engine, optimiser and loggers, restores a checkpoint, evaluates,
+writes checkpoints and the summary. Every random draw of step ``s`` comes from generators seeded by
+(seed, s, salt) (``seeds.step_seed``) and the checkpoint holds model, optimiser, scheduler, run state and the
+old-logit strategy's state, so a resumed run is bitwise identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.configs import to_dict
+from tether.objectives import get_preset
+from tether.objectives.advantages import get_advantage
+from tether.objectives.kl import check_kl_combination
+from tether.rollout import Rollout
+from tether.tasks.base import Example
+from tether.train import setup
+from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from tether.train.config import KLPlacement, OldLogits, TrainConfig
+from tether.train.errors import TrainingStopped
+from tether.train.loggers import open_loggers
+from tether.train.metrics_log import MetricsLog
+from tether.train.mismatch_control import MismatchControl
+from tether.train.old_logits import OldLogitSource
+from tether.train.progress import StepProgress, Stopwatch
+from tether.train.seeds import step_seed
+from tether.train.shaping import informative_groups, soft_overlong_penalty
+from tether.train.summary import write_summary
+from tether.train.update import update_phase
+
+
+@dataclass
+class RunState:
+    """What the checkpoint carries besides the tensors (plain values, JSON-able)."""
+    step: int = 0
+    bad_steps: int = 0
+    accuracy_before: float | None = None
+    counters: dict[str, int] = field(default_factory=lambda: {"reward_failed": 0, "skipped_steps": 0, "dropped_groups": 0})
+    mismatch_control: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """One step's scored rollouts, as a driver hands them to :meth:`Run.learn`."""
+    step: int
+    rollout: Rollout
+    rewards_B: Tensor
+    failed: int
+    """Reward calls that failed (scored 0)."""
+    keep_B: Tensor | None = None
+    """Rows to train on (the driver's staleness policy); None: all."""
+    weight_BT: Tensor | None = None
+    """Per-token advantage multiplier (downweighted stale tokens); None: 1."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The driver's own measurements of this step (waits, staleness counts), logged with it."""
+
+
+class Run:
+    """One RL run (module docstring). ``name`` is the default run directory's stem."""
+
+    def __init__(self, cfg: TrainConfig, *, name: str | None = None) -> None:
+        self.cfg = cfg
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir = Path(cfg.resume or cfg.out or f"runs/{name or Path(cfg.task).stem}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.preset = get_preset(cfg.objective)
+        self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
+        self.advantage_fn = get_advantage(self.preset.advantage)
+        if cfg.kl_placement is not KLPlacement.NONE:
+            check_kl_combination(cfg.kl_estimator, cfg.kl_placement.value)
+
+        self.task = setup.build_task(cfg)
+        self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
+        self.model, self.engine = self.policy.model, self.policy.engine
+        self.ref_model = setup.frozen_copy(self.model) if cfg.kl_placement is not KLPlacement.NONE else None
+        self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
+        self.old_logits = OldLogitSource(cfg.old_logits, self.model, self.logprobs,
+                                         keep_versions=max(cfg.lag, cfg.max_staleness) + 1, ewma_beta=cfg.ewma_beta)
+        self.sampling = setup.sampling_params(cfg)
+        self.state = RunState()
+        self.tokens_total = 0
+
+    # -- start and end -------------------------------------------------------------------------------
+    def start(self) -> dict[str, Any] | None:
+        """Restore the last checkpoint (when resuming), write config.json, open the loggers and the mismatch
+        control, evaluate before training. Returns the checkpoint (the driver reads its own part) or None."""
+        cfg = self.cfg
+        ckpt = load_latest_checkpoint(self.run_dir) if cfg.resume else None
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.ref_model is not None:
+                self.ref_model.load_state_dict(ckpt["ref_model"])
+            self.state = RunState(**ckpt["run_state"])
+            self.old_logits.load_state_dict(ckpt["old_logits"])
+        else:
+            self.old_logits.publish(0)
+        self.engine.load_weights(self.model.state_dict(), version=self.state.step)
+        (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        self.control = MismatchControl(cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
+        self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
+                                                              resume_after_step=self.state.step - 1 if ckpt else None))
+        if self.state.accuracy_before is None:
+            self.state.accuracy_before = setup.evaluate(self.policy, self.task, cfg)
+        self.t_start = time.perf_counter()
+        return ckpt
+
+    def progress(self, description: str = "RL") -> StepProgress:
+        return StepProgress(total=self.cfg.steps, start=self.state.step, enabled=self.cfg.progress,
+                            description=description)
+
+    def finish(self) -> dict[str, Any]:
+        """Flush the trackers, evaluate the final weights, write summary.json and the plots."""
+        self.log.close()  # flush TensorBoard / W&B / MLflow
+        self.engine.load_weights(self.model.state_dict(), version=self.state.step)
+        accuracy_after = setup.evaluate(self.policy, self.task, self.cfg)
+        counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
+        return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
+                             self.tokens_total, time.perf_counter() - self.t_start)
+
+    # -- the stages a driver schedules ---------------------------------------------------------------
+    def sample(self, step: int, salt: int = 0, n: int | None = None) -> list[Example]:
+        """The step's prompts (``n``: the first n of them), seeded by (seed, step, salt)."""
+        rng = random.Random(step_seed(self.cfg.seed, step, salt))
+        return [self.task.sample(rng) for _ in range(self.cfg.prompts_per_step)][:n]
+
+    def prompts(self, examples: list[Example]) -> tuple[list[list[int]], Tensor]:
+        """Token ids of ``group_size`` copies of every prompt (chat template where configured) and their groups."""
+        return setup.encode_prompts(self.policy, examples, self.cfg)
+
+    def generate(self, examples: list[Example], seed: int) -> Rollout:
+        """``group_size`` completions of every example in one engine call (the engine's current weights)."""
+        return setup.generate(self.policy, examples, self.cfg, seed=seed)
+
+    def score(self, rollout: Rollout, examples: list[Example]) -> tuple[Tensor, int]:
+        return setup.score(self.task, self.policy, rollout, examples, self.cfg)
+
+    def logprobs(self, model: torch.nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
+        return setup.token_logprobs(model, rollout, self.cfg)
+
+    def learn(self, batch: Batch, clock: Stopwatch, console: Any) -> dict[str, Any]:
+        """Train on one step's scored rollouts (the stages in the module docstring); the model then holds
+        version ``batch.step + 1``. Returns the step's metrics (logged by :meth:`record`)."""
+        cfg, model, s = self.cfg, self.model, batch.step
+        assert s == self.state.step, f"run: got the batch of step {s} at step {self.state.step}"
+        rollout, rewards_B = batch.rollout, batch.rewards_B
+        counters = self.state.counters
+        counters["reward_failed"] += batch.failed
+        mask_BT = rollout.loss_mask_BT
+        keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool)
+        raw_reward_mean = rewards_B.mean()
+        if cfg.overlong_buffer is not None:
+            rewards_B = rewards_B + soft_overlong_penalty(
+                rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        # pi_{theta_s} (skipped by loglinear, which needs no extra forward) and the old-logit anchor. With one
+        # mini-batch and no micro-batching the update's first forward is at these same weights over these same
+        # rows: run it once, with gradients, and hand its graph to the update (pi_old is its detached value).
+        loglinear = self.old_logits.strategy is OldLogits.LOGLINEAR
+        need_current = not loglinear or cfg.kl_placement is KLPlacement.REWARD
+        one_forward = (not loglinear and cfg.minibatches == 1
+                       and (cfg.micro_batch_size or rollout.batch_size) >= rollout.batch_size)
+        with clock("recompute"):
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(one_forward):
+                theta_BT, entropy_BT = self.logprobs(model, rollout) if need_current else (None, None)
+            current_BT = None if theta_BT is None else theta_BT.detach()
+            entropy_BT = None if entropy_BT is None else entropy_BT.detach()
+            current_s = time.perf_counter() - t0
+            anchor_BT, behave_BT, old_s = self.old_logits.anchor(rollout, current_BT)
+            if self.old_logits.strategy is OldLogits.RECOMPUTE:  # its anchor is that forward
+                old_s += current_s
+            with torch.no_grad():
+                logp_ref_BT = self.logprobs(self.ref_model, rollout)[0] if self.ref_model is not None else None
+        if cfg.kl_placement is KLPlacement.REWARD:
+            rewards_B = rewards_B + setup.kl_reward(current_BT, logp_ref_BT, mask_BT, cfg)
+        if cfg.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
+            info_B = informative_groups(rewards_B, rollout.group_B)
+            counters["dropped_groups"] += int((keep_B & ~info_B).sum()) // cfg.group_size
+            keep_B = keep_B & info_B
+        old_for_loss = anchor_BT if anchor_BT is not None else rollout.logp_mu_BT
+        advantages_BT = self.advantage_fn(rewards_B, rollout.group_B)[:, None].to(old_for_loss.dtype) * mask_BT
+        if batch.weight_BT is not None:
+            advantages_BT = advantages_BT * batch.weight_BT
+        with clock("meter"):
+            metrics: dict[str, Any] = setup.mismatch_metrics(current_BT, rollout, entropy_BT, s, behave_BT=behave_BT)
+            try:
+                step_args = self.control.apply(metrics, self.optimizer, self.scheduler, step=s, console=console,
+                                               where=str(self.run_dir / "checkpoints"))
+            except TrainingStopped:  # the stopping step's measurements are kept, not dropped
+                self.log.write({**metrics, "step": s, "budget/stopped": 1})
+                raise
+        finite = bool(torch.isfinite(torch.where(mask_BT, old_for_loss, 0)).all()
+                      and torch.isfinite(rollout.logp_mu_BT).all())
+        if finite and keep_B.any():
+            with clock("update"):
+                update = update_phase(
+                    cfg, self.preset, step_args, model, self.optimizer, rollout, keep_B, old_for_loss, logp_ref_BT,
+                    advantages_BT, s, logprobs=self.logprobs,
+                    kl_loss=(lambda lp, ref, m: setup.kl_loss_terms(lp, ref, m, cfg))
+                    if cfg.kl_placement is KLPlacement.LOSS else None,
+                    first_logp_theta_BT=theta_BT if one_forward else None,
+                    prox_fn=self.old_logits.prox_fn(rollout, s))
+            finite = update.pop("finite")
+            metrics.update(update)
+        self._finish_update(metrics, finite, step=s, console=console)
+        self.state.step += 1
+        with clock("sync"):
+            self.old_logits.publish(self.state.step)
+        metrics.update({
+            "reward/mean": raw_reward_mean, "reward/shaped_mean": rewards_B.mean(), "reward/failed": batch.failed,
+            "length/mean": rollout.completion_len_B.float().mean(), "time/old_logits_s": old_s,
+            "mem/old_logits_bytes": self.old_logits.extra_bytes(),
+            "async/version_min": int(rollout.version_BT[mask_BT].min()) if mask_BT.any() else s,
+        })
+        return metrics
+
+    def _finish_update(self, metrics: dict[str, Any], finite: bool, *, step: int, console: Any) -> None:
+        """Advance the LR schedule, or count a non-finite step (skipped, alarmed) and stop once
+        ``cfg.max_bad_steps`` of them come in a row (the last checkpoint stays intact)."""
+        if finite:
+            self.scheduler.step()
+            self.state.bad_steps = 0
+            return
+        self.state.bad_steps += 1
+        self.state.counters["skipped_steps"] += 1
+        metrics["alarm/non_finite"] = 1
+        console.print(f"[red]step {step}: non-finite loss or log-probs; update skipped[/red]")
+        if self.state.bad_steps >= self.cfg.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.state.bad_steps} consecutive non-finite steps (last: step {step}); stopping. "
+                f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact.")
+
+    def record(self, metrics: dict[str, Any], batch: Batch, clock: Stopwatch, progress: StepProgress) -> None:
+        """Log one step's row (metrics.jsonl and trackers) and advance the progress bar."""
+        n_tokens = int(batch.rollout.completion_len_B.sum())
+        self.tokens_total += n_tokens
+        dt = clock.total()
+        metrics.update({**clock.metrics(), **batch.metrics, "step": batch.step, "time/step_s": dt,
+                        "perf/tokens_per_s": n_tokens / dt, "lr": self.scheduler.get_last_lr()[0]})
+        self.log.write(metrics)
+        progress.advance(metrics)
+
+    def checkpoint_if_due(self, extra: dict[str, Any] | None = None) -> None:
+        """Write a checkpoint every ``checkpoint_every`` steps and at the end (``extra``: the driver's own state)."""
+        step = self.state.step
+        if step % self.cfg.checkpoint_every and step != self.cfg.steps:
+            return
+        save_checkpoint(self.run_dir, step, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "run_state": self.state.__dict__,
+            "old_logits": self.old_logits.state_dict(),
+            **({"ref_model": self.ref_model.state_dict()} if self.ref_model is not None else {}),
+            **(extra or {}),
+        })

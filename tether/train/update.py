@@ -1,0 +1,106 @@
+"""The update phase of one RL step: epochs x mini-batches x micro-batches of the objective preset.
+
+    for each epoch:  shuffle the kept rows (seeded by (seed, step, 2))
+      for each mini-batch (one optimiser step):
+        normalisers (tokens, sequences) and the preset's whole-batch statistics over the mini-batch
+        for each micro-batch: forward -> preset (checked entry point) [+ KL in the loss] -> backward
+        clip the global gradient norm -> optimiser step
+
+Split invariance: every quantity that depends on the whole optimiser step is computed once for it and
+passed to every micro-batch: the token / sequence counts, and ``Preset.batch_stats`` (P3O's ESS, ...),
+which needs the step's ``pi_theta`` before the first backward, so a mini-batch split into several
+micro-batches first runs one forward without gradients over them (only for presets that have such a
+statistic). The result is the update of the unsplit mini-batch (tests/unit/test_update_split.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.objectives import LossInputs, aggregate
+from tether.rollout import Rollout
+from tether.train.seeds import step_seed
+
+
+def update_phase(cfg, preset, objective_args: dict[str, Any], model: torch.nn.Module, optimizer, rollout: Rollout,
+                 keep_B: Tensor, logp_old_BT: Tensor, logp_ref_BT: Tensor | None, advantages_BT: Tensor, step: int, *,
+                 logprobs: Callable[[torch.nn.Module, Rollout], tuple[Tensor, Tensor]],
+                 kl_loss: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+                 first_logp_theta_BT: Tensor | None = None,
+                 prox_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 extra_inputs: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    """Mini-batch epochs over one step's rollouts; returns averaged metrics and a finiteness flag.
+
+    A mini-batch whose loss or gradient is non-finite is skipped (its gradient is dropped, no
+    optimiser step); the step then counts as bad. ``first_logp_theta_BT`` (all rows, with its graph,
+    computed at the current weights) stands in for the first micro-batch's forward. ``prox_fn(logp_theta_BT,
+    rows) -> logp_old`` (async loop, old_logits=loglinear) makes the anchor from each micro-batch's own
+    forward. ``kl_loss(logp_theta_BT, logp_ref_BT, mask_BT) -> per-token KL`` adds the KL penalty to the loss
+    (token-mean over the mini-batch). ``extra_inputs``: per-row ``LossInputs`` fields (``expert_B``, ...)
+    indexed with the rows like the rest.
+    """
+    rows = torch.nonzero(keep_B).flatten()
+    n_mini = min(cfg.minibatches, len(rows))
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 2))
+    metric_sums: dict[str, float] = {}
+    n_micro, losses, grad_norms, finite = 0, [], [], True
+
+    def inputs_for(idx: Tensor, logp_theta_BT: Tensor, norm: dict[str, Any]) -> LossInputs:
+        sub = rollout.select(idx)
+        old_BT = logp_old_BT[idx] if prox_fn is None else prox_fn(logp_theta_BT, idx)
+        extra = {k: v[idx] for k, v in (extra_inputs or {}).items()}
+        return LossInputs(
+            logp_theta_BT=logp_theta_BT, logp_old_BT=old_BT, advantages_BT=advantages_BT[idx],
+            mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=old_BT,
+            logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[idx], **norm, **extra)
+
+    for _ in range(cfg.epochs):
+        order = rows[torch.randperm(len(rows), generator=gen)]
+        for mini in order.chunk(n_mini):
+            mask = rollout.loss_mask_BT[mini]
+            norm = {"num_tokens": mask.sum().item(), "num_seqs": (mask.sum(-1) > 0).sum().item(),
+                    "horizon": cfg.max_new_tokens}
+            micros = mini.split(cfg.micro_batch_size or len(mini))
+            args = objective_args
+            if preset.batch_stats is not None and len(micros) > 1:  # whole-step statistics before any backward
+                with torch.no_grad():
+                    theta_BT = torch.cat([logprobs(model, rollout.select(m))[0] for m in micros])
+                    args = preset.step_overrides(inputs_for(torch.cat(list(micros)), theta_BT, norm), objective_args)
+            optimizer.zero_grad(set_to_none=True)
+            mini_loss, ok = 0.0, True
+            for micro in micros:
+                if first_logp_theta_BT is not None:  # same weights, same rows: reuse that forward
+                    logp_theta_BT, first_logp_theta_BT = first_logp_theta_BT[micro], None
+                else:
+                    logp_theta_BT, _ = logprobs(model, rollout.select(micro))
+                inputs = inputs_for(micro, logp_theta_BT, norm)
+                loss, metrics = preset(inputs, **args)
+                if kl_loss is not None:
+                    kl_BT = kl_loss(logp_theta_BT, inputs.logp_ref_BT, inputs.mask_BT)
+                    loss = loss + aggregate(kl_BT, inputs.mask_BT, "token-mean", num_tokens=norm["num_tokens"])
+                if not torch.isfinite(loss):
+                    ok = False
+                    break
+                loss.backward()
+                mini_loss += float(loss.detach())
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                n_micro += 1
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if ok else math.nan
+            if not math.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                finite = False
+                continue
+            optimizer.step()
+            losses.append(mini_loss)
+            grad_norms.append(grad_norm)
+    out: dict[str, Any] = {k: v / max(n_micro, 1) for k, v in metric_sums.items()}
+    out["loss"] = sum(losses) / max(len(losses), 1)
+    out["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+    out["finite"] = finite
+    return out
