@@ -34,7 +34,7 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:
-        cfg = TrainConfig(warmstart_steps=0, steps=args.steps, seed=0, prompts_per_step=args.prompts,
+        cfg = TrainConfig.from_flat(warmstart_steps=0, steps=args.steps, seed=0, prompts_per_step=args.prompts,
                           group_size=args.generations, max_new_tokens=args.new_tokens, eval_size=1,
                           checkpoint_every=10**6, out=d, progress=False, threads=args.threads)
         marks = []  # (minor faults, CPU time) at the end of every step: the loop writes one metrics line per step

@@ -71,7 +71,7 @@ def train_overhead(steps: int, rounds: int, threads: int | None) -> None:
                 setup.mismatch_metrics = real if mode == "on" else (lambda *a, **k: {})
                 run = Path(tmp) / f"{mode}{r}"
                 try:  # the default job; eval_size only shortens the untimed evaluation around the steps
-                    train(TrainConfig(steps=steps, eval_size=1, progress=False, threads=threads, out=str(run)))
+                    train(TrainConfig.from_flat(steps=steps, eval_size=1, progress=False, threads=threads, out=str(run)))
                 finally:
                     setup.mismatch_metrics = real
                 rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

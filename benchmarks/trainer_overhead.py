@@ -104,7 +104,7 @@ def main() -> None:
 
     setup.build_policy, setup.generate, setup.build_task = build_policy, generate, build_task
     with tempfile.TemporaryDirectory() as d:
-        cfg = TrainConfig(warmstart_steps=0, steps=args.steps + 1, seed=0, prompts_per_step=args.prompts,
+        cfg = TrainConfig.from_flat(warmstart_steps=0, steps=args.steps + 1, seed=0, prompts_per_step=args.prompts,
                           group_size=args.generations, max_new_tokens=args.new_tokens, objective=args.objective,
                           eval_size=1, checkpoint_every=10**6, out=d, progress=False, threads=args.threads)
         sync.train(cfg)

@@ -64,7 +64,7 @@ def run_tether(model_dir: Path, args) -> dict:
     from tether.train.sync import train
 
     out = model_dir / "tether_out"
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         model="tiny", warmstart_steps=0, steps=args.steps, seed=0, prompts_per_step=args.prompts,
         group_size=args.generations, max_new_tokens=args.new_tokens, temperature=1.0, lr=1e-5, epochs=1,
         minibatches=1, objective="grpo", eval_size=1, checkpoint_every=10**6, out=str(out), progress=False,

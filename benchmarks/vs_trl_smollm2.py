@@ -90,7 +90,7 @@ def run_tether(folder: str, args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         data = Path(d) / "arith.jsonl"
         data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows))
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             model=folder, task=str(data), reward="numeric", task_options={"eval_size": 1}, steps=args.steps,
             seed=0, prompts_per_step=args.prompts, group_size=args.generations, max_new_tokens=args.new_tokens,
             temperature=1.0, lr=1e-6, epochs=1, minibatches=1, grad_clip=1.0, objective="grpo", eval_size=1,

@@ -197,7 +197,7 @@ def build(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         hints = "; ".join(f"'{u}'{_did_you_mean(u, list(fields), aliases)}" for u in unknown)
-        raise ValueError(f"unknown config field(s){loc}: {hints}. `tether {getattr(cls, 'COMMAND', 'train')} --help` "
+        raise ValueError(f"unknown config field(s) {hints}{loc}. `tether {getattr(cls, 'COMMAND', 'train')} --help` "
                          "lists every field")
     top: dict[str, Any] = {}
     per_section: dict[str, dict[str, Any]] = {}

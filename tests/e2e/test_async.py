@@ -39,8 +39,8 @@ def _metrics(run):
 
 
 def test_lag_zero_async_is_the_sync_loop(tmp_path):
-    sync.train(TrainConfig(**SMALL, steps=3, out=str(tmp_path / "sync"), objective="ppo"))
-    async_loop.train(TrainConfig(**SMALL, steps=3, out=str(tmp_path / "async"), objective="ppo",
+    sync.train(TrainConfig.from_flat(**SMALL, steps=3, out=str(tmp_path / "sync"), objective="ppo"))
+    async_loop.train(TrainConfig.from_flat(**SMALL, steps=3, out=str(tmp_path / "async"), objective="ppo",
                                  mode=TrainMode.ASYNC, max_staleness=0))
     a, b = _state(tmp_path / "sync", 3), _state(tmp_path / "async", 3)
     for k in a["model"]:
@@ -57,9 +57,9 @@ def test_lag_zero_async_is_the_sync_loop(tmp_path):
 def test_async_resume_is_bitwise(tmp_path):
     cfg = dict(SMALL, mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=2, staleness_policy=StalenessPolicy.DOWNWEIGHT,
                partial_chunk_tokens=2, old_logits=OldLogits.SNAPSHOT, objective="decoupled_ppo")
-    async_loop.train(TrainConfig(**cfg, steps=4, out=str(tmp_path / "full")))
-    async_loop.train(TrainConfig(**cfg, steps=2, out=str(tmp_path / "cut")))
-    async_loop.train(TrainConfig(**cfg, steps=4, resume=str(tmp_path / "cut")))
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=4, out=str(tmp_path / "full")))
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=2, out=str(tmp_path / "cut")))
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=4, resume=str(tmp_path / "cut")))
     a, b = _state(tmp_path / "full", 4), _state(tmp_path / "cut", 4)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -82,7 +82,7 @@ def test_drop_refills_the_batch_with_fresh_groups_and_resumes_bitwise(tmp_path, 
     monkeypatch.setattr(setup, "score", slow_score)
     cfg = dict(SMALL, mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=2, staleness_policy=StalenessPolicy.DROP,
                old_logits=OldLogits.SNAPSHOT, objective="decoupled_ppo")
-    full = async_loop.train(TrainConfig(**cfg, steps=4, out=str(tmp_path / "full")))
+    full = async_loop.train(TrainConfig.from_flat(**cfg, steps=4, out=str(tmp_path / "full")))
     rows = _metrics(tmp_path / "full")
     groups = SMALL["prompts_per_step"]
     assert [r["async/dropped_groups"] for r in rows] == [0, 0, groups, groups]
@@ -92,8 +92,8 @@ def test_drop_refills_the_batch_with_fresh_groups_and_resumes_bitwise(tmp_path, 
         assert r["meter/version/age_max"] <= 1  # the refilled tokens are fresh: nothing beyond the bound is trained
     assert full["count/stale_dropped_groups"] == full["count/stale_refilled_groups"] == 2 * groups
     assert rows[2]["async/dropped_reward_mean"] == rows[2]["async/dropped_reward_mean"]  # the bias is still measured
-    async_loop.train(TrainConfig(**cfg, steps=2, out=str(tmp_path / "cut")))
-    async_loop.train(TrainConfig(**cfg, steps=4, resume=str(tmp_path / "cut")))
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=2, out=str(tmp_path / "cut")))
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=4, resume=str(tmp_path / "cut")))
     a, b = _state(tmp_path / "full", 4), _state(tmp_path / "cut", 4)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -107,7 +107,7 @@ def test_staleness_bound_holds_in_real_time_mode_with_a_slow_reward(tmp_path, mo
 
     monkeypatch.setattr(setup, "score", slow_score)
     k = 1
-    async_loop.train(TrainConfig(**SMALL, steps=5, out=str(tmp_path / "rt"), mode=TrainMode.ASYNC, max_staleness=k,
+    async_loop.train(TrainConfig.from_flat(**SMALL, steps=5, out=str(tmp_path / "rt"), mode=TrainMode.ASYNC, max_staleness=k,
                                  freshest_weights=True, partial_chunk_tokens=2))
     rows = _metrics(tmp_path / "rt")
     assert len(rows) == 5
@@ -122,7 +122,7 @@ def test_async_applies_the_mismatch_budget_and_the_auto_choice(tmp_path):
     """The budget and `--objective auto` act in the async loop as in the sync one: a lag of 2 makes
     pi_old / mu drift, the KL budget fires and lowers the learning rate, and auto logs its choice."""
     run = tmp_path / "auto"
-    async_loop.train(TrainConfig(**SMALL, steps=3, out=str(run), objective="auto", mode=TrainMode.ASYNC,
+    async_loop.train(TrainConfig.from_flat(**SMALL, steps=3, out=str(run), objective="auto", mode=TrainMode.ASYNC,
                                  max_staleness=2, budget_max_kl=1e-12, budget_action="lower_lr"))
     rows = _metrics(run)
     assert all(r["auto/level"] in ("token", "sequence", "geometric") for r in rows)

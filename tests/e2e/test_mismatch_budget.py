@@ -42,14 +42,14 @@ def _rows(run):
 
 def test_lower_lr_and_tighten_act_only_after_the_drift(tmp_path, drift):
     run = tmp_path / "lr"
-    summary = train(TrainConfig(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="lower_lr", **SMALL))
+    summary = train(TrainConfig.from_flat(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="lower_lr", **SMALL))
     rows = _rows(run)
     assert [r["budget/alarms"] for r in rows] == [0, 1]  # clean step 0, drifted step 1
     assert [r["lr"] for r in rows] == pytest.approx([1e-4, 5e-5])
     assert summary["count/budget_alarm_steps"] == 1
 
     run = tmp_path / "tighten"
-    train(TrainConfig(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="tighten", **SMALL))
+    train(TrainConfig.from_flat(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="tighten", **SMALL))
     rows = _rows(run)
     assert [r["objective/cap"] for r in rows] == pytest.approx([2.0, 1.5])  # tis cap 2 -> 1 + (2 - 1) / 2
     assert [r["objective/eps_high"] for r in rows] == pytest.approx([0.2, 0.1])
@@ -59,7 +59,7 @@ def test_lower_lr_and_tighten_act_only_after_the_drift(tmp_path, drift):
 def test_stop_names_the_metric_and_keeps_the_last_checkpoint(tmp_path, drift):
     run = tmp_path / "stop"
     with pytest.raises(TrainingStopped, match=r"step 1: mismatch budget exceeded: meter/total/kl_k3 = [0-9.e-]+ > 0.02"):
-        train(TrainConfig(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="stop", **SMALL))
+        train(TrainConfig.from_flat(objective="tis", out=str(run), budget_max_kl=0.02, budget_action="stop", **SMALL))
     assert load_latest_checkpoint(run)["run_state"]["step"] == 1  # step 0 completed, step 1 stopped before its update
     rows = _rows(run)  # step 1's measurements are logged before the stop, marked as the stopping step
     assert [r["step"] for r in rows] == [0, 1]
@@ -69,7 +69,7 @@ def test_stop_names_the_metric_and_keeps_the_last_checkpoint(tmp_path, drift):
 
 def test_auto_objective_logs_a_choice_that_follows_the_drift(tmp_path, drift):
     run = tmp_path / "auto"
-    train(TrainConfig(objective="auto", out=str(run), **{**SMALL, "prompts_per_step": 17}))
+    train(TrainConfig.from_flat(objective="auto", out=str(run), **{**SMALL, "prompts_per_step": 17}))
     rows = _rows(run)
     levels = [r["auto/level"] for r in rows]
     assert levels == ["sequence", "token"]  # 68 clean sequences (>= 64 effective), then the drift collapses ESS_seq

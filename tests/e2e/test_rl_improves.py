@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_grpo_raises_heldout_accuracy(tmp_path):
-    cfg = TrainConfig(out=str(tmp_path / "run"), progress=False, threads=2, seed=0)
+    cfg = TrainConfig.from_flat(out=str(tmp_path / "run"), progress=False, threads=2, seed=0)
     summary = train(cfg)
     before, after = summary["eval/accuracy_before"], summary["eval/accuracy_after"]
     assert 0.05 < before < 0.9, f"the warm start should leave room for RL, got {before}"

@@ -35,7 +35,7 @@ def test_skip_bad_rows_counts_them_in_the_summary(tmp_path):
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
     lines = [json.dumps(r) for r in rows] + ["not json", '{"prompt": ""}', '{"prompt": 3, "answer": "1"}']
     data.write_text("\n".join(lines) + "\n")
-    summary = train(TrainConfig(task=str(data), reward="exact_match", skip_bad_rows=True, out=str(tmp_path / "run"),
+    summary = train(TrainConfig.from_flat(task=str(data), reward="exact_match", skip_bad_rows=True, out=str(tmp_path / "run"),
                                 **{**SMALL, "steps": 2}))
     assert summary["count/bad_rows_skipped"] == 3
 
@@ -50,7 +50,7 @@ def test_reward_exceptions_are_counted_and_the_run_continues(tmp_path, monkeypat
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) for a in range(200)) + "\n")
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    summary = train(TrainConfig(task=str(data), reward="test_train_robustness:raising_reward",
+    summary = train(TrainConfig.from_flat(task=str(data), reward="test_train_robustness:raising_reward",
                                 out=str(tmp_path / "run"), **SMALL))
     assert summary["count/reward_failed"] > 0
     assert summary["steps"] == SMALL["steps"]
@@ -65,7 +65,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_checkpoint_intact(
     _PRESETS["test_nan"] = Preset(name="test_nan", description="always NaN", fn=_nan_after_two_steps,
                                   defaults={"agg": "token-mean"}, advantage="grpo", source="test", equation="nan")
     try:
-        cfg = TrainConfig(objective="test_nan", out=str(tmp_path / "run"), max_bad_steps=2, **{**SMALL, "steps": 6})
+        cfg = TrainConfig.from_flat(objective="test_nan", out=str(tmp_path / "run"), max_bad_steps=2, **{**SMALL, "steps": 6})
         with pytest.raises(TrainingStopped, match="2 consecutive non-finite steps"):
             train(cfg)
     finally:

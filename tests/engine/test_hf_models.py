@@ -109,7 +109,7 @@ def test_model_spec_errors_name_the_problem(tmp_path, monkeypatch):
 def test_tiny_model_rejects_hf_only_options():
     for field in ("lora_r", "gradient_checkpointing", "chat_template"):
         with pytest.raises(ValueError, match=field):
-            TrainConfig(**{field: 4 if field == "lora_r" else True})
+            TrainConfig.from_flat(**{field: 4 if field == "lora_r" else True})
 
 
 def _loss_and_grads(model, tokens_BT):
@@ -121,8 +121,8 @@ def _loss_and_grads(model, tokens_BT):
 
 def test_gradient_checkpointing_gives_the_same_gradients(folder):
     cfg = dict(model=str(folder), seed=0)
-    plain, _, _ = hf.build_hf_policy(TrainConfig(**cfg))
-    ckpt, _, _ = hf.build_hf_policy(TrainConfig(**cfg, gradient_checkpointing=True))
+    plain, _, _ = hf.build_hf_policy(TrainConfig.from_flat(**cfg))
+    ckpt, _, _ = hf.build_hf_policy(TrainConfig.from_flat(**cfg, gradient_checkpointing=True))
     assert ckpt.is_gradient_checkpointing and ckpt.training
     tokens = torch.randint(3, 99, (3, 20), generator=torch.Generator().manual_seed(0))
     l1, g1 = _loss_and_grads(plain, tokens)
@@ -133,20 +133,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(folder):
 
 
 def test_shared_engine_weights_are_the_trainers(folder):
-    model, _, engine = hf.build_hf_policy(TrainConfig(model=str(folder), share_engine_weights=True))
+    model, _, engine = hf.build_hf_policy(TrainConfig.from_flat(model=str(folder), share_engine_weights=True))
     assert engine.model is model
-    _, _, separate = hf.build_hf_policy(TrainConfig(model=str(folder)))
+    _, _, separate = hf.build_hf_policy(TrainConfig.from_flat(model=str(folder)))
     assert separate.model is not model
     with pytest.raises(ValueError, match="share_engine_weights"):
-        TrainConfig(model=str(folder), share_engine_weights=True, bf16=True)
+        TrainConfig.from_flat(model=str(folder), share_engine_weights=True, bf16=True)
     with pytest.raises(ValueError, match="needs mode 'sync'"):
-        TrainConfig(model=str(folder), share_engine_weights=True, mode="async")
+        TrainConfig.from_flat(model=str(folder), share_engine_weights=True, mode="async")
     with pytest.raises(ValueError, match="rollout_precision"):
-        TrainConfig(model=str(folder), rollout_precision="bf16")
+        TrainConfig.from_flat(model=str(folder), rollout_precision="bf16")
 
 
 def test_bf16_engine_runs_in_bf16_and_trainer_keeps_fp32(folder):
-    model, _, engine = hf.build_hf_policy(TrainConfig(model=str(folder), bf16=True))
+    model, _, engine = hf.build_hf_policy(TrainConfig.from_flat(model=str(folder), bf16=True))
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.float32
 
@@ -161,7 +161,7 @@ def test_lora_trains_only_adapters_and_export_merges_them(folder, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(30)))
     (tmp_path / "length_reward.py").write_text(
         "def reward(prompt, completion, answer):\n    return len(completion) / 6\n")  # varies: a signal
-    cfg = TrainConfig(model=str(folder), task=str(data), reward=f"{tmp_path / 'length_reward.py'}:reward",
+    cfg = TrainConfig.from_flat(model=str(folder), task=str(data), reward=f"{tmp_path / 'length_reward.py'}:reward",
                       task_options={"eval_fraction": 0.2}, steps=2, prompts_per_step=2, group_size=4,
                       max_new_tokens=6, eval_size=1, lr=5e-3, lora_r=4, lora_alpha=8.0, lora_target_modules="q_proj,v_proj", out=str(run),
                       progress=False, checkpoint_every=1)
@@ -203,7 +203,7 @@ def test_export_tiny_run_round_trip(tmp_path):
 
     run = tmp_path / "run"
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # also: the loop feeds the trackers
-    train(TrainConfig(steps=1, warmstart_steps=0, prompts_per_step=2, group_size=2, max_new_tokens=4, eval_size=2,
+    train(TrainConfig.from_flat(steps=1, warmstart_steps=0, prompts_per_step=2, group_size=2, max_new_tokens=4, eval_size=2,
                       out=str(run), progress=False, tensorboard=tensorboard))
     assert bool(list(run.glob("tensorboard/events.out.tfevents.*"))) == tensorboard
     assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 0
@@ -255,7 +255,7 @@ def test_gguf_file_written_in_the_test_loads_and_trains(folder, tmp_path, monkey
         torch.testing.assert_close(model(input_ids=tokens).logits, ref_model(input_ids=tokens).logits, rtol=0, atol=0)
     hf.convert_gguf(gguf_file, tmp_path / "again")  # the model is a plain (dequantised) one: saving works
     monkeypatch.setenv("TETHER_CACHE", str(tmp_path / "cache"))
-    summary = train(TrainConfig(model=str(gguf_file), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4,
+    summary = train(TrainConfig.from_flat(model=str(gguf_file), steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4,
                                 eval_size=2, out=str(tmp_path / "run"), progress=False))
     assert summary["steps"] == 1
 

@@ -180,15 +180,15 @@ def test_errors_before_the_server(model_dir):
 
 
 def test_config_validation_names_the_field():
-    assert TrainConfig().engine is EngineKind.TORCH
+    assert TrainConfig.from_flat().engine is EngineKind.TORCH
     with pytest.raises(ValueError, match="'vllm_sync_every' needs engine 'vllm'"):
-        TrainConfig(vllm_sync_every=2)
+        TrainConfig.from_flat(vllm_sync_every=2)
     with pytest.raises(ValueError, match="'vllm_sync_every' must be >= 1"):
-        TrainConfig(engine=EngineKind.VLLM, vllm_sync_every=0)
+        TrainConfig.from_flat(engine=EngineKind.VLLM, vllm_sync_every=0)
     with pytest.raises(ValueError, match="'vllm_sync_every' needs mode 'sync'"):
-        TrainConfig(engine=EngineKind.VLLM, vllm_sync_every=2, mode=TrainMode.ASYNC, max_staleness=2)
+        TrainConfig.from_flat(engine=EngineKind.VLLM, vllm_sync_every=2, mode=TrainMode.ASYNC, max_staleness=2)
     with pytest.raises(ValueError, match="'rollout_precision'.*int8"):
-        TrainConfig(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.INT8)
-    assert TrainConfig(engine=EngineKind.VLLM).vllm_dtype == "float32"
-    assert TrainConfig(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.BF16).vllm_dtype == "bfloat16"
-    assert TrainConfig(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.FP16).vllm_dtype == "float16"
+        TrainConfig.from_flat(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.INT8)
+    assert TrainConfig.from_flat(engine=EngineKind.VLLM).vllm_dtype == "float32"
+    assert TrainConfig.from_flat(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.BF16).vllm_dtype == "bfloat16"
+    assert TrainConfig.from_flat(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.FP16).vllm_dtype == "float16"

@@ -106,12 +106,12 @@ def test_drop_bias_metrics():
 
 def test_config_rules():
     with pytest.raises(ValueError, match="old_logits"):
-        TrainConfig(old_logits=OldLogits.SNAPSHOT)
+        TrainConfig.from_flat(old_logits=OldLogits.SNAPSHOT)
     with pytest.raises(ValueError, match="rollout_lag"):
-        TrainConfig(mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=2)
+        TrainConfig.from_flat(mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=2)
     with pytest.raises(ValueError, match="unified_precision"):
-        TrainConfig(unified_precision=True)
-    TrainConfig(mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=3, staleness_policy=StalenessPolicy.DROP)
+        TrainConfig.from_flat(unified_precision=True)
+    TrainConfig.from_flat(mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=3, staleness_policy=StalenessPolicy.DROP)
 
 
 # ------------------------------------------------------------------ partial rollouts

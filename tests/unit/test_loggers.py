@@ -16,7 +16,7 @@ RECORDS = [{"step": 0, "reward/mean": 0.25, "loss": 1.5, "alarm/text": "x", "nan
 
 
 def _log(tmp_path, **flags):
-    loggers = open_loggers(TrainConfig(**flags), tmp_path, MetricsLog(tmp_path / "metrics.jsonl"))
+    loggers = open_loggers(TrainConfig.from_flat(**flags), tmp_path, MetricsLog(tmp_path / "metrics.jsonl"))
     for r in RECORDS:
         loggers.write(r)
     loggers.close()
@@ -56,7 +56,7 @@ def test_mlflow_local_store_has_the_metrics(tmp_path):
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     history = client.get_metric_history(loggers.trackers[0].run_id, "reward.mean")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.25), (1, 0.75)]
-    assert client.get_run(loggers.trackers[0].run_id).data.params["lr"] == str(TrainConfig().lr)
+    assert client.get_run(loggers.trackers[0].run_id).data.params["lr"] == str(TrainConfig.from_flat().lr)
 
 
 def test_missing_package_names_flag_and_extra(tmp_path, monkeypatch):
@@ -65,4 +65,4 @@ def test_missing_package_names_flag_and_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"'wandb' needs the wandb package: pip install 'tether\[wandb\]'"):
-        open_loggers(TrainConfig(wandb=True), tmp_path, MetricsLog(tmp_path / "metrics.jsonl"))
+        open_loggers(TrainConfig.from_flat(wandb=True), tmp_path, MetricsLog(tmp_path / "metrics.jsonl"))

@@ -33,7 +33,7 @@ def _opt(lr: float = 1e-3):
 
 
 def _control(objective: str = "tis", **budget) -> tuple[MismatchControl, dict]:
-    cfg = TrainConfig(objective=objective, **budget)
+    cfg = TrainConfig.from_flat(objective=objective, **budget)
     state: dict = {}
     return MismatchControl(cfg, get_preset(objective).resolve(None), state, {}), state
 
@@ -50,9 +50,9 @@ def test_tighten_args_matches_hand_values():
 
 def test_budget_config_errors_name_the_field():
     with pytest.raises(ValueError, match="budget_min_ess_token"):
-        TrainConfig(budget_min_ess_token=1.5)
+        TrainConfig.from_flat(budget_min_ess_token=1.5)
     with pytest.raises(ValueError, match="budget_tighten_factor"):
-        TrainConfig(budget_tighten_factor=1.0)
+        TrainConfig.from_flat(budget_tighten_factor=1.0)
     with pytest.raises(ValueError, match="budget_ratio"):
         _control(budget_max_kl=0.1, budget_ratio="drift")
     with pytest.raises(ValueError, match="budget_action.*reinforce"):
@@ -196,7 +196,7 @@ def test_auto_preset_matches_loop_references_at_each_level():
 
 def test_a_resumed_run_keeps_its_tightening():
     """The scales live in the run state (saved in the checkpoint): a new control built from it applies them."""
-    cfg = TrainConfig(objective="tis", budget_max_kl=0.01, budget_action="tighten")
+    cfg = TrainConfig.from_flat(objective="tis", budget_max_kl=0.01, budget_action="tighten")
     state = {"lr_scale": 1.0, "tighten_scale": 0.25}
     opt, sched = _opt()
     m = _stats(0.01)

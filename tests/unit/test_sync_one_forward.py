@@ -19,7 +19,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_reused_forward_gives_the_update_of_a_separate_recompute():
-    cfg = TrainConfig(prompts_per_step=3, group_size=2, max_new_tokens=6, lr=1e-3, top_k=5)
+    cfg = TrainConfig.from_flat(prompts_per_step=3, group_size=2, max_new_tokens=6, lr=1e-3, top_k=5)
     model = tiny_builtin(seed=0)
     engine = TorchEngine(model, eos_id=EOS, pad_id=PAD, copy=True)
     rollout = engine.generate(random_prompts(3, seed=4), setup.sampling_params(cfg), seed=0, n=2)

@@ -50,9 +50,9 @@ def _generate_scored(run: Run, examples, *, seed_fn, before_chunk, chunk_tokens)
 
 
 def _producer(run: Run, board: WeightBoard, lease: EngineLease, out: queue.Queue, start: int, stop: threading.Event):
-    cfg, engine, lag = run.cfg, run.engine, run.cfg.lag
+    cfg, engine, lag = run.cfg.async_, run.engine, run.cfg.lag
     try:
-        for s in range(start, cfg.steps):
+        for s in range(start, run.cfg.steps):
             t0 = time.perf_counter()
             board.wait_for(s - lag)  # admission: never start a batch older than lag
             waited = time.perf_counter() - t0
@@ -67,7 +67,7 @@ def _producer(run: Run, board: WeightBoard, lease: EngineLease, out: queue.Queue
 
             try:
                 batch = _generate_scored(run, run.sample(s), before_chunk=before_chunk,
-                                         seed_fn=lambda c, s=s: step_seed(cfg.seed, s, 1 if c == 0 else 1000 + c),
+                                         seed_fn=lambda c, s=s: step_seed(run.cfg.seed, s, 1 if c == 0 else 1000 + c),
                                          chunk_tokens=cfg.partial_chunk_tokens)
             finally:
                 lease.release()
@@ -113,7 +113,7 @@ def refill_dropped(run: Run, board: WeightBoard, lease: EngineLease, batch: Batc
 
 def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock: Stopwatch) -> Batch:
     """The staleness policy on token ages s - v (drop refills the batch with fresh groups); counted in the run."""
-    cfg, s, rollout = run.cfg, batch.step, batch.rollout
+    cfg, s, rollout = run.cfg.async_, batch.step, batch.rollout
     keep_B, weight_BT, counts = apply_staleness(
         rollout.version_BT, rollout.loss_mask_BT, rollout.group_B, s, max_staleness=cfg.max_staleness,
         policy=cfg.staleness_policy, decay=cfg.downweight_decay)

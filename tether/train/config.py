@@ -1,12 +1,21 @@
-"""The one typed config of ``tether train``. Every field has a default and a one-line help; the
-CLI flags are generated from it (``tether train --help``) and ``--config FILE`` reads TOML/YAML."""
+"""The typed config of ``tether train``: ``TrainConfig`` with nested sections for one mode or feature.
+
+Every field has a default and a one-line help; the CLI flags are generated from it (``tether train --help``,
+grouped by section) and ``--config FILE`` reads TOML/YAML, both flat (``--max-staleness 2``,
+``budget_max_kl = 0.02``). Sections: ``async_`` (``AsyncConfig``, only with ``mode = async``), ``kl``
+(``KLConfig``, only with a ``kl_placement``), ``budget`` (``BudgetConfig``, the mismatch budget). In Python,
+``TrainConfig.from_flat(kl_placement="reward", kl_coef=0.1)`` takes the flat names exactly as the CLI does;
+``TrainConfig(kl_placement="reward", kl=KLConfig(coef=0.1))`` is the same config. Strings are converted to the
+enums and every number is range-checked before anything is built, with errors naming the field."""
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
+from typing import Any
 
-from tether.configs import opt
+from tether.configs import build, coerce_fields, opt, section
 from tether.meter.budget import BudgetAction, MeterRatio
 
 
@@ -51,117 +60,237 @@ class RolloutPrecision(str, enum.Enum):
     INT8 = "int8"
 
 
+
+
+def _check(ok: bool, name: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"config field '{name}' {message}, got {value}")
+
+
 @dataclass
-class TrainConfig:
-    task: str = opt("arithmetic", "built-in task name (arithmetic, countdown) or a JSONL file path")
-    task_options: dict | None = opt(
-        None, 'JSON dict of task config fields, e.g. {"max_digits": 3, "ops": "+-"} (none: the default job\'s '
-        'arithmetic is 1-2 digit addition, which the warm start brings to about 30 % so RL has room)')
-    reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function")
-    skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing")
-    reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)")
-    model: str = opt("tiny", "model: 'tiny' (built-in, warm-started) or a path")
-    objective: str = opt("grpo", "objective preset (tether objectives lists them)")
-    objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}')
-    steps: int = opt(100, "number of RL steps (one optimiser update phase each)")
-    seed: int = opt(0, "seed of everything: task sampling, generation, initialisation")
-    prompts_per_step: int = opt(16, "prompts per step")
-    group_size: int = opt(8, "completions per prompt (the GRPO group)")
-    max_new_tokens: int = opt(12, "generation length limit")
-    temperature: float = opt(1.0, "sampling temperature")
-    top_k: int | None = opt(None, "top-k truncation at sampling (none: off)")
-    top_p: float | None = opt(None, "top-p truncation at sampling (none: off)")
-    replay_truncation: bool = opt(True, "recompute log-probs under the same top-k/top-p support the engine used")
-    epochs: int = opt(1, "passes over each step's rollouts")
-    minibatches: int = opt(1, "optimiser steps per epoch (the rollout batch is split into this many)")
-    micro_batch_size: int | None = opt(None, "sequences per forward/backward (gradient accumulation); none: whole mini-batch")
-    lr: float = opt(2e-5, "peak learning rate (AdamW)")
-    lr_schedule: LRSchedule = opt(LRSchedule.CONSTANT, "learning-rate schedule after warm-up")
-    warmup_steps: int = opt(0, "linear warm-up optimiser steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    grad_clip: float = opt(1.0, "global gradient-norm clip")
-    kl_coef: float = opt(0.0, "coefficient of the KL to the reference (initial) policy")
-    kl_estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus")
-    kl_placement: KLPlacement = opt(KLPlacement.NONE, "where the KL goes: none, reward, loss")
-    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
-    overlong_buffer: int | None = opt(None, "soft overlong penalty buffer L_buf in tokens (none: off)")
-    overlong_penalty: float = opt(1.0, "soft overlong penalty at the length limit (DAPO c)")
-    warmstart_steps: int = opt(400, "SFT warm-start steps for the built-in model (cached on disk)")
-    eval_size: int = opt(200, "held-out problems for greedy accuracy before and after")
-    checkpoint_every: int = opt(10, "checkpoint every N steps (atomic)")
-    max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps")
-    threads: int | None = opt(None, "torch CPU threads (none: all cores)")
-    out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
-    resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
-    progress: bool = opt(True, "show a progress bar")
-    budget_ratio: MeterRatio = opt(MeterRatio.TOTAL, "mismatch budget: the ratio its thresholds read: total (pi_old/mu) or engine (fresh tokens)")
-    budget_min_ess_token: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_token < this (none: off)")
-    budget_min_ess_seq: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_seq < this (none: off)")
-    budget_max_abs_logr_p99: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/abs_logr_p99 > this (none: off)")
-    budget_max_kl: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/kl_k3 > this (none: off)")
-    budget_action: BudgetAction = opt(BudgetAction.WARN, "on a budget alarm: warn, tighten (the correction), lower_lr, stop")
-    budget_lr_factor: float = opt(0.5, "lower_lr multiplies the learning rate by this on every step with an alarm")
-    budget_tighten_factor: float = opt(0.5, "tighten moves caps, bands and clip ranges this factor closer to 1 per alarm step")
-    # off-policy (docs/async.md)
-    mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train) or async (concurrent)")
-    max_staleness: int = opt(1, "async: bound k on token age (trainer version - generating version)")
-    staleness_policy: StalenessPolicy = opt(StalenessPolicy.WAIT, "async: tokens older than k: wait, drop, downweight")
-    rollout_lag: int | None = opt(None, "async: the engine runs this many versions ahead of the trainer: batch s "
-                                        "starts on version s - lag (none: max_staleness)")
-    freshest_weights: bool = opt(False, "async: start batches and chunks on the newest published weights instead of "
-                                        "exactly version s - lag (real-time, not reproducible)")
-    partial_chunk_tokens: int | None = opt(None, "async: generate in chunks of this many tokens, picking up new "
-                                                 "weights between chunks (partial rollouts); none: whole completions")
-    downweight_decay: float = opt(0.5, "async downweight: a token of age a > k gets weight decay^(a - k)")
+class AsyncConfig:
+    """Settings of the async loop (docs/async.md); exists only with ``mode = async``."""
+    max_staleness: int = opt(1, "bound k on token age (trainer version - generating version)")
+    staleness_policy: StalenessPolicy = opt(StalenessPolicy.WAIT, "tokens older than k: wait, drop (refilled with "
+                                            "fresh groups), downweight")
+    rollout_lag: int | None = opt(None, "the engine runs this many versions ahead of the trainer: batch s starts on "
+                                        "version s - lag (none: max_staleness)")
+    freshest_weights: bool = opt(False, "start batches and chunks on the newest published weights instead of exactly "
+                                        "version s - lag (real-time, not reproducible)")
+    partial_chunk_tokens: int | None = opt(None, "generate in chunks of this many tokens, picking up new weights "
+                                                 "between chunks (partial rollouts); none: whole completions")
+    downweight_decay: float = opt(0.5, "staleness_policy downweight: a token of age a > k gets weight decay^(a - k)")
     old_logits: OldLogits = opt(OldLogits.RECOMPUTE, "how pi_old is obtained: recompute, snapshot, ewma, loglinear")
-    ewma_beta: float = opt(0.9, "old_logits=ewma: EWMA decay of the proximal weights (PPO-EWMA beta)")
-    rollout_precision: RolloutPrecision = opt(RolloutPrecision.FP32, "rollout engine numerics: fp32, bf16, fp16, int8")
-    unified_precision: bool = opt(False, "trainer forward at the rollout precision too (Jet-RL); master weights fp32")
-    chat_template: bool | None = opt(None, "wrap prompts in the tokenizer's chat template (none: iff it has one)")
-    lora_r: int | None = opt(None, "LoRA rank for a Hugging Face model (none: full fine-tuning)")
-    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) B A")
-    lora_target_modules: str = opt("all-linear", "LoRA target layers: 'all-linear' or names, e.g. q_proj,v_proj")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (Hugging Face models; less memory)")
-    bf16: bool = opt(False, "bfloat16: trainer forward under autocast, engine weights in bf16")
-    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)")
-    wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)")
-    mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)")
-    engine: EngineKind = opt(EngineKind.TORCH, "rollout engine: torch (in-process) or vllm (a vLLM server in its own "
-                             "env, .venv-vllm from scripts/setup_vllm.sh; docs/engines.md)")
-    vllm_sync_every: int = opt(1, "engine vllm, sync mode: push weights to vLLM every k steps (tokens up to k-1 "
-                                  "versions stale, recorded per token)")
-    share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
-                                     "trainer's own fp32 weights (no second copy in memory)")
+    ewma_beta: float = opt(0.9, "old_logits ewma: EWMA decay of the proximal weights (PPO-EWMA beta)")
 
     def __post_init__(self) -> None:
-        positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
-                    "checkpoint_every", "max_bad_steps", "eval_size"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("warmstart_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config field '{name}' must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"config field 'lr' must be > 0, got {self.lr}")
-        if self.kl_coef < 0:
-            raise ValueError(f"config field 'kl_coef' must be >= 0, got {self.kl_coef}")
-        if self.kl_placement is not KLPlacement.NONE and self.kl_coef == 0:
-            raise ValueError("config field 'kl_coef' must be > 0 when kl_placement is not 'none'")
-        if self.kl_estimator not in ("k1", "k2", "k3", "k3plus"):
-            raise ValueError(f"config field 'kl_estimator' must be one of k1, k2, k3, k3plus, got {self.kl_estimator!r}")
-        if (self.prompts_per_step * self.group_size) % self.minibatches:
-            raise ValueError("config field 'minibatches' must divide prompts_per_step * group_size")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"config field 'micro_batch_size' must be >= 1, got {self.micro_batch_size}")
-        if self.reward_timeout_s <= 0:
-            raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
-        if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
-            raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
-        from tether.train.mismatch_control import validate_config  # the budget_* fields
+        coerce_fields(self)
+        _check(self.max_staleness >= 0, "max_staleness", "must be >= 0", self.max_staleness)
+        _check(self.rollout_lag is None or self.rollout_lag >= 0, "rollout_lag", "must be >= 0 or none", self.rollout_lag)
+        _check(self.partial_chunk_tokens is None or self.partial_chunk_tokens >= 1, "partial_chunk_tokens",
+               "must be >= 1 or none", self.partial_chunk_tokens)
+        _check(0 < self.downweight_decay <= 1, "downweight_decay", "must be in (0, 1]", self.downweight_decay)
+        _check(0 <= self.ewma_beta <= 1, "ewma_beta", "must be in [0, 1]", self.ewma_beta)
+        if self.staleness_policy is StalenessPolicy.WAIT and self.lag > self.max_staleness:
+            raise ValueError("config field 'rollout_lag' exceeds 'max_staleness' under staleness_policy 'wait' "
+                             "(wait never admits a batch older than max_staleness)")
+
+    @property
+    def lag(self) -> int:
+        """Versions the engine runs ahead of the trainer (derived: rollout_lag, else max_staleness)."""
+        return self.max_staleness if self.rollout_lag is None else self.rollout_lag
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus")
+
+
+@dataclass
+class KLConfig:
+    """The KL penalty to the reference (initial) policy; exists only with ``kl_placement`` reward or loss."""
+    coef: float = opt(0.0, "coefficient of the KL to the reference (initial) policy (> 0)")
+    estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        _check(self.coef > 0, "kl_coef", "must be > 0 when kl_placement is not 'none'", self.coef)
+        _check(self.estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}",
+               repr(self.estimator))
+
+
+@dataclass
+class BudgetConfig:
+    """The mismatch budget (docs/meter.md): thresholds on the meter and what to do when one is crossed."""
+    ratio: MeterRatio = opt(MeterRatio.TOTAL, "the ratio the thresholds read: total (pi_old/mu) or engine (fresh tokens)")
+    min_ess_token: float | None = opt(None, "alarm when meter/<ratio>/ess_token < this (none: off)")
+    min_ess_seq: float | None = opt(None, "alarm when meter/<ratio>/ess_seq < this (none: off)")
+    max_abs_logr_p99: float | None = opt(None, "alarm when meter/<ratio>/abs_logr_p99 > this (none: off)")
+    max_kl: float | None = opt(None, "alarm when meter/<ratio>/kl_k3 > this (none: off)")
+    action: BudgetAction = opt(BudgetAction.WARN, "on an alarm: warn, tighten (the correction), lower_lr, stop")
+    lr_factor: float = opt(0.5, "lower_lr multiplies the learning rate by this on every step with an alarm")
+    tighten_factor: float = opt(0.5, "tighten moves caps, bands and clip ranges this factor closer to 1 per alarm step")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        from tether.train.mismatch_control import validate_config
 
         validate_config(self)
+
+
+def _async_on(values: dict) -> bool:
+    return values.get("mode") is TrainMode.ASYNC
+
+
+def _kl_on(values: dict) -> bool:
+    return values.get("kl_placement", KLPlacement.NONE) is not KLPlacement.NONE
+
+
+TRL_ALIASES = {
+    "learning_rate": "lr", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
+    "beta": "kl_coef", "num_iterations": "epochs", "max_grad_norm": "grad_clip", "lr_scheduler_type": "lr_schedule",
+    "output_dir": "out", "max_steps": "steps", "save_steps": "checkpoint_every", "epsilon": "objective_args",
+    "epsilon_high": "objective_args", "loss_type": "objective", "per_device_train_batch_size": "prompts_per_step",
+    "gradient_accumulation_steps": "micro_batch_size", "report_to": "tensorboard / wandb / mlflow",
+    "dataset": "task", "reward_funcs": "reward", "use_vllm": "engine", "resume_from_checkpoint": "resume",
+    "num_train_epochs": "steps",
+}
+"""TRL ``GRPOConfig`` names a config file may use by habit, and tether's field for each (for "did you mean")."""
+
+
+@dataclass
+class TrainConfig:
+    """``tether train``'s config (module docstring). Build it from flat names with ``TrainConfig.from_flat``."""
+    COMMAND = "train"
+    ALIASES = TRL_ALIASES
+
+    # task and data
+    task: str = opt("arithmetic", "built-in task name (arithmetic, countdown) or a JSONL file path", group="task")
+    task_options: dict | None = opt(
+        None, 'JSON dict of task config fields, e.g. {"max_digits": 3, "ops": "+-"} (none: the default job\'s '
+        'arithmetic is 1-2 digit addition, which the warm start brings to about 30 % so RL has room)', group="task")
+    skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing",
+                              group="task")
+    reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function", group="rewards")
+    reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)",
+                                  group="rewards")
+    # the objective
+    objective: str = opt("grpo", "objective preset (tether objectives lists them)", group="objective")
+    objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}',
+                                      group="objective")
+    dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)", group="objective")
+    overlong_buffer: int | None = opt(None, "soft overlong penalty buffer L_buf in tokens (none: off)",
+                                      group="objective")
+    overlong_penalty: float = opt(1.0, "soft overlong penalty at the length limit (DAPO c)", group="objective")
+    kl_placement: KLPlacement = opt(KLPlacement.NONE, "KL penalty to the initial policy: none, reward, loss "
+                                    "(reward or loss needs kl_coef)", group="KL penalty")
+    kl: KLConfig | None = section(KLConfig, "the KL penalty", prefix="kl_", switch=_kl_on,
+                                  needs="kl_placement reward or loss", group="KL penalty")
+    # the run
+    steps: int = opt(100, "number of RL steps (one optimiser update phase each)", group="run")
+    seed: int = opt(0, "seed of everything: task sampling, generation, initialisation", group="run")
+    prompts_per_step: int = opt(16, "prompts per step", group="run")
+    group_size: int = opt(8, "completions per prompt (the GRPO group)", group="run")
+    eval_size: int = opt(200, "held-out problems for greedy accuracy before and after", group="run")
+    checkpoint_every: int = opt(10, "checkpoint every N steps (atomic)", group="run")
+    max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps", group="run")
+    threads: int | None = opt(None, "torch CPU threads (none: all cores)", group="run")
+    out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)", group="run")
+    resume: str | None = opt(None, "resume the run in this directory from its last checkpoint", group="run")
+    progress: bool = opt(True, "show a progress bar", group="run")
+    mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train) or async (concurrent; its "
+                          "settings are the async group)", group="run")
+    # sampling
+    max_new_tokens: int = opt(12, "generation length limit", group="sampling")
+    temperature: float = opt(1.0, "sampling temperature (> 0)", group="sampling")
+    top_k: int | None = opt(None, "top-k truncation at sampling (>= 1; none: off)", group="sampling")
+    top_p: float | None = opt(None, "top-p truncation at sampling (in (0, 1]; none: off)", group="sampling")
+    replay_truncation: bool = opt(True, "recompute log-probs under the same top-k/top-p support the engine used",
+                                  group="sampling")
+    # optimisation
+    epochs: int = opt(1, "passes over each step's rollouts", group="optimisation")
+    minibatches: int = opt(1, "optimiser steps per epoch (the rollout batch is split into this many)",
+                           group="optimisation")
+    micro_batch_size: int | None = opt(None, "sequences per forward/backward (gradient accumulation); none: whole "
+                                       "mini-batch", group="optimisation")
+    lr: float = opt(2e-5, "peak learning rate (AdamW; finite, > 0)", group="optimisation")
+    lr_schedule: LRSchedule = opt(LRSchedule.CONSTANT, "learning-rate schedule after warm-up", group="optimisation")
+    warmup_steps: int = opt(0, "linear warm-up optimiser steps", group="optimisation")
+    weight_decay: float = opt(0.0, "AdamW weight decay (>= 0)", group="optimisation")
+    grad_clip: float | None = opt(1.0, "global gradient-norm clip (> 0; none: no clipping, the norm is still logged)",
+                                  group="optimisation")
+    # model
+    model: str = opt("tiny", "model: 'tiny' (built-in, warm-started) or a path", group="model")
+    warmstart_steps: int = opt(400, "SFT warm-start steps for the built-in model (cached on disk)", group="model")
+    chat_template: bool | None = opt(None, "wrap prompts in the tokenizer's chat template (none: iff it has one)",
+                                     group="model")
+    lora_r: int | None = opt(None, "LoRA rank for a Hugging Face model (none: full fine-tuning)", group="model")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) B A", group="model")
+    lora_target_modules: str = opt("all-linear", "LoRA target layers: 'all-linear' or names, e.g. q_proj,v_proj",
+                                   group="model")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (Hugging Face models; less memory)",
+                                       group="model")
+    bf16: bool = opt(False, "bfloat16: trainer forward under autocast, engine weights in bf16", group="model")
+    # engine
+    engine: EngineKind = opt(EngineKind.TORCH, "rollout engine: torch (in-process) or vllm (a vLLM server in its own "
+                             "env, .venv-vllm from scripts/setup_vllm.sh; docs/engines.md)", group="engine")
+    rollout_precision: RolloutPrecision = opt(RolloutPrecision.FP32, "rollout engine numerics: fp32, bf16, fp16, int8",
+                                              group="engine")
+    unified_precision: bool = opt(False, "trainer forward at the rollout precision too (Jet-RL); master weights fp32",
+                                  group="engine")
+    vllm_sync_every: int = opt(1, "engine vllm, sync mode: push weights to vLLM every k steps (tokens up to k-1 "
+                                  "versions stale, recorded per token)", group="engine")
+    share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
+                                     "trainer's own fp32 weights (no second copy in memory)", group="engine")
+    # logging
+    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)", group="logging")
+    wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)",
+                      group="logging")
+    mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)", group="logging")
+    # sections
+    budget: BudgetConfig = section(BudgetConfig, "the mismatch budget", prefix="budget_", group="mismatch budget")
+    async_: AsyncConfig | None = section(AsyncConfig, "the async loop", switch=_async_on, needs="mode 'async'",
+                                         group="async (mode async)")
+
+    @classmethod
+    def from_flat(cls, **values: Any) -> TrainConfig:
+        """The config from flat field names and values, exactly as the CLI and config files give them
+        (``TrainConfig.from_flat(mode="async", max_staleness=2, kl_placement="reward", kl_coef=0.1)``)."""
+        return build(cls, values)
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.mode is TrainMode.ASYNC and self.async_ is None:
+            self.async_ = AsyncConfig()
+        if self.mode is TrainMode.SYNC and self.async_ is not None:
+            raise ValueError("config section 'async_' (AsyncConfig) needs mode 'async'")
+        if (self.kl_placement is KLPlacement.NONE) != (self.kl is None):
+            raise ValueError("config field 'kl_coef' must be > 0 when kl_placement is not 'none'"
+                             if self.kl is None else "config section 'kl' (KLConfig) needs kl_placement reward or loss")
+        self._check_ranges()
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            raise ValueError("config field 'minibatches' must divide prompts_per_step * group_size")
+        if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
         self._validate_offpolicy()
+
+    def _check_ranges(self) -> None:
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
+                     "checkpoint_every", "max_bad_steps", "eval_size"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("warmstart_steps", "warmup_steps"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        for name in ("micro_batch_size", "threads", "top_k"):
+            v = getattr(self, name)
+            _check(v is None or v >= 1, name, "must be >= 1 or none", v)
+        _check(self.lr > 0, "lr", "must be finite and > 0", self.lr)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip",
+               "must be > 0 or none (a negative clip flips every gradient, 0 zeroes every update)", self.grad_clip)
+        _check(self.temperature > 0, "temperature", "must be finite and > 0", self.temperature)
+        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1] or none", self.top_p)
+        _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be finite and > 0", self.reward_timeout_s)
+        _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0", self.overlong_penalty)
+        _check(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
+        _check(self.lora_r is None or self.lora_r >= 1, "lora_r", "must be >= 1 or none", self.lora_r)
 
     @property
     def task_stem(self) -> str:
@@ -172,34 +301,17 @@ class TrainConfig:
 
     @property
     def lag(self) -> int:
-        """Versions the async engine runs ahead of the trainer (derived: rollout_lag, else max_staleness)."""
-        return self.max_staleness if self.rollout_lag is None else self.rollout_lag
+        """Versions the async engine runs ahead of the trainer (0 in sync mode)."""
+        return self.async_.lag if self.async_ is not None else 0
+
+    @property
+    def old_logits(self) -> OldLogits:
+        """How pi_old is obtained (sync: recompute, the only exact choice for fresh rollouts)."""
+        return self.async_.old_logits if self.async_ is not None else OldLogits.RECOMPUTE
 
     def _validate_offpolicy(self) -> None:
-        if self.max_staleness < 0:
-            raise ValueError(f"config field 'max_staleness' must be >= 0, got {self.max_staleness}")
-        if self.rollout_lag is not None and self.rollout_lag < 0:
-            raise ValueError(f"config field 'rollout_lag' must be >= 0 or none, got {self.rollout_lag}")
-        if self.partial_chunk_tokens is not None and self.partial_chunk_tokens < 1:
-            raise ValueError(f"config field 'partial_chunk_tokens' must be >= 1 or none, got {self.partial_chunk_tokens}")
-        if not 0 < self.downweight_decay <= 1:
-            raise ValueError(f"config field 'downweight_decay' must be in (0, 1], got {self.downweight_decay}")
-        if not 0 <= self.ewma_beta <= 1:
-            raise ValueError(f"config field 'ewma_beta' must be in [0, 1], got {self.ewma_beta}")
-        if self.mode is TrainMode.SYNC:
-            for name, default in (("rollout_lag", None), ("partial_chunk_tokens", None), ("freshest_weights", False),
-                                  ("old_logits", OldLogits.RECOMPUTE)):
-                if getattr(self, name) != default:
-                    raise ValueError(f"config field '{name}' needs mode 'async' (sync rollouts are on-policy)")
-        if self.staleness_policy is StalenessPolicy.WAIT and self.lag > self.max_staleness:
-            raise ValueError("config field 'rollout_lag' exceeds 'max_staleness' under staleness_policy 'wait' "
-                             "(wait never admits a batch older than max_staleness)")
         if self.unified_precision and self.rollout_precision is RolloutPrecision.FP32:
             raise ValueError("config field 'unified_precision' needs a reduced 'rollout_precision' (bf16, fp16, int8)")
-        if self.lora_r is not None and self.lora_r < 1:
-            raise ValueError(f"config field 'lora_r' must be >= 1, got {self.lora_r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"config field 'lora_alpha' must be > 0, got {self.lora_alpha}")
         if self.model != "tiny" and self.rollout_precision != RolloutPrecision.FP32:
             raise ValueError("config field 'rollout_precision' applies to the built-in model; for a Hugging Face model "
                              "use bf16 (trainer autocast, bf16 engine weights)")
@@ -214,7 +326,6 @@ class TrainConfig:
             if self.model == "tiny" and getattr(self, name):
                 raise ValueError(f"config field '{name}' needs a Hugging Face model (--model PATH or smollm2), "
                                  "not the built-in 'tiny'")
-
     def _validate_engine(self) -> None:
         if self.vllm_sync_every < 1:
             raise ValueError(f"config field 'vllm_sync_every' must be >= 1, got {self.vllm_sync_every}")

@@ -76,30 +76,30 @@ MEASURED_BEFORE_UPDATE = ("engine", "total")
 TIGHTENABLE = ("cap", "high", "low", "eps_low", "eps_high", "threshold")
 
 
-def budget_from_config(cfg: Any) -> MismatchBudget | None:
-    """The config's ``budget_*`` fields as a ``MismatchBudget``; ``None`` when no threshold is set."""
+def budget_from_config(budget_cfg: Any) -> MismatchBudget | None:
+    """The budget section (``TrainConfig.budget``) as a ``MismatchBudget``; ``None`` when no threshold is set."""
     budget = MismatchBudget(
-        ratio=cfg.budget_ratio,
-        min_ess_token=cfg.budget_min_ess_token,
-        min_ess_seq=cfg.budget_min_ess_seq,
-        max_abs_logr_p99=cfg.budget_max_abs_logr_p99,
-        max_kl=cfg.budget_max_kl,
-        action=cfg.budget_action,
+        ratio=budget_cfg.ratio,
+        min_ess_token=budget_cfg.min_ess_token,
+        min_ess_seq=budget_cfg.min_ess_seq,
+        max_abs_logr_p99=budget_cfg.max_abs_logr_p99,
+        max_kl=budget_cfg.max_kl,
+        action=budget_cfg.action,
     )
     return budget if budget.rules() else None
 
 
-def validate_config(cfg: Any) -> None:
-    """Start-up checks of the budget fields, with errors naming the config field."""
+def validate_config(budget_cfg: Any) -> None:
+    """Start-up checks of the budget section, with errors naming the flat config field (``budget_...``)."""
     try:
-        budget_from_config(cfg)
+        budget_from_config(budget_cfg)
     except ValueError as e:
         field = str(e).split("MismatchBudget.", 1)[-1].split(" ", 1)[0]
         raise ValueError(f"config field 'budget_{field}': {e}") from None
-    for name in ("budget_lr_factor", "budget_tighten_factor"):
-        v = getattr(cfg, name)
+    for name in ("lr_factor", "tighten_factor"):
+        v = getattr(budget_cfg, name)
         if not 0 < v < 1:
-            raise ValueError(f"config field '{name}' must be in (0, 1), got {v}")
+            raise ValueError(f"config field 'budget_{name}' must be in (0, 1), got {v}")
 
 
 class MismatchControl:
@@ -107,11 +107,11 @@ class MismatchControl:
 
     def __init__(self, cfg: Any, objective_args: Mapping[str, Any], state: dict[str, Any],
                  counters: dict[str, int] | None = None, *, rule: AutoRule | None = None):
-        self.budget = budget_from_config(cfg)
+        self.budget = budget_from_config(cfg.budget)
         self.auto = cfg.objective == AUTO_OBJECTIVE
         self.args0 = dict(objective_args)
-        self.lr_factor = cfg.budget_lr_factor
-        self.tighten_factor = cfg.budget_tighten_factor
+        self.lr_factor = cfg.budget.lr_factor
+        self.tighten_factor = cfg.budget.tighten_factor
         self.rule = rule if rule is not None else AutoRule()
         self.state = state  # persisted in the checkpoint's run state
         self.state.setdefault("lr_scale", 1.0)

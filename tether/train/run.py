@@ -86,16 +86,18 @@ class Run:
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
         self.advantage_fn = get_advantage(self.preset.advantage)
-        if cfg.kl_placement is not KLPlacement.NONE:
-            check_kl_combination(cfg.kl_estimator, cfg.kl_placement.value)
+        if cfg.kl is not None:
+            check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
         self.task = setup.build_task(cfg)
         self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
-        self.ref_model = setup.frozen_copy(self.model) if cfg.kl_placement is not KLPlacement.NONE else None
+        self.ref_model = setup.frozen_copy(self.model) if cfg.kl is not None else None
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
+        a = cfg.async_
         self.old_logits = OldLogitSource(cfg.old_logits, self.model, self.logprobs,
-                                         keep_versions=max(cfg.lag, cfg.max_staleness) + 1, ewma_beta=cfg.ewma_beta)
+                                         keep_versions=max(a.lag, a.max_staleness) + 1 if a else 1,
+                                         ewma_beta=a.ewma_beta if a else 0.9)
         self.sampling = setup.sampling_params(cfg)
         self.state = RunState()
         self.tokens_total = 0

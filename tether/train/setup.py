@@ -164,14 +164,14 @@ def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
 def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
     from tether.objectives.kl import kl_penalty_in_reward
 
-    per_token = kl_penalty_in_reward(logp_BT, logp_ref_BT, mask_BT, coef=cfg.kl_coef, estimator=cfg.kl_estimator)
+    per_token = kl_penalty_in_reward(logp_BT, logp_ref_BT, mask_BT, coef=cfg.kl.coef, estimator=cfg.kl.estimator)
     return per_token.sum(-1).to(torch.float32)
 
 
 def kl_loss_terms(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
     from tether.objectives.kl import kl_penalty_in_loss
 
-    return kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl_estimator, coef=cfg.kl_coef)
+    return kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl.estimator, coef=cfg.kl.coef)
 
 
 def mismatch_metrics(logp_old_BT: Tensor | None, rollout: Rollout, entropy_BT: Tensor | None, step: int, *,

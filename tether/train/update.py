@@ -91,7 +91,8 @@ def update_phase(cfg, preset, objective_args: dict[str, Any], model: torch.nn.Mo
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
                 n_micro += 1
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if ok else math.nan
+            clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf  # none: measured, not clipped
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) if ok else math.nan
             if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 finite = False
