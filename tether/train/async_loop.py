@@ -290,6 +290,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         producer.join(timeout=60)
     engine.load_weights(model.state_dict(), version=state.step)
     accuracy_after = setup.evaluate(policy, task, cfg)
+    engine.close()  # the Engine protocol: a vLLM server stops here, an in-process engine does nothing
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
                          time.perf_counter() - t_start)

@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from tether.configs import opt
+from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
 
 
@@ -37,18 +38,6 @@ class OldLogits(str, enum.Enum):
     SNAPSHOT = "snapshot"
     EWMA = "ewma"
     LOGLINEAR = "loglinear"
-
-
-class EngineKind(str, enum.Enum):
-    TORCH = "torch"
-    VLLM = "vllm"
-
-
-class RolloutPrecision(str, enum.Enum):
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-    INT8 = "int8"
 
 
 @dataclass

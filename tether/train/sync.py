@@ -152,6 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 })
     log.close()  # flush TensorBoard / W&B / MLflow
     accuracy_after = setup.evaluate(policy, task, cfg)
+    engine.close()  # the Engine protocol: a vLLM server stops here, an in-process engine does nothing
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
                          time.perf_counter() - t_start)
