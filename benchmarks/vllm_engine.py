@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from tether.engine.kinds import RolloutPrecision
 from tether.engine.precision import PrecisionEngine
 from tether.engine.torch_engine import TorchEngine
 from tether.engine.vllm_engine import VLLMEngine, VLLMOptions
@@ -33,7 +34,6 @@ from tether.models.logprobs import token_logprobs
 from tether.models.tiny import save_hf
 from tether.rollout import SamplingParams
 from tether.tasks.registry import get_task
-from tether.train.config import RolloutPrecision
 from tether.train.setup import DEFAULT_TASK_OPTIONS, mismatch_metrics
 
 NO_EOS = -1
@@ -108,8 +108,7 @@ def main() -> None:
         engine = make()
         engine.load_weights(model.state_dict(), version=0)
         m = mismatch(model, engine, tok, task, args.batches)
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
         print(f"| {name} | {m['abs_diff']:.3g} | {m['ess_token']:.6f} |", flush=True)
 
     print(f"\n## decode tokens/s, batch 8, {args.new_tokens} new tokens, EOS off (median of {args.repeats})")
@@ -137,8 +136,7 @@ def main() -> None:
         engine = make()
         p = hf_prompts if model_name.startswith("Smol") else prompts
         rate = tokens_per_s(engine, p, args.new_tokens, args.repeats)
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
         print(f"| {model_name} | {name} | {rate:.0f} |", flush=True)
 
 

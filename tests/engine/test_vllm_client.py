@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tether.engine.vllm_engine import VLLMEngine, VLLMOptions, VLLMServerError, row_seed
+from tether.engine import vllm_engine
+from tether.engine.vllm_engine import VLLMEngine, VLLMOptions, VLLMServerError, build_vllm_engine, row_seed
 from tether.rollout import SamplingParams
 from tether.train.config import EngineKind, RolloutPrecision, TrainConfig, TrainMode
 
@@ -192,3 +193,37 @@ def test_config_validation_names_the_field():
     assert TrainConfig.from_flat(engine=EngineKind.VLLM).vllm_dtype == "float32"
     assert TrainConfig.from_flat(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.BF16).vllm_dtype == "bfloat16"
     assert TrainConfig.from_flat(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.FP16).vllm_dtype == "float16"
+
+
+def test_build_vllm_engine_serves_the_builtin_model_from_a_folder_it_removes():
+    from tether.models.builtin import tiny_model
+
+    model, tok = tiny_model(0)
+    engine = build_vllm_engine(model, tok, VLLMOptions(sync_every=2), command=FAKE)
+    try:
+        folder = engine._owned
+        assert json.loads((folder / "config.json").read_text())["vocab_size"] == model.config.vocab_size
+        assert engine.vocab_size == model.config.vocab_size and engine.eos_ids == tok.eos_ids
+        assert engine.pad_id == tok.pad_id and engine.options.sync_every == 2
+    finally:
+        engine.close()
+    assert not folder.exists()
+
+
+def test_setup_derives_the_vllm_options_from_the_config(monkeypatch, tmp_path):
+    """The engine gets its own settings, not the TrainConfig: setup.py maps the config's fields onto them."""
+    from tether.train import setup
+
+    seen = {}
+
+    def fake_build(model, tokenizer, options, *, hf_model=None):
+        seen.update(options=options, hf_model=hf_model)
+        return "the vllm engine"
+
+    monkeypatch.setattr(vllm_engine, "build_vllm_engine", fake_build)
+    monkeypatch.setenv("TETHER_CACHE", str(tmp_path))  # the (0-step) warm start writes its cache file here
+    cfg = TrainConfig.from_flat(engine=EngineKind.VLLM, rollout_precision=RolloutPrecision.BF16, vllm_sync_every=3, seed=4,
+                      replay_truncation=False, warmstart_steps=0)
+    policy = setup.build_policy(cfg, setup.build_task(cfg))
+    assert policy.engine == "the vllm engine" and seen["hf_model"] is None
+    assert seen["options"] == VLLMOptions(dtype="bfloat16", sync_every=3, seed=4, record_support=False)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from tether.engine.base import Engine
 from tether.rollout import Rollout, SamplingParams
 from tether.tasks.base import Example, Task
 
@@ -25,9 +26,9 @@ class Context:
     task: Task
     tokenizer: Any
     student: torch.nn.Module
-    student_engine: Any
+    student_engine: Engine
     teacher: torch.nn.Module | None = None
-    teacher_engine: Any = None
+    teacher_engine: Engine | None = None
 
 
 @dataclass

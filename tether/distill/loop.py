@@ -148,6 +148,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         after = _calibration(cfg, ctx, task)
         summary.update({f"calibration/{k}_before": v for k, v in calibration.items()})
         summary.update({f"calibration/{k}_after": v for k, v in after.items()})
+    for engine in (ctx.student_engine, ctx.teacher_engine):  # the Engine protocol: released at the end of the run
+        if engine is not None:
+            engine.close()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -15,10 +15,11 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from tether.engine.base import Engine
 from tether.rollout import Rollout, SamplingParams
 
 
-def generate_partial(engine, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed_fn: Callable[[int], int],
+def generate_partial(engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed_fn: Callable[[int], int],
                      group_B: Tensor, chunk_tokens: int | None,
                      before_chunk: Callable[[int], None] | None = None) -> Rollout:
     """Sample one completion per prompt in chunks; ``before_chunk(c)`` runs before chunk ``c``

@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from tether.engine.kinds import RolloutPrecision as Precision
 from tether.engine.torch_engine import TorchEngine
-from tether.train.config import RolloutPrecision as Precision
 
 _AUTOCAST = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 

@@ -88,7 +88,7 @@ def eos_ids(eos: int | Sequence[int]) -> tuple[int, ...]:
 
 
 class TorchEngine:
-    """Rollout engine over a torch model it owns.
+    """Rollout engine over a torch model it owns (an :class:`~tether.engine.base.Engine`).
 
     Args:
         model: a :class:`TinyLM` or a ``transformers`` causal LM. The engine uses it as given
@@ -148,6 +148,10 @@ class TorchEngine:
             if src.data_ptr() != dst.data_ptr():
                 dst.copy_(src)
         self.version = int(version)
+
+    def close(self) -> None:
+        """Nothing to release: the model lives in this process and is freed with the engine. Present
+        because every :class:`~tether.engine.base.Engine` has it (the loops call it at the end)."""
 
     def _stop_sequences(self, params: SamplingParams) -> list[Tensor]:
         if not params.stop:

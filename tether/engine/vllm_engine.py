@@ -1,7 +1,8 @@
 """vLLM as tether's rollout engine: a client for :mod:`tether.engine.vllm_server`.
 
-``VLLMEngine`` has ``TorchEngine``'s interface (``generate``, ``load_weights``, ``version``,
-``max_len``, ``vocab_size``, ``eos_id``, ``pad_id``). It starts the server as a subprocess with
+``VLLMEngine`` is an :class:`~tether.engine.base.Engine` (``generate``, ``load_weights``, ``close``,
+``version``, ``pad_id``, ``vocab_size``, ``eos_ids``; also ``max_len`` and ``eos_id``, as
+``TorchEngine``). It starts the server as a subprocess with
 the python of the separate vLLM environment (``.venv-vllm``, made by ``scripts/setup_vllm.sh``),
 waits until it is listening on loopback, and stops it on :meth:`close` (also at interpreter exit and
 when used as a context manager).
@@ -312,21 +313,25 @@ def row_seed(seed: int, row: int) -> int:
     return (int(seed) * 1_000_003 + row) % (2**31 - 1)
 
 
-def build_vllm_engine(cfg, model: torch.nn.Module, tokenizer) -> VLLMEngine:
-    """The engine for ``tether train --engine vllm``: the built-in model is written as a Hugging Face
-    (Llama) folder for the server; a Hugging Face ``--model`` is served from its own folder. The
-    trainer's current weights are pushed by the loop's first ``load_weights`` anyway."""
+def build_vllm_engine(model: torch.nn.Module, tokenizer, options: VLLMOptions, *, hf_model: str | None = None,
+                      command: Sequence[str] | None = None) -> VLLMEngine:
+    """The engine for ``tether train --engine vllm`` over the trainer's ``model`` and ``tokenizer``.
+
+    ``hf_model`` None: ``model`` is the built-in one, written as a Hugging Face (Llama) folder for the
+    server (removed on :meth:`VLLMEngine.close`); else the Hugging Face model spec (folder, ``.gguf``
+    or alias, as ``--model`` takes it) the trainer loaded, served from its own folder. ``options`` are
+    the engine's settings (the caller derives them from its config: ``tether.train.setup``);
+    ``command`` replaces the server command line (tests run a fake server). The trainer's current
+    weights are pushed by the loop's first ``load_weights`` anyway."""
     from tether.models.hf import model_vocab_size
 
-    if cfg.model == "tiny":
+    if hf_model is None:
         from tether.models.tiny import save_hf
 
         folder, own = save_hf(model, tokenizer, tempfile.mkdtemp(prefix="tether-vllm-model-")), True
     else:
         from tether.models.hf import resolve_model
 
-        folder, own = resolve_model(cfg.model), False
-    options = VLLMOptions(dtype=cfg.vllm_dtype, sync_every=cfg.vllm_sync_every, seed=cfg.seed,
-                          record_support=cfg.replay_truncation)
+        folder, own = resolve_model(hf_model), False
     return VLLMEngine(folder, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id, vocab_size=model_vocab_size(model),
-                      options=options, own_model_dir=own)
+                      options=options, command=command, own_model_dir=own)

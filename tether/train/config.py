@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.configs import build, coerce_fields, opt, section
+from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
 
 
@@ -46,20 +47,6 @@ class OldLogits(str, enum.Enum):
     SNAPSHOT = "snapshot"
     EWMA = "ewma"
     LOGLINEAR = "loglinear"
-
-
-class EngineKind(str, enum.Enum):
-    TORCH = "torch"
-    VLLM = "vllm"
-
-
-class RolloutPrecision(str, enum.Enum):
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-    INT8 = "int8"
-
-
 
 
 def _check(ok: bool, name: str, message: str, value: Any) -> None:

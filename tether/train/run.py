@@ -137,6 +137,7 @@ class Run:
         self.log.close()  # flush TensorBoard / W&B / MLflow
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
         accuracy_after = setup.evaluate(self.policy, self.task, self.cfg)
+        self.engine.close()
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
                              self.tokens_total, time.perf_counter() - self.t_start)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tether.engine.base import Engine
 from tether.rollout import Rollout, SamplingParams
 from tether.tasks.base import Example, Task
 from tether.train.config import EngineKind, LRSchedule, RolloutPrecision, TrainConfig
@@ -21,7 +22,7 @@ from tether.train.config import EngineKind, LRSchedule, RolloutPrecision, TrainC
 class Policy:
     model: torch.nn.Module
     tokenizer: Any
-    engine: Any
+    engine: Engine
 
 
 DEFAULT_TASK_OPTIONS = {"arithmetic": {"max_digits": 2, "ops": "+"}}
@@ -38,9 +39,12 @@ def build_task(cfg: TrainConfig) -> Task:
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:
     policy = _build_policy(cfg, task)
     if cfg.engine is EngineKind.VLLM:  # a vLLM server in its own environment replaces the torch engine
-        from tether.engine.vllm_engine import build_vllm_engine
+        from tether.engine.vllm_engine import VLLMOptions, build_vllm_engine
 
-        policy.engine = build_vllm_engine(cfg, policy.model, policy.tokenizer)
+        options = VLLMOptions(dtype=cfg.vllm_dtype, sync_every=cfg.vllm_sync_every, seed=cfg.seed,
+                              record_support=cfg.replay_truncation)
+        policy.engine = build_vllm_engine(policy.model, policy.tokenizer, options,
+                                          hf_model=None if cfg.model == "tiny" else cfg.model)
     return policy
 
 
