@@ -86,9 +86,10 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def coerce(cls: type, name: str, value: Any, where: str = "") -> Any:
-    """Convert ``value`` to the declared type of ``cls.name`` or raise naming the field."""
+def coerce(cls: type, name: str, value: Any, where: str = "", label: str | None = None) -> Any:
+    """Convert ``value`` to the declared type of ``cls.name`` or raise naming the field (as ``label``)."""
     tp, optional = _unwrap_optional(_field_types(cls)[name])
+    name = label or name
     loc = f" in {where}" if where else ""
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
@@ -141,13 +142,14 @@ def coerce_fields(obj: Any, where: str = "") -> None:
     """Coerce every (non-section) field of a config instance in place, as ``build`` does: strings to enums,
     ints to floats, ...; a float field must be finite. Call first in ``__post_init__``."""
     cls = type(obj)
+    prefix = getattr(cls, "FLAT_PREFIX", "")  # a section's fields are named by their flat names in errors
     for f in dataclasses.fields(cls):
         if f.metadata.get("section") is not None:
             continue
-        value = coerce(cls, f.name, getattr(obj, f.name), where)
+        value = coerce(cls, f.name, getattr(obj, f.name), where, label=prefix + f.name)
         tp, _ = _unwrap_optional(_field_types(cls)[f.name])
         if tp is float and value is not None and not math.isfinite(value):
-            raise ValueError(f"config field '{f.name}' must be finite, got {value}")
+            raise ValueError(f"config field '{prefix + f.name}' must be finite, got {value}")
         object.__setattr__(obj, f.name, value)
 
 
@@ -203,7 +205,7 @@ def build(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     per_section: dict[str, dict[str, Any]] = {}
     for name, v in values.items():
         ff = fields[name]
-        value = coerce(ff.owner, ff.field.name, v, where)
+        value = coerce(ff.owner, ff.field.name, v, where, label=name)
         if ff.section is None:
             top[name] = value
         else:

@@ -94,6 +94,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus")
 @dataclass
 class KLConfig:
     """The KL penalty to the reference (initial) policy; exists only with ``kl_placement`` reward or loss."""
+    FLAT_PREFIX = "kl_"
     coef: float = opt(0.0, "coefficient of the KL to the reference (initial) policy (> 0)")
     estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus")
 
@@ -107,6 +108,7 @@ class KLConfig:
 @dataclass
 class BudgetConfig:
     """The mismatch budget (docs/meter.md): thresholds on the meter and what to do when one is crossed."""
+    FLAT_PREFIX = "budget_"
     ratio: MeterRatio = opt(MeterRatio.TOTAL, "the ratio the thresholds read: total (pi_old/mu) or engine (fresh tokens)")
     min_ess_token: float | None = opt(None, "alarm when meter/<ratio>/ess_token < this (none: off)")
     min_ess_seq: float | None = opt(None, "alarm when meter/<ratio>/ess_seq < this (none: off)")

@@ -1,0 +1,162 @@
+"""Every trainer option named in issue 12 changes what the trainer does, in the mode it belongs to: a flag the
+loop ignored would fail here (each test trains a few tiny steps through the real loops)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tether.train import async_loop, sync
+from tether.train.config import TrainConfig
+from tether.train.metrics_log import read_metrics
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
+             progress=False, threads=1, checkpoint_every=1)
+LOOPS = {"sync": sync.train, "async": async_loop.train}
+
+
+def run(tmp_path, name, **kw):
+    cfg = TrainConfig.from_flat(**{**SMALL, "out": str(tmp_path / name), **kw})
+    summary = LOOPS[cfg.mode.value](cfg)
+    return summary, read_metrics(tmp_path / name / "metrics.jsonl")
+
+
+def varied_reward(tmp_path) -> dict:
+    """A task whose reward varies inside groups even for a barely warm-started model (completion length parity),
+    so advantages and gradients are non-zero from the first step."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(100)))
+    reward = tmp_path / "parity.py"
+    reward.write_text("def parity(prompt, completion, answer):\n    return float(len(completion) % 2)\n")
+    return dict(task=str(data), reward=f"{reward}:parity")
+
+
+def final_weights(tmp_path, name):
+    from tether.train.checkpoint import load_latest_checkpoint
+
+    return load_latest_checkpoint(tmp_path / name)["model"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_tensorboard_gets_every_step_in_each_mode(tmp_path, mode):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, rows = run(tmp_path, "tb", mode=mode, tensorboard=True)
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("reward/mean")] == [0, 1]
+    assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_wandb_offline_run_in_each_mode(tmp_path, mode, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(tmp_path, "wb", mode=mode, wandb=True)
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_mlflow_gets_every_step_in_each_mode(tmp_path, mode):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    _, rows = run(tmp_path, "ml", mode=mode, mlflow=True)
+    client = MlflowClient(tracking_uri=(tmp_path / "ml" / "mlruns").resolve().as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == "tether"]
+    (r,) = client.search_runs([exp.experiment_id])
+    history = client.get_metric_history(r.info.run_id, "reward.mean")
+    assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_micro_batching_and_minibatches_keep_p3o_the_whole_batch_update(tmp_path):
+    """P3O reads the step's ESS: with two epochs the second sees ratios != 1, so a per-micro-batch ESS (the old
+    trainer) gives a different update (max weight difference 4e-3 measured). Split and whole must agree up to
+    float32 summation order (2.5e-6 measured)."""
+    whole = dict(objective="p3o", epochs=2, lr=1e-3, **varied_reward(tmp_path))
+    run(tmp_path, "whole", **whole)
+    run(tmp_path, "split", **whole, micro_batch_size=3)
+    a, b = final_weights(tmp_path, "whole"), final_weights(tmp_path, "split")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=5e-5, msg=k)
+
+
+def test_dynamic_sampling_drops_every_uniform_group(tmp_path):
+    """A constant reward makes every group uniform: dynamic sampling drops all of them (counted) and the
+    weights never move; without it nothing is counted."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(100)))
+    reward = tmp_path / "const.py"
+    reward.write_text("def zero(prompt, completion, answer):\n    return 0.0\n")
+    on, _ = run(tmp_path, "on", task=str(data), reward=f"{reward}:zero", dynamic_sampling=True)
+    off, _ = run(tmp_path, "off", task=str(data), reward=f"{reward}:zero")
+    assert on["count/dropped_groups"] == 2 * 2 and off["count/dropped_groups"] == 0
+
+
+def test_overlong_buffer_shapes_the_reward(tmp_path):
+    _, plain = run(tmp_path, "plain")
+    _, shaped = run(tmp_path, "shaped", overlong_buffer=4, overlong_penalty=1.0)
+    assert [r["reward/mean"] for r in plain] == [r["reward/mean"] for r in shaped]  # same samples at step 0
+    assert all(r["reward/shaped_mean"] == r["reward/mean"] for r in plain)
+    assert any(r["reward/shaped_mean"] < r["reward/mean"] for r in shaped)  # some completions reach the buffer
+
+
+@pytest.mark.parametrize("placement", ["reward", "loss"])
+def test_kl_placement_and_estimator_change_the_update(tmp_path, placement):
+    """At step 0 pi = pi_ref, so the KL is 0 there; from step 1 on it is not, and each estimator gives another
+    value (reward placement: another shaped reward; loss placement: another loss)."""
+    base = dict(lr=1e-2, steps=3, **varied_reward(tmp_path))
+    _, none = run(tmp_path, "none", **base)
+    _, k1 = run(tmp_path, "k1", **base, kl_placement=placement, kl_coef=1.0, kl_estimator="k1")
+    _, k2 = run(tmp_path, "k2", **base, kl_placement=placement, kl_coef=1.0, kl_estimator="k2")
+    key = "reward/shaped_mean" if placement == "reward" else "loss"
+    assert none[0][key] == pytest.approx(k1[0][key], abs=1e-6)
+    assert k1[2][key] != pytest.approx(none[2][key], abs=1e-6)
+    assert k1[2][key] != pytest.approx(k2[2][key], abs=1e-6)
+
+
+def test_reward_timeout_marks_slow_calls_failed(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(100)))
+    reward = tmp_path / "slow.py"
+    reward.write_text("import time\n\ndef slow(prompt, completion, answer):\n    time.sleep(0.5)\n    return 1.0\n")
+    summary, rows = run(tmp_path, "slow", task=str(data), reward=f"{reward}:slow", reward_timeout_s=0.05, steps=1,
+                        group_size=2)
+    assert summary["count/reward_failed"] == 4 and rows[0]["reward/mean"] == 0.0
+
+
+def test_grad_clip_none_trains_and_negative_is_refused(tmp_path):
+    summary, rows = run(tmp_path, "noclip", grad_clip=None, steps=1, **varied_reward(tmp_path))
+    assert rows[0]["grad_norm"] > 0
+    r = subprocess.run([sys.executable, "-m", "tether", "train", "--grad-clip", "-1", "--out", str(tmp_path / "x")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "grad_clip" in r.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything was built or written
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--max-staleness", "2"], "max_staleness"),
+    (["--staleness-policy", "drop"], "staleness_policy"),
+    (["--downweight-decay", "0.3"], "downweight_decay"),
+    (["--kl-coef", "0.1"], "kl_coef"),
+    (["--temperature", "0"], "temperature"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--top-k", "0"], "top_k"),
+    (["--lr", "inf"], "lr"),
+    (["--weight-decay", "-1"], "weight_decay"),
+    (["--kl-placement", "reward", "--kl-coef", "nan"], "kl_coef"),
+    (["--threads", "0"], "threads"),
+    (["--reward-timeout-s", "0"], "reward_timeout_s"),
+])
+def test_ignored_or_out_of_range_flags_are_refused_at_the_edge(tmp_path, flags, field):
+    r = subprocess.run([sys.executable, "-m", "tether", "train", *flags, "--out", str(tmp_path / "x")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"'{field}'" in r.stderr and "Traceback" not in r.stderr
