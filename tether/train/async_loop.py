@@ -41,6 +41,7 @@ from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource, clone_state
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.requirements import check_requirements
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
@@ -145,6 +146,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         check_kl_combination(cfg.kl_estimator, cfg.kl_placement.value)
 
     task = setup.build_task(cfg)
+    check_requirements(preset, cfg, task)  # refuse a preset this loop cannot feed (expert rows: sync only)
     policy = setup.build_policy(cfg, task)
     model, engine = policy.model, policy.engine
     ref_model = setup.frozen_copy(model) if cfg.kl_placement is not KLPlacement.NONE else None

@@ -31,6 +31,7 @@ from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.requirements import check_requirements
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
 
@@ -64,6 +65,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         check_kl_combination(cfg.kl_estimator, cfg.kl_placement.value)
 
     task = setup.build_task(cfg)
+    check_requirements(preset, cfg, task)  # refuse a preset this loop cannot feed, before any model is built
     policy = setup.build_policy(cfg, task)  # model, tokenizer, engine (its own copy of the weights)
     model, engine = policy.model, policy.engine
     ref_model = setup.frozen_copy(model) if cfg.kl_placement is not KLPlacement.NONE else None
@@ -222,7 +224,7 @@ def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp
                     logp_theta_BT=logp_theta_BT, logp_old_BT=old_BT, advantages_BT=advantages_BT[micro],
                     mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=old_BT,
                     logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[micro], **norm)
-                loss, metrics = preset.fn(inputs, **objective_args)
+                loss, metrics = preset(inputs, **objective_args)  # the checked entry point (Preset.requires)
                 if cfg.kl_placement is KLPlacement.LOSS:
                     kl_BT = setup.kl_loss_terms(logp_theta_BT, inputs.logp_ref_BT, inputs.mask_BT, cfg)
                     loss = loss + aggregate(kl_BT, inputs.mask_BT, "token-mean", num_tokens=norm["num_tokens"])
