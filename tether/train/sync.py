@@ -27,6 +27,7 @@ from tether.objectives.kl import check_kl_combination
 from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
+from tether.train.expert import expert_rows_for, on_policy_rows
 from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
@@ -68,6 +69,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_requirements(preset, cfg, task)  # refuse a preset this loop cannot feed, before any model is built
     policy = setup.build_policy(cfg, task)  # model, tokenizer, engine (its own copy of the weights)
     model, engine = policy.model, policy.engine
+    experts = expert_rows_for(preset, cfg, task, policy)  # CalibRL / RL-PLUS: a no-op for every other preset
     ref_model = setup.frozen_copy(model) if cfg.kl_placement is not KLPlacement.NONE else None
     optimizer, scheduler = setup.build_optimizer(cfg, model)
 
@@ -92,6 +94,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
                 state.counters["reward_failed"] += failed
                 raw_reward_mean = rewards_B.mean()
+                # expert presets: each group's expert solution as one more row, scored like a completion
+                rollout, rewards_B, expert_B, expert_failed = experts.append(rollout, rewards_B, examples)
+                state.counters["reward_failed"] += expert_failed
                 if cfg.overlong_buffer is not None:
                     rewards_B = rewards_B + soft_overlong_penalty(
                         rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -106,15 +111,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 logp_old_BT, entropy_BT = logp_theta_BT.detach(), entropy_BT.detach()
                 with torch.no_grad():
                     logp_ref_BT = setup.token_logprobs(ref_model, rollout, cfg)[0] if ref_model is not None else None
+            rollout, expert_inputs = experts.loss_inputs(rollout, logp_old_BT, expert_B)  # expert_B, baseline
             if cfg.kl_placement is KLPlacement.REWARD:
                 rewards_B = rewards_B + setup.kl_reward(logp_old_BT, logp_ref_BT, mask_BT, cfg)
             # 4. advantages (the preset's estimator), dynamic sampling
             keep_B = (informative_groups(rewards_B, rollout.group_B) if cfg.dynamic_sampling
                       else torch.ones_like(rewards_B, dtype=torch.bool))
-            state.counters["dropped_groups"] += int((~keep_B).sum()) // cfg.group_size
-            advantages_BT = advantage_fn(rewards_B, rollout.group_B)[:, None].to(logp_old_BT.dtype) * mask_BT
+            state.counters["dropped_groups"] += int(torch.unique(rollout.group_B[~keep_B]).numel())
+            include_B = None if expert_B is None else ~expert_B  # group statistics over sampled rows only
+            advantages_BT = advantage_fn(rewards_B, rollout.group_B, include_B)[:, None].to(logp_old_BT.dtype) * mask_BT
             with clock("meter"):
-                metrics: dict[str, Any] = setup.mismatch_metrics(logp_old_BT, rollout, entropy_BT, step)
+                metrics: dict[str, Any] = setup.mismatch_metrics(
+                    *on_policy_rows(expert_B, logp_old_BT, rollout, entropy_BT), step)  # sampled rows only
                 try:
                     step_args = control.apply(metrics, optimizer, scheduler, step=step, console=progress.console,
                                               where=str(run_dir / "checkpoints"))
@@ -128,7 +136,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 with clock("update"):
                     update = _update(cfg, preset, step_args, model, optimizer, rollout, keep_B,
                                      logp_old_BT, logp_ref_BT, advantages_BT, step,
-                                     first_logp_theta_BT=logp_theta_BT if one_forward else None)
+                                     first_logp_theta_BT=logp_theta_BT if one_forward else None,
+                                     row_inputs=expert_inputs)
                 finite = update.pop("finite")
                 metrics.update(update)
             finish_update(cfg, state, metrics, scheduler, finite, step=step, run_dir=run_dir, console=progress.console)
@@ -143,6 +152,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "step": step, "reward/mean": raw_reward_mean, "reward/shaped_mean": rewards_B.mean(),
                 "reward/failed": failed, "length/mean": rollout.completion_len_B.float().mean(),
                 **clock.metrics(), "time/step_s": dt, "perf/tokens_per_s": n_tokens / dt, "lr": scheduler.get_last_lr()[0],
+                **experts.metrics,
             })
             log.write(metrics)
             progress.advance(metrics)
@@ -191,14 +201,15 @@ def finish_update(cfg: TrainConfig, state: RunState, metrics: dict[str, Any], sc
 
 
 def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp_old_BT, logp_ref_BT,
-            advantages_BT, step, first_logp_theta_BT=None, prox_fn=None) -> dict[str, Any]:
+            advantages_BT, step, first_logp_theta_BT=None, prox_fn=None, row_inputs=None) -> dict[str, Any]:
     """Mini-batch epochs over one step's rollouts; returns averaged metrics and a finiteness flag.
 
     A mini-batch whose loss or gradient is non-finite is skipped (its gradient is dropped, no
     optimiser step); the step then counts as bad. ``first_logp_theta_BT`` (all rows, with its
     graph, computed at the current weights) stands in for the first micro-batch's forward.
     ``prox_fn(logp_theta_BT, rows) -> logp_old`` (async loop, old_logits=loglinear) makes the
-    anchor from each micro-batch's own forward.
+    anchor from each micro-batch's own forward. ``row_inputs`` are further per-row ``LossInputs``
+    fields (``expert_B``, ``logp_expert_old_BT``), sliced like the rollout.
     """
     rows = torch.nonzero(keep_B).flatten()
     n_mini = min(cfg.minibatches, len(rows))
@@ -223,7 +234,8 @@ def _update(cfg, preset, objective_args, model, optimizer, rollout, keep_B, logp
                 inputs = LossInputs(
                     logp_theta_BT=logp_theta_BT, logp_old_BT=old_BT, advantages_BT=advantages_BT[micro],
                     mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=old_BT,
-                    logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[micro], **norm)
+                    logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[micro], **norm,
+                    **{k: v[micro] for k, v in (row_inputs or {}).items()})
                 loss, metrics = preset(inputs, **objective_args)  # the checked entry point (Preset.requires)
                 if cfg.kl_placement is KLPlacement.LOSS:
                     kl_BT = setup.kl_loss_terms(logp_theta_BT, inputs.logp_ref_BT, inputs.mask_BT, cfg)
