@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     evals = task.eval_examples()
     print(f"task {task.name}: {len(evals)} evaluation examples")
+    print(expert_report(task))
     if task.n_skipped:
         print(f"skipped {task.n_skipped} bad rows: {task.skipped_by_reason}")
         for e in getattr(task, "skipped", [])[:5]:
@@ -43,3 +44,18 @@ def run(args: argparse.Namespace) -> int:
         for ex in examples:
             print(f"  [{label}] prompt={ex.prompt!r} answer={ex.answer!r} solution={ex.solution!r}")
     return 0
+
+
+def expert_report(task) -> str:
+    """One line: whether the task's training examples carry expert solutions (needed by the presets
+    that train on expert rows, e.g. calibrl and rl_plus)."""
+    from tether.train.requirements import expert_presets
+
+    names = ", ".join(expert_presets())
+    n = getattr(task, "n_expert_solutions", None)
+    if n is None:
+        ok = bool(getattr(task, "has_expert_solutions", False))
+        return f"expert solutions: {'every problem' if ok else 'none'} ({names} {'can' if ok else 'cannot'} train)"
+    total = len(task.train_examples())
+    verdict = f"{names} can train" if n == total else f"{names} need one on every training row"
+    return f"expert solutions: {n} of {total} training rows ({verdict})"

@@ -160,6 +160,11 @@ class HFTokenizer:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
+    def encode_completion(self, text: str) -> list[int]:
+        """Token ids of a completion to append after an encoded prompt (an expert solution): the text
+        alone, with no special tokens and no chat template (the prompt already ends the user turn)."""
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def decode(self, ids, *, skip_special: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 

@@ -47,6 +47,11 @@ class CharTokenizer:
             ids.append(i)
         return ids
 
+    def encode_completion(self, text: str) -> list[int]:
+        """Token ids of a completion to append after an encoded prompt (an expert solution): the
+        characters alone, no special token."""
+        return self.encode(text)
+
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         out = []
         for i in ids:

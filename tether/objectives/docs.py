@@ -22,6 +22,12 @@ per-token loss below is reduced with the preset's `agg` mode (see `tether.object
 `N_tok`, `N_seq` are global counts over the optimiser step, so micro-batching and gradient
 accumulation leave loss and gradient unchanged.
 
+`requires` lists the optional inputs a preset needs. `tether train` checks them at start-up, before
+any model is built (`tether/train/requirements.py`): it fills `logp_mu_BT` and `logp_prox_BT` always,
+`logp_ref_BT` with a KL to the reference, `expert_B` / `logp_expert_old_BT` in the sync loop on a task
+with expert solutions (docs/tasks.md, "Expert solutions"), and never the teacher inputs: distillation
+presets run in `tether distill` (docs/distill.md).
+
 | preset | description | advantage | agg |
 |---|---|---|---|
 """

@@ -83,6 +83,8 @@ def problem_key(a: int, op: str, b: int) -> str:
 
 class ArithmeticTask(ProceduralTask):
     name = "arithmetic"
+    has_expert_solutions = True
+    """Every problem carries its solution (CalibRL / RL-PLUS can train on it)."""
     salt = "tether-arith-v1"
 
     def __init__(self, config: ArithmeticConfig | None = None) -> None:

@@ -268,6 +268,8 @@ def render(node, parent_prec: int = 0, right_of: str | None = None) -> str:
 
 class CountdownTask(ProceduralTask):
     name = "countdown"
+    has_expert_solutions = True
+    """Every problem carries its solution (CalibRL / RL-PLUS can train on it)."""
     salt = "tether-cd-v1"
 
     def __init__(self, config: CountdownConfig | None = None) -> None:

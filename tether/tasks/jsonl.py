@@ -6,8 +6,9 @@ Format (JSONL, one object per line; CSV with a header also works, see ``tether.t
     {"prompt": "Capital of France?", "answer": "Paris", "solution": "Paris"}
 
 ``prompt``: non-empty string of at most ``max_prompt_chars`` characters. ``answer``: non-empty string
-(a JSON number is accepted and turned into its text). ``solution``: optional string or null, a
-reference completion used by the SFT warm start. Other fields are ignored. Blank lines are not rows.
+(a JSON number is accepted and turned into its text). ``expert`` or ``solution``: optional string or
+null, the expert (reference) completion: the SFT warm start's target and the expert row of CalibRL /
+RL-PLUS; ``expert`` wins when a row has both. Other fields are ignored. Blank lines are not rows.
 
 Bad rows: each problem becomes a ``DatasetError`` whose message names the file, the 1-based line and
 the field. By default the first one is raised. With ``skip_bad_rows=True`` bad rows are skipped and
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tether.tasks.countdown  # noqa: F401  (registers the built-in 'countdown' reward)
-from tether.tasks.base import Example
+from tether.tasks.base import DatasetExperts, Example
 from tether.tasks.readers import RawRow, reader_for
 from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn
 from tether.tasks.split import is_heldout
@@ -73,6 +74,8 @@ class JsonlConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     solution_field: str = "solution"
+    expert_field: str = "expert"
+    """A second name of the expert-solution column; it wins over ``solution_field`` in a row with both."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, Path)) or not str(self.path):
@@ -104,7 +107,7 @@ def _type_name(value: object) -> str:
             dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
 
 
-class JsonlTask:
+class JsonlTask(DatasetExperts):
     """A task whose examples come from a dataset file and whose reward is a named function."""
 
     def __init__(self, config: JsonlConfig | str, **options) -> None:
@@ -204,11 +207,13 @@ class JsonlTask:
             problem = self._check_answer(answer)
             if problem is not None:
                 raise fail(c.answer_field, "bad_answer", f"{answer!r} is not usable by reward {c.reward!r}: {problem}")
-        solution = row.get(c.solution_field)
-        if solution == "":
-            solution = None  # CSV cells are never missing, only empty
-        if solution is not None and not isinstance(solution, str):
-            raise fail(c.solution_field, "wrong_type", f"expected a string or null, got {_type_name(solution)}")
+        solution = None
+        for name in (c.solution_field, c.expert_field):  # the expert column, when given, wins
+            value = row.get(name)
+            if value is not None and value != "" and not isinstance(value, str):
+                raise fail(name, "wrong_type", f"expected a string or null, got {_type_name(value)}")
+            if value:  # CSV cells are never missing, only empty: "" is no solution
+                solution = value
         return Example(prompt=prompt, answer=answer, solution=solution)
 
     # ------------------------------------------------------------------------------ Task API

@@ -11,6 +11,10 @@ sequence of dicts). Row formats (TRL's names):
   last assistant turn is the completion and the turns before it the prompt.
 
 Conversational prompts are encoded with the tokenizer's chat template (``HFTokenizer.encode``).
+
+The expert solution of a row (``Example.solution``: the SFT warm start's target, the expert row of
+CalibRL / RL-PLUS) is its ``expert`` column if given, else its completion, else its ``solution``
+column (a string or a number; other types are a bad row); an empty string counts as none.
 Every other column (``answer``, ``solution``, ``ground_truth``, ...) is kept. ``answer`` (configurable)
 is what tether-convention rewards ``fn(prompt, completion, answer)`` check; TRL-convention rewards
 ``fn(prompts, completions, **kwargs)`` get every column as a keyword list, like TRL passes them, with
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import tether.tasks.math_reward  # noqa: F401  (registers the 'math_verify' reward)
-from tether.tasks.base import Example
+from tether.tasks.base import DatasetExperts, Example
 from tether.tasks.jsonl import DatasetError
 from tether.tasks.readers import reader_for
 from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn
@@ -109,11 +113,14 @@ def parse_row(data: Any, source: str, row: int, *, answer_field: str = "answer",
     else:
         raise RowError(source, row, "prompt", "missing_field", f"missing (the row has {sorted(map(str, data))})")
     if "completion" in data:
-        c = data.pop("completion")
-        if isinstance(c, str):
-            solution = c
-        elif c is not None:
-            solution = "".join(m["content"] for m in _messages(c, source, row, "completion"))
+        solution = _completion_text(data.pop("completion"), source, row, "completion")
+    if solution is None and data.get("solution") not in (None, ""):  # open-r1 style: a worked solution column
+        s = data["solution"]
+        if not isinstance(s, (str, int, float)) or isinstance(s, bool):
+            raise RowError(source, row, "solution", "wrong_type", f"expected a string or a number, got {type(s).__name__}")
+        solution = str(s)
+    if data.get("expert") not in (None, ""):  # the expert column wins (kept in the fields too, like 'solution')
+        solution = _completion_text(data["expert"], source, row, "expert")
     text = messages[-1]["content"] if messages else prompt
     if len(text) > max_prompt_chars:
         raise RowError(source, row, "prompt", "prompt_too_long", f"{len(text)} characters > {max_prompt_chars}")
@@ -123,6 +130,16 @@ def parse_row(data: Any, source: str, row: int, *, answer_field: str = "answer",
                        f"expected a string or a number, got {type(answer).__name__}")
     return TRLExample(prompt=text, answer="" if answer is None else str(answer), solution=solution,
                       messages=messages, fields=data)
+
+
+def _completion_text(value: Any, source: str, row: int, name: str) -> str | None:
+    """A completion column as text: a string, or the contents of a conversational turn list."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise RowError(source, row, name, "wrong_type",
+                       f"expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+    return "".join(m["content"] for m in _messages(value, source, row, name))
 
 
 def _rows(source: Any) -> tuple[str, Sequence[Any]]:
@@ -138,7 +155,7 @@ def _rows(source: Any) -> tuple[str, Sequence[Any]]:
     return name, source  # datasets.Dataset: indexing / iteration yields dicts
 
 
-class TRLDatasetTask:
+class TRLDatasetTask(DatasetExperts):
     """A task over a dataset in TRL's formats with a reward in either convention.
 
     Args:

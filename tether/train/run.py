@@ -4,7 +4,8 @@ A driver (``sync.py``, ``async_loop.py``, later a distributed or multi-turn one)
 when and where rollouts are generated and scored, and when weights reach the engine. It hands each step's
 scored rollouts to :meth:`Run.learn`, which runs the step's stages in this order:
 
-    shaping (overlong penalty) -> pi_old / the old-logit anchor (+ pi_ref) -> KL in the reward
+    expert rows (CalibRL / RL-PLUS) -> shaping (overlong penalty) -> pi_old / the old-logit anchor (+ pi_ref)
+    -> expert baseline -> KL in the reward
     -> dynamic sampling -> advantages (the preset's estimator) x staleness weights
     -> meter -> mismatch control (budget actions, auto correction: this step's objective arguments)
     -> update phase (update.py) -> LR schedule or a counted non-finite step -> version + 1
@@ -37,11 +38,13 @@ from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, OldLogits, TrainConfig
 from tether.train.errors import TrainingStopped
+from tether.train.expert import expert_rows_for, on_policy_rows
 from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.requirements import check_requirements
 from tether.train.seeds import step_seed
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
@@ -66,6 +69,8 @@ class Batch:
     rewards_B: Tensor
     failed: int
     """Reward calls that failed (scored 0)."""
+    examples: list[Example] | None = None
+    """The step's examples (the expert rows of CalibRL / RL-PLUS are built from them)."""
     keep_B: Tensor | None = None
     """Rows to train on (the driver's staleness policy); None: all."""
     weight_BT: Tensor | None = None
@@ -90,8 +95,10 @@ class Run:
             check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
         self.task = setup.build_task(cfg)
+        check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
         self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
+        self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op
         self.ref_model = setup.frozen_copy(self.model) if cfg.kl is not None else None
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
         a = cfg.async_
@@ -170,9 +177,12 @@ class Run:
         rollout, rewards_B = batch.rollout, batch.rewards_B
         counters = self.state.counters
         counters["reward_failed"] += batch.failed
+        raw_reward_mean = rewards_B.mean()
+        # expert presets: each group's expert solution as one more row, scored like a completion (sync only)
+        rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
+        counters["reward_failed"] += expert_failed
         mask_BT = rollout.loss_mask_BT
         keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool)
-        raw_reward_mean = rewards_B.mean()
         if cfg.overlong_buffer is not None:
             rewards_B = rewards_B + soft_overlong_penalty(
                 rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -195,18 +205,22 @@ class Run:
                 old_s += current_s
             with torch.no_grad():
                 logp_ref_BT = self.logprobs(self.ref_model, rollout)[0] if self.ref_model is not None else None
+        rollout, expert_inputs = self.experts.loss_inputs(rollout, current_BT, expert_B)  # expert_B, baseline
         if cfg.kl_placement is KLPlacement.REWARD:
             rewards_B = rewards_B + setup.kl_reward(current_BT, logp_ref_BT, mask_BT, cfg)
         if cfg.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
             info_B = informative_groups(rewards_B, rollout.group_B)
-            counters["dropped_groups"] += int((keep_B & ~info_B).sum()) // cfg.group_size
+            counters["dropped_groups"] += int(torch.unique(rollout.group_B[keep_B & ~info_B]).numel())
             keep_B = keep_B & info_B
         old_for_loss = anchor_BT if anchor_BT is not None else rollout.logp_mu_BT
-        advantages_BT = self.advantage_fn(rewards_B, rollout.group_B)[:, None].to(old_for_loss.dtype) * mask_BT
+        include_B = None if expert_B is None else ~expert_B  # group statistics over sampled rows only
+        advantages_BT = (self.advantage_fn(rewards_B, rollout.group_B, include_B)[:, None].to(old_for_loss.dtype)
+                         * mask_BT)
         if batch.weight_BT is not None:
             advantages_BT = advantages_BT * batch.weight_BT
         with clock("meter"):
-            metrics: dict[str, Any] = setup.mismatch_metrics(current_BT, rollout, entropy_BT, s, behave_BT=behave_BT)
+            old_m, rollout_m, entropy_m = on_policy_rows(expert_B, current_BT, rollout, entropy_BT)  # sampled rows
+            metrics: dict[str, Any] = setup.mismatch_metrics(old_m, rollout_m, entropy_m, s, behave_BT=behave_BT)
             try:
                 step_args = self.control.apply(metrics, self.optimizer, self.scheduler, step=s, console=console,
                                                where=str(self.run_dir / "checkpoints"))
@@ -223,7 +237,7 @@ class Run:
                     kl_loss=(lambda lp, ref, m: setup.kl_loss_terms(lp, ref, m, cfg))
                     if cfg.kl_placement is KLPlacement.LOSS else None,
                     first_logp_theta_BT=theta_BT if one_forward else None,
-                    prox_fn=self.old_logits.prox_fn(rollout, s))
+                    prox_fn=self.old_logits.prox_fn(rollout, s), extra_inputs=expert_inputs)
             finite = update.pop("finite")
             metrics.update(update)
         self._finish_update(metrics, finite, step=s, console=console)
@@ -234,7 +248,9 @@ class Run:
             "reward/mean": raw_reward_mean, "reward/shaped_mean": rewards_B.mean(), "reward/failed": batch.failed,
             "length/mean": rollout.completion_len_B.float().mean(), "time/old_logits_s": old_s,
             "mem/old_logits_bytes": self.old_logits.extra_bytes(),
-            "async/version_min": int(rollout.version_BT[mask_BT].min()) if mask_BT.any() else s,
+            "async/version_min": (int(rollout_m.version_BT[rollout_m.loss_mask_BT].min())
+                                  if rollout_m.loss_mask_BT.any() else s),
+            **self.experts.metrics,
         })
         return metrics
 

@@ -33,7 +33,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 rollout = run.generate(examples, seed=step_seed(cfg.seed, s, 1))
             with clock("score"):  # failed reward calls count and get 0
                 rewards_B, failed = run.score(rollout, examples)
-            batch = Batch(s, rollout, rewards_B, failed)
+            batch = Batch(s, rollout, rewards_B, failed, examples=examples)
             metrics = run.learn(batch, clock, progress.console)
             with clock("sync"):  # the next rollout is version s + 1
                 run.engine.load_weights(run.model.state_dict(), version=run.state.step)
