@@ -147,21 +147,39 @@ def pear_log_weights(logp_theta_BT: Tensor, logp_mu_BT: Tensor, mask_BT: Tensor,
     raise ValueError(f"pear: unknown weighting mode '{mode}'; valid: sequence, token, block")
 
 
+def _pear_weights(inputs: LossInputs, *, mode: str, gamma: float, block: int, clip_max: float) -> tuple[Tensor, Tensor]:
+    """``(raw, w)``: PEAR's unclipped weights ``exp(log w_t)`` and the clipped ones ``min(raw, clip_max)``, 0 off
+    the mask."""
+    m = inputs.mask_BT
+    log_w = pear_log_weights(inputs.logp_theta_BT, inputs.logp_mu_BT, m, mode=mode, gamma=gamma, block=block)
+    raw = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return raw, _masked(raw.clamp(max=clip_max), m)
+
+
+def pear_batch_stats(inputs: LossInputs, args) -> dict[str, Tensor]:
+    """PEAR's whole-step statistic: the masked mean of the clipped weights over every loss token of the step,
+    ``{"weight_mean": sum m w / sum m}`` (only with ``normalize`` and when not fixed by the user)."""
+    if not args["normalize"] or args.get("weight_mean") is not None:
+        return {}
+    _, w = _pear_weights(inputs, mode=args["mode"], gamma=args["gamma"], block=args["block"], clip_max=args["clip_max"])
+    return {"weight_mean": masked_mean(w, inputs.mask_BT)}
+
+
 def pear_loss(inputs: LossInputs, *, agg: str, mode: str, gamma: float, block: int, clip_max: float,
-              normalize: bool) -> tuple[Tensor, dict[str, Tensor]]:
+              normalize: bool, weight_mean: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """PEAR importance-weighted SFT: ``l_t = -w_t log pi_theta(y_t)``, ``w_t = sg(weight)``.
 
     ``w_t = min(exp(log w_t), clip_max)`` from :func:`pear_log_weights` (behaviour log-probs in
     ``logp_mu_BT``); with ``normalize`` the clipped weights are divided by their masked mean over the
     batch (self-normalised IS; INFERRED, methods.md: "weights should be clipped or normalised").
+    ``weight_mean``: that mean over the whole optimiser step (``pear_batch_stats``; the trainer passes it to
+    every micro-batch so the split does not change the loss); ``None`` computes it from the tensors given.
     Metrics: ``pear/weight_mean`` (before normalising), ``pear/clip_frac``, ``pear/ess`` =
     ``(sum w)^2 / (N sum w^2)`` over loss tokens, ``sft/nll``.
     """
     m = inputs.mask_BT
-    log_w = pear_log_weights(inputs.logp_theta_BT, inputs.logp_mu_BT, m, mode=mode, gamma=gamma, block=block)
-    raw = torch.exp(log_w.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    w = _masked(raw.clamp(max=clip_max), m)
-    weight_mean = masked_mean(w, m)
+    raw, w = _pear_weights(inputs, mode=mode, gamma=gamma, block=block, clip_max=clip_max)
+    weight_mean = masked_mean(w, m) if weight_mean is None else torch.as_tensor(weight_mean, dtype=w.dtype)
     if normalize:
         w = w / weight_mean.clamp(min=torch.finfo(w.dtype).tiny)
     nll = _masked(-inputs.logp_theta_BT, m)
@@ -225,7 +243,9 @@ register(Preset(
     description=("PEAR: SFT on behaviour-policy data reweighted by clipped importance ratios pi_theta/pi_beta "
                  "(sequence, discounted token suffix, or block suffix)."),
     fn=pear_loss,
-    defaults={"agg": "token-mean", "mode": "token", "gamma": 1.0, "block": 4, "clip_max": 5.0, "normalize": True},
+    defaults={"agg": "token-mean", "mode": "token", "gamma": 1.0, "block": 4, "clip_max": 5.0, "normalize": True,
+              "weight_mean": None},
+    batch_stats=pear_batch_stats,
     advantage="grpo",
     source="PEAR, arXiv 2602.01058 (methods.md §(a)8); discount and clipping INFERRED",
     requires=("logp_mu_BT",),
