@@ -17,7 +17,6 @@ Details and rules: docs/async.md.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -35,13 +34,14 @@ from tether.objectives.advantages import get_advantage
 from tether.objectives.kl import check_kl_combination
 from tether.rollout import concat_rows
 from tether.train import setup
-from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, OldLogits, StalenessPolicy, TrainConfig
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource, clone_state
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.run_dir import RunDir, open_run_dir
 from tether.train.shaping import informative_groups, soft_overlong_penalty
+from tether.train.signals import StopOnSignal
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
 from tether.train.sync import TrainingStopped, _update, finish_update, restore, step_seed
@@ -134,10 +134,15 @@ def refill_dropped(cfg: TrainConfig, task, policy, board: WeightBoard, lease: En
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    with open_run_dir(cfg, f"runs/{Path(cfg.task).stem}-{cfg.objective}-async-{cfg.seed}") as run, \
+            StopOnSignal(run.path) as interrupt:  # docs/reliability.md
+        return _train(cfg, run, interrupt)
+
+
+def _train(cfg: TrainConfig, run: RunDir, interrupt: StopOnSignal) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.resume or cfg.out or f"runs/{Path(cfg.task).stem}-{cfg.objective}-async-{cfg.seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run.path
     preset = get_preset(cfg.objective)
     objective_args = preset.resolve(cfg.objective_args)
     advantage_fn = get_advantage(preset.advantage)
@@ -154,7 +159,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     old_logits = OldLogitSource(cfg.old_logits, model, lambda m, r: setup.token_logprobs(m, r, cfg),
                                 keep_versions=keep, ewma_beta=cfg.ewma_beta)
 
-    ckpt = load_latest_checkpoint(run_dir) if cfg.resume else None
+    ckpt = run.load_checkpoint()
     state = restore(ckpt, model, optimizer, scheduler, ref_model)
     if ckpt is not None:
         for v, sd in sorted(ckpt["async"]["board"].items()):
@@ -164,7 +169,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         old_logits.publish(0)
     board.publish(state.step, clone_state(model))
     engine.load_weights(model.state_dict(), version=state.step)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None)
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto
     if state.accuracy_before is None:
@@ -276,14 +280,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 })
                 log.write(metrics)
                 progress.advance(metrics)
-                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
+                if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or interrupt.requested():
                     kept = {v: sd for v, sd in board.weights.items() if state.step - cfg.lag <= v < state.step}
-                    save_checkpoint(run_dir, state.step, {
+                    run.save_checkpoint(state.step, {
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "run_state": state.__dict__,
                         "async": {"board": kept, "old_logits": old_logits.state_dict()},
                         **({"ref_model": ref_model.state_dict()} if ref_model is not None else {}),
                     })
+                interrupt.check(state.step)
     finally:
         stop.set()
         board.close()

@@ -93,6 +93,8 @@ class TrainConfig:
     threads: int | None = opt(None, "torch CPU threads (none: all cores)")
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint")
+    overwrite: bool = opt(False, "start a fresh run in a run directory that is not empty (deletes its checkpoints "
+                                 "and metrics; without it such a run is refused)")
     progress: bool = opt(True, "show a progress bar")
     budget_ratio: MeterRatio = opt(MeterRatio.TOTAL, "mismatch budget: the ratio its thresholds read: total (pi_old/mu) or engine (fresh tokens)")
     budget_min_ess_token: float | None = opt(None, "mismatch budget: alarm when meter/<ratio>/ess_token < this (none: off)")
@@ -158,6 +160,8 @@ class TrainConfig:
             raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
+        if self.overwrite and self.resume:
+            raise ValueError("config field 'overwrite' cannot be combined with 'resume' (a resume continues the run)")
         from tether.train.mismatch_control import validate_config  # the budget_* fields
 
         validate_config(self)

@@ -11,7 +11,6 @@ uninterrupted one on CPU.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,13 +24,14 @@ from tether.objectives import LossInputs, aggregate, get_preset
 from tether.objectives.advantages import get_advantage
 from tether.objectives.kl import check_kl_combination
 from tether.train import setup
-from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, TrainConfig
 from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.run_dir import RunDir, open_run_dir
 from tether.train.shaping import informative_groups, soft_overlong_penalty
+from tether.train.signals import StopOnSignal
 from tether.train.summary import write_summary
 
 
@@ -53,10 +53,15 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    with open_run_dir(cfg, f"runs/{Path(cfg.task).stem}-{cfg.objective}-{cfg.seed}") as run, \
+            StopOnSignal(run.path) as interrupt:  # docs/reliability.md
+        return _train(cfg, run, interrupt)
+
+
+def _train(cfg: TrainConfig, run: RunDir, interrupt: StopOnSignal) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.resume or cfg.out or f"runs/{Path(cfg.task).stem}-{cfg.objective}-{cfg.seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run.path
     preset = get_preset(cfg.objective)
     objective_args = preset.resolve(cfg.objective_args)  # validate overrides before any compute
     advantage_fn = get_advantage(preset.advantage)
@@ -69,10 +74,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ref_model = setup.frozen_copy(model) if cfg.kl_placement is not KLPlacement.NONE else None
     optimizer, scheduler = setup.build_optimizer(cfg, model)
 
-    ckpt = load_latest_checkpoint(run_dir) if cfg.resume else None
+    ckpt = run.load_checkpoint()
     state = restore(ckpt, model, optimizer, scheduler, ref_model)
     engine.load_weights(model.state_dict(), version=state.step)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto correction
     log = open_loggers(cfg, run_dir, MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None))
 
@@ -144,12 +148,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             })
             log.write(metrics)
             progress.advance(metrics)
-            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps:
-                save_checkpoint(run_dir, state.step, {
+            if state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps or interrupt.requested():
+                run.save_checkpoint(state.step, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "run_state": state.__dict__,
                     **({"ref_model": ref_model.state_dict()} if ref_model is not None else {}),
                 })
+            interrupt.check(state.step)
     log.close()  # flush TensorBoard / W&B / MLflow
     accuracy_after = setup.evaluate(policy, task, cfg)
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
