@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from tether.train.checkpoint import CheckpointError
 from tether.train.config import TrainConfig
 from tether.train.metrics_log import MetricsLog, check_metrics_file, read_metrics
 from tether.train.run_dir import RunDirError, RunLock, open_run_dir, reward_notice
@@ -155,3 +156,19 @@ def test_a_second_signal_abandons_the_step(tmp_path):
     assert e.value.step is None and e.value.signum == signal.SIGINT
     assert "second SIGINT during a step; the last checkpoint step_000004 is intact; resume with" in str(e.value)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_no_checkpoint_yet_is_judged_by_the_cadence_the_run_was_written_with(tmp_path):
+    """A run with checkpoint_every 10 killed at step 1 has no checkpoint yet: its resume starts again
+    from step 0, even when the resuming config says checkpoint_every 1. Past step 10 it refuses."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"checkpoint_every": 10}))
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
+    with open_run_dir(TrainConfig(resume=str(run), checkpoint_every=1), "unused") as rd:
+        assert rd.load_checkpoint() is None
+    (run / "config.json").write_text(json.dumps({"checkpoint_every": 10}))
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(11)))
+    with open_run_dir(TrainConfig(resume=str(run), checkpoint_every=1), "unused") as rd:
+        with pytest.raises(CheckpointError, match="records steps up to 10, but there is no checkpoint"):
+            rd.load_checkpoint()

@@ -133,6 +133,7 @@ class RunDir:
     path: Path
     cfg: TrainConfig
     last_logged_step: int | None = None
+    saved_checkpoint_every: int | None = None  # the run's checkpoint_every as it was written (its config.json)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     keep: int = 2
 
@@ -142,7 +143,8 @@ class RunDir:
             return None
         ckpt = load_latest(self.path)
         if ckpt is None:
-            if self.last_logged_step is not None and self.last_logged_step >= self.cfg.checkpoint_every:
+            every = self.saved_checkpoint_every or self.cfg.checkpoint_every
+            if self.last_logged_step is not None and self.last_logged_step >= every:
                 raise CheckpointError(
                     f"--resume {self.path}: metrics.jsonl records steps up to {self.last_logged_step}, but there is "
                     f"no checkpoint in {self.path / 'checkpoints'}; refusing to restart from step 0 over that "
@@ -183,6 +185,15 @@ def _remove_leftovers(path: Path) -> None:
         log.warning("removed %s, left by a write that was interrupted", p)
 
 
+def _saved_checkpoint_every(path: Path) -> int | None:
+    """``checkpoint_every`` of the config the run was written with (before this start rewrites it)."""
+    try:
+        value = json.loads((path / "config.json").read_text()).get("checkpoint_every")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if type(value) is int and value >= 1 else None
+
+
 def _write_config(path: Path, cfg: TrainConfig) -> None:
     tmp = path / ".config.json.tmp"
     tmp.write_text(json.dumps({**to_dict(cfg), "overwrite": False}, indent=2))  # a resume never overwrites
@@ -203,6 +214,7 @@ def open_run_dir(cfg: TrainConfig, default: str | Path) -> Iterator[RunDir]:
         run = RunDir(path, cfg)
         if cfg.resume:
             run.last_logged_step = check_metrics_file(path / "metrics.jsonl")
+            run.saved_checkpoint_every = _saved_checkpoint_every(path)
             notice = reward_notice(cfg)
             if notice:
                 print(notice, file=sys.stderr, flush=True)
