@@ -7,13 +7,17 @@ completion) replaces exact match so the untrained model still gets non-zero adva
 """
 
 import json
+import os
+import signal
 import time
 
 import pytest
 import torch
 
 from tether.train import async_loop, setup, sync
+from tether.train.checkpoint import load_checkpoint_dir
 from tether.train.config import OldLogits, StalenessPolicy, TrainConfig, TrainMode
+from tether.train.signals import Interrupted
 
 pytestmark = pytest.mark.e2e
 SMALL = dict(prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps=0, eval_size=4, threads=2,
@@ -31,7 +35,7 @@ def synthetic_reward(monkeypatch):
 
 
 def _state(run, step):
-    return torch.load(run / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=False)
+    return load_checkpoint_dir(run / "checkpoints" / f"step_{step:06d}").state
 
 
 def _metrics(run):
@@ -68,6 +72,35 @@ def test_async_resume_is_bitwise(tmp_path):
     # lag 2 > k = 1: the oldest tokens of steps >= 2 are down-weighted, and partial rollouts span versions
     assert sum(r["async/downweighted_tokens"] for r in full) > 0
     assert any(r["async/version_min"] < r["step"] - 1 for r in full)
+
+
+def test_sigterm_stops_async_at_a_step_boundary_and_resumes_bitwise(tmp_path, monkeypatch):
+    """Issue 13 item 11: SIGTERM (sent here from the rollout thread, while it scores batch 1) lets the
+    trainer finish its step, checkpoints at that boundary (between the regular ones), and raises
+    ``Interrupted``; the resume equals the uninterrupted run bit for bit."""
+    cfg = dict(SMALL, mode=TrainMode.ASYNC, max_staleness=1, old_logits=OldLogits.SNAPSHOT, objective="decoupled_ppo",
+               checkpoint_every=100)
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=4, out=str(tmp_path / "full")))
+    scored = []
+
+    def score_then_sigterm(*args, **kwargs):
+        scored.append(1)
+        if len(scored) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return digit_share(*args, **kwargs)
+
+    monkeypatch.setattr(setup, "score", score_then_sigterm)
+    with pytest.raises(Interrupted) as stopped:
+        async_loop.train(TrainConfig.from_flat(**cfg, steps=4, out=str(tmp_path / "cut")))
+    step = stopped.value.step
+    assert stopped.value.signum == signal.SIGTERM and 1 <= step < 4
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == f"step_{step:06d}"
+    monkeypatch.setattr(setup, "score", digit_share)
+    async_loop.train(TrainConfig.from_flat(**cfg, steps=4, resume=str(tmp_path / "cut")))
+    a, b = _state(tmp_path / "full", 4), _state(tmp_path / "cut", 4)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["loss"] for r in _metrics(tmp_path / "full")] == [r["loss"] for r in _metrics(tmp_path / "cut")]
 
 
 def test_drop_refills_the_batch_with_fresh_groups_and_resumes_bitwise(tmp_path, monkeypatch):

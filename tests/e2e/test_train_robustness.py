@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tether.models.tokenizer import CharTokenizer
 from tether.objectives import LossInputs
 from tether.objectives.registry import _PRESETS, Preset
+from tether.train import setup
 from tether.train.checkpoint import load_latest_checkpoint
 from tether.train.config import TrainConfig
 from tether.train.sync import TrainingStopped, train
@@ -38,6 +40,36 @@ def test_skip_bad_rows_counts_them_in_the_summary(tmp_path):
     summary = train(TrainConfig.from_flat(task=str(data), reward="exact_match", skip_bad_rows=True, out=str(tmp_path / "run"),
                                 **{**SMALL, "steps": 2}))
     assert summary["count/bad_rows_skipped"] == 3
+
+
+def test_bad_text_rows_never_reach_training(tmp_path, monkeypatch):
+    """Issue 13 item 12: a tab, an accented letter (not in the built-in tokenizer), a lone surrogate and
+    a NUL byte are bad rows: named by file, line and field before any model is built, or skipped and
+    counted with skip_bad_rows; the examples the run samples are all encodable."""
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    bad = [{"prompt": "1\t+1=", "answer": "2"}, {"prompt": "1+1=", "answer": "d\u00e9ux"},
+           {"prompt": "1+\ud800=", "answer": "2"}, {"prompt": "1+1=\u0000", "answer": "2"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:5] + bad + rows[5:]))
+    built = []
+    monkeypatch.setattr(setup, "build_policy", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=f"{data}: line 6: field 'prompt': character '\\\\t'"):
+        train(TrainConfig.from_flat(task=str(data), reward="exact_match", out=str(tmp_path / "refused"), **SMALL))
+    assert not built
+    monkeypatch.undo()
+    sampled, real_sample = [], setup.sample_examples
+
+    def recording_sample(*args):
+        examples = real_sample(*args)
+        sampled.extend(examples)
+        return examples
+
+    monkeypatch.setattr(setup, "sample_examples", recording_sample)
+    summary = train(TrainConfig.from_flat(task=str(data), reward="exact_match", skip_bad_rows=True, out=str(tmp_path / "run"),
+                                **{**SMALL, "steps": 2}))
+    assert summary["count/bad_rows_skipped"] == 4
+    check = CharTokenizer().check
+    assert len(sampled) == 4 and not any(check(ex.prompt) or check(ex.answer) for ex in sampled)
 
 
 def raising_reward(prompt, completion, answer):

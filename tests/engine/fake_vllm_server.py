@@ -4,7 +4,8 @@ record keeping, weight-push schedule, start-up and shutdown can be tested withou
 
 Row i with seed s generates tokens ``(s + j) % V`` for j = 0, 1, ... (stopping after a stop token);
 each token's log-prob is ``-(w + 0.01 j)`` where ``w`` is the number of weight pushes so far.
-``FAKE_VLLM_MODE``: ``crash`` exits at start-up, ``hang`` never gets ready.
+``FAKE_VLLM_MODE``: ``crash`` exits at start-up, ``hang`` never gets ready; ``FAKE_VLLM_HANDSHAKE_S``:
+the key-handshake timeout (default 10 s).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def main() -> int:
     if mode == "hang":
         time.sleep(60)
         return 0
-    serve(FakeServer(args["--model"]), args["--ready-file"], bytes.fromhex(os.environ["TETHER_VLLM_AUTHKEY"]))
+    handshake = float(os.environ.get("FAKE_VLLM_HANDSHAKE_S", "10"))
+    serve(FakeServer(args["--model"]), args["--ready-file"], bytes.fromhex(os.environ["TETHER_VLLM_AUTHKEY"]),
+          handshake_timeout_s=handshake)
     return 0
 
 

@@ -227,3 +227,41 @@ def test_setup_derives_the_vllm_options_from_the_config(monkeypatch, tmp_path):
     policy = setup.build_policy(cfg, setup.build_task(cfg))
     assert policy.engine == "the vllm engine" and seen["hf_model"] is None
     assert seen["options"] == VLLMOptions(dtype="bfloat16", sync_every=3, seed=4, record_support=False)
+
+
+def test_a_silent_or_wrong_key_local_connection_cannot_stall_or_crash_the_server(model_dir, tmp_path):
+    """Issue 13 item 13: the server's accept loop did the key handshake with no timeout, so any local
+    process that connected first and sent nothing stalled start-up forever, and one with a wrong key
+    crashed the server. Now such connections are dropped and the real client is served."""
+    import os
+    import secrets
+    import socket
+    import threading
+    from multiprocessing.connection import AuthenticationError, Client
+
+    ready, key = tmp_path / "ready.json", secrets.token_bytes(32)
+    env = {**os.environ, "TETHER_VLLM_AUTHKEY": key.hex(), "FAKE_VLLM_HANDSHAKE_S": "1"}
+    p = subprocess.Popen([*FAKE, "--model", str(model_dir), "--ready-file", str(ready)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        address = ("127.0.0.1", json.loads(ready.read_text())["port"])
+        with pytest.raises(AuthenticationError):
+            Client(address, authkey=secrets.token_bytes(32))
+        replies = []
+
+        def real_client():
+            with Client(address, authkey=key) as conn:
+                conn.send({"op": "info"})
+                replies.append(conn.recv())
+
+        with socket.create_connection(address):  # connects first, never answers the challenge
+            t = threading.Thread(target=real_client, daemon=True)
+            t.start()
+            t.join(timeout=120)
+        assert replies and replies[0]["ok"] and replies[0]["vocab_size"] == V, "the real client was not served"
+    finally:
+        p.kill()
+        p.wait()

@@ -76,7 +76,7 @@ def test_config_file_errors_name_the_file(tmp_path):
 def test_checkpoint_roundtrip_and_latest(tmp_path):
     assert load_latest_checkpoint(tmp_path) is None
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step)), "step": step}, keep=2)
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step)), "step": step}, run_id="r", keep=2)
     state = load_latest_checkpoint(tmp_path)
     assert state["step"] == 3 and torch.equal(state["w"], torch.full((2,), 3.0))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
@@ -85,14 +85,14 @@ def test_checkpoint_roundtrip_and_latest(tmp_path):
 
 
 def test_torn_checkpoint_write_leaves_previous_latest(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, 1, {"step": 1})
+    save_checkpoint(tmp_path, 1, {"step": 1}, run_id="r")
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, {"step": 2})
+        save_checkpoint(tmp_path, 2, {"step": 2}, run_id="r")
     monkeypatch.undo()
     assert load_latest_checkpoint(tmp_path)["step"] == 1
 

@@ -14,11 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tether.train.checkpoint import CheckpointError
     from tether.train.export import export_run
 
     try:
         out = export_run(args.run_dir, args.out)
-    except FileExistsError as e:
+    except (FileExistsError, CheckpointError) as e:
         raise ValueError(str(e)) from None
     print(f"wrote {out} (load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0

@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", nargs="?", help="a built-in task name or a dataset file to load and check")
     p.add_argument("--reward", default=None, help="reward for a dataset file: exact_match, numeric or module:function")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count bad rows instead of failing")
+    p.add_argument("--model", default="tiny", help="the model the data is for: 'tiny' (the default) checks that the "
+                   "built-in tokenizer can encode every prompt, answer and solution; other models: valid text only")
     p.add_argument("--show", type=int, default=3, help="how many training and evaluation examples to print")
     p.add_argument("--seed", type=int, default=0, help="seed of the printed training examples")
 
@@ -21,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import random
 
     from tether.tasks.registry import BUILTIN_TASKS, get_task
+    from tether.train.setup import builtin_text_check
 
     if not args.task:
         width = max(len(n) for n in BUILTIN_TASKS)
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{'':<{width}}  options: {fields}")
         print("or a dataset file: tether tasks data.jsonl --reward numeric (see docs/tasks.md)")
         return 0
-    task = get_task(args.task, reward=args.reward, skip_bad_rows=args.skip_bad_rows or None)
+    task = get_task(args.task, reward=args.reward, skip_bad_rows=args.skip_bad_rows or None,
+                    text_check=builtin_text_check(args.model))
     rng = random.Random(args.seed)
     evals = task.eval_examples()
     print(f"task {task.name}: {len(evals)} evaluation examples")

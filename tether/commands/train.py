@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tether.configs import add_dataclass_arguments, config_from_args, given
@@ -17,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tether.train.checkpoint import CheckpointError
+    from tether.train.signals import Interrupted
     from tether.train.summary import print_summary
     from tether.train.sync import TrainingStopped, train
 
@@ -34,5 +37,11 @@ def run(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"tether train: stopped: {e}")
         return 3
+    except Interrupted as e:  # SIGINT / SIGTERM: one line, no traceback (docs/reliability.md)
+        print(f"tether train: {e}")
+        return 128 + e.signum
+    except CheckpointError as e:  # a full disk, no intact checkpoint: what is intact and what to do
+        print(f"tether train: error: {e}", file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0

@@ -3,7 +3,8 @@
 vLLM pins torch / transformers versions that conflict with tether's main environment, so tether
 starts this module as a subprocess with the vLLM venv's python and talks to it over loopback only
 (``multiprocessing.connection`` on 127.0.0.1, authenticated with a random key passed in the
-environment). It imports only the standard library, torch, safetensors and vllm, never tether.
+environment; a connection that does not complete the key handshake within ``HANDSHAKE_TIMEOUT_S``
+is dropped, so another local process cannot stall or crash the server). It imports only the standard library, torch, safetensors and vllm, never tether.
 
     python tether/engine/vllm_server.py --model FOLDER --ready-file PATH [--dtype float32] ...
 
@@ -31,10 +32,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
+import struct
 import sys
 import time
 import traceback
-from multiprocessing.connection import Listener
+from multiprocessing.connection import AuthenticationError, Connection, answer_challenge, deliver_challenge
 
 LOGPROBS_MODE = "processed_logprobs"
 """vLLM returns log-probs of the distribution it sampled from (after temperature / top-k / top-p)."""
@@ -120,14 +124,51 @@ class Server:
         return {"loaded": int(counts[0]), "seconds": time.perf_counter() - t0}
 
 
-def serve(server: Server, ready_file: str, authkey: bytes) -> None:
-    with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
+HANDSHAKE_TIMEOUT_S = 10.0
+"""A connection that has not completed the key handshake within this time is dropped."""
+
+
+def _socket_timeouts(sock: socket.socket, seconds: float) -> None:
+    """OS-level send / receive timeouts (they hold for ``Connection``'s raw reads and writes too); 0: none."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def accept_authenticated(listener: socket.socket, authkey: bytes, timeout_s: float) -> Connection | None:
+    """The next connection that proves the key within ``timeout_s``; None (the connection dropped) for
+    one that fails or stalls the handshake, so no other local process can block or crash the server."""
+    sock, _ = listener.accept()
+    try:
+        _socket_timeouts(sock, timeout_s)
+        conn = Connection(sock.detach())
+    except OSError:
+        sock.close()
+        return None
+    try:
+        deliver_challenge(conn, authkey)
+        answer_challenge(conn, authkey)
+    except (AuthenticationError, OSError, EOFError) as e:
+        conn.close()
+        print(f"vllm_server: dropped a connection that failed the key handshake ({type(e).__name__})",
+              file=sys.stderr, flush=True)
+        return None
+    with socket.socket(fileno=os.dup(conn.fileno())) as view:
+        _socket_timeouts(view, 0)  # authenticated: requests may be minutes apart
+    return conn
+
+
+def serve(server: Server, ready_file: str, authkey: bytes, handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
         tmp = ready_file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"port": listener.address[1], "pid": os.getpid(), **server.info()}, f)
+            json.dump({"port": listener.getsockname()[1], "pid": os.getpid(), **server.info()}, f)
         os.replace(tmp, ready_file)
         while True:
-            with listener.accept() as conn:
+            conn = accept_authenticated(listener, authkey, handshake_timeout_s)
+            if conn is None:
+                continue
+            with conn:
                 while True:
                     try:
                         req = conn.recv()
@@ -183,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.parent_pid is not None:
         exit_with_parent(args.parent_pid)
+        # Ctrl-C in a terminal reaches the whole process group: it is for tether, which finishes its step
+        # (with this server) and then shuts the server down (docs/reliability.md).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = Server(args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
                     max_logprobs=args.max_logprobs, kv_cache_gib=args.kv_cache_gib)
     serve(server, args.ready_file, bytes.fromhex(key))

@@ -38,12 +38,10 @@ class CharTokenizer:
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = [self.bos_id] if add_bos else []
         table = self._char_to_id
-        for pos, ch in enumerate(text):
+        for ch in text:
             i = table.get(ch)
             if i is None:
-                raise ValueError(
-                    f"CharTokenizer: character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in the "
-                    "vocabulary (printable ASCII and newline only)")
+                raise ValueError(f"CharTokenizer: {self.check(text)}")
             ids.append(i)
         return ids
 
@@ -51,6 +49,14 @@ class CharTokenizer:
         """Token ids of a completion to append after an encoded prompt (an expert solution): the
         characters alone, no special token."""
         return self.encode(text)
+
+    def check(self, text: str) -> str | None:
+        """Why ``text`` cannot be encoded (its first character outside the vocabulary), or None."""
+        for pos, ch in enumerate(text):
+            if ch not in self._char_to_id:
+                return (f"character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in the built-in "
+                        "tokenizer's vocabulary (printable ASCII and newline only)")
+        return None
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         out = []

@@ -34,12 +34,13 @@ from tether.tasks.base import DatasetExperts, Example
 from tether.tasks.readers import RawRow, reader_for
 from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn
 from tether.tasks.split import is_heldout
+from tether.tasks.text import TextCheck, text_problem
 
 log = logging.getLogger("tether.tasks.jsonl")
 
 REASONS = (
     "invalid_utf8", "invalid_json", "not_object", "bad_columns", "missing_field", "wrong_type",
-    "empty_prompt", "prompt_too_long", "empty_answer", "bad_answer",
+    "empty_prompt", "prompt_too_long", "empty_answer", "bad_answer", "bad_text", "unencodable",
 )
 
 
@@ -110,7 +111,10 @@ def _type_name(value: object) -> str:
 class JsonlTask(DatasetExperts):
     """A task whose examples come from a dataset file and whose reward is a named function."""
 
-    def __init__(self, config: JsonlConfig | str, **options) -> None:
+    def __init__(self, config: JsonlConfig | str, *, text_check: TextCheck | None = None, **options) -> None:
+        """``text_check``: the model's tokenizer check (``CharTokenizer().check`` for the built-in model);
+        a prompt, answer or solution it refuses is a bad row (kind ``unencodable``)."""
+        self._text_check = text_check
         if isinstance(config, (str, Path)):
             config = JsonlConfig(path=str(config), **options)
         elif options:
@@ -214,6 +218,13 @@ class JsonlTask(DatasetExperts):
                 raise fail(name, "wrong_type", f"expected a string or null, got {_type_name(value)}")
             if value:  # CSV cells are never missing, only empty: "" is no solution
                 solution = value
+        for field, text in ((c.prompt_field, prompt), (c.answer_field, answer), (c.solution_field, solution)):
+            if text is None:
+                continue
+            if (problem := text_problem(text)) is not None:
+                raise fail(field, "bad_text", problem)
+            if self._text_check is not None and (problem := self._text_check(text)) is not None:
+                raise fail(field, "unencodable", problem)
         return Example(prompt=prompt, answer=answer, solution=solution)
 
     # ------------------------------------------------------------------------------ Task API

@@ -12,6 +12,7 @@ from tether.tasks.base import Task
 from tether.tasks.countdown import CountdownConfig, CountdownTask
 from tether.tasks.jsonl import JsonlConfig, JsonlTask
 from tether.tasks.readers import READERS
+from tether.tasks.text import TextCheck
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,14 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).suffix.lower() in READERS or "/" in name or "\\" in name or Path(name).exists()
 
 
-def get_task(name_or_path: str, **options) -> Task:
+def get_task(name_or_path: str, *, text_check: TextCheck | None = None, **options) -> Task:
     """A built-in task by name, or a ``JsonlTask`` for a dataset path (.jsonl / .csv).
 
     ``options`` are fields of the task's config (``ArithmeticConfig``, ``CountdownConfig`` or
     ``JsonlConfig``); options whose value is None are treated as not given, so a caller can pass
     its optional settings through unconditionally. Unknown names or options raise ``ValueError``
-    listing the valid ones.
+    listing the valid ones. ``text_check`` (a dataset file): the model's tokenizer check; rows it
+    refuses are bad rows (built-in tasks generate only text every tokenizer encodes).
     """
     options = {k: v for k, v in options.items() if v is not None}
     if name_or_path in BUILTIN_TASKS:
@@ -65,7 +67,8 @@ def get_task(name_or_path: str, **options) -> Task:
             return trl_task_from_path(name_or_path, options)
         if "path" in options:
             raise ValueError(f"task {name_or_path!r}: the path is given twice (drop the 'path' option)")
-        return JsonlTask(_make_config(JsonlConfig, f"dataset task {name_or_path!r}", {"path": name_or_path, **options}))
+        return JsonlTask(_make_config(JsonlConfig, f"dataset task {name_or_path!r}", {"path": name_or_path, **options}),
+                         text_check=text_check)
     raise ValueError(
         f"unknown task {name_or_path!r}: built-in tasks are {', '.join(task_names())}; "
         f"or give a dataset file path ({', '.join(sorted(READERS))})"

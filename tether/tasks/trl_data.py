@@ -38,6 +38,7 @@ from tether.tasks.jsonl import DatasetError
 from tether.tasks.readers import reader_for
 from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn
 from tether.tasks.split import is_heldout
+from tether.tasks.text import text_problem
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -128,8 +129,11 @@ def parse_row(data: Any, source: str, row: int, *, answer_field: str = "answer",
     if answer is not None and (not isinstance(answer, (str, int, float)) or isinstance(answer, bool)):
         raise RowError(source, row, answer_field, "wrong_type",
                        f"expected a string or a number, got {type(answer).__name__}")
-    return TRLExample(prompt=text, answer="" if answer is None else str(answer), solution=solution,
-                      messages=messages, fields=data)
+    answer = "" if answer is None else str(answer)
+    for name, value in (("prompt", text), (answer_field, answer), ("completion", solution)):
+        if value is not None and (problem := text_problem(value)) is not None:
+            raise RowError(source, row, name, "bad_text", problem)
+    return TRLExample(prompt=text, answer=answer, solution=solution, messages=messages, fields=data)
 
 
 def _completion_text(value: Any, source: str, row: int, name: str) -> str | None:

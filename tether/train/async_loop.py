@@ -133,7 +133,12 @@ def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    run = Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-async-{cfg.seed}")
+    with Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-async-{cfg.seed}") as run:
+        return _drive(run)
+
+
+def _drive(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
     board, lease = WeightBoard(keep=cfg.lag), EngineLease()
     ckpt = run.start()
     for v, sd in sorted((ckpt["async"]["board"] if ckpt else {}).items()):
@@ -163,7 +168,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     board.publish(run.state.step, clone_state(run.model))
                 run.record(metrics, batch, clock, progress)
                 kept = {v: sd for v, sd in board.weights.items() if run.state.step - cfg.lag <= v < run.state.step}
-                run.checkpoint_if_due({"async": {"board": kept}})
+                run.checkpoint_if_due({"async": {"board": kept}})  # and a clean stop after a SIGINT / SIGTERM
     finally:
         stop.set()
         board.close()

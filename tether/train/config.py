@@ -184,6 +184,8 @@ class TrainConfig:
     threads: int | None = opt(None, "torch CPU threads (none: all cores)", group="run")
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)", group="run")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint", group="run")
+    overwrite: bool = opt(False, "start a fresh run in a run directory that is not empty (deletes its checkpoints "
+                                 "and metrics; without it such a run is refused)", group="run")
     progress: bool = opt(True, "show a progress bar", group="run")
     mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train) or async (concurrent; its "
                           "settings are the async group)", group="run")
@@ -259,6 +261,8 @@ class TrainConfig:
             raise ValueError("config field 'minibatches' must divide prompts_per_step * group_size")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
+        if self.overwrite and self.resume:
+            raise ValueError("config field 'overwrite' cannot be combined with 'resume' (a resume continues the run)")
         self._validate_offpolicy()
 
     def _check_ranges(self) -> None:

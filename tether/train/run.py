@@ -18,9 +18,9 @@ old-logit strategy's state, so a resumed run is bitwise identical to an uninterr
 
 from __future__ import annotations
 
-import json
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ from tether.objectives.kl import check_kl_combination
 from tether.rollout import Rollout
 from tether.tasks.base import Example
 from tether.train import setup
-from tether.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from tether.train.config import KLPlacement, OldLogits, TrainConfig
 from tether.train.errors import TrainingStopped
 from tether.train.expert import expert_rows_for, on_policy_rows
@@ -45,8 +44,10 @@ from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource
 from tether.train.progress import StepProgress, Stopwatch
 from tether.train.requirements import check_requirements
+from tether.train.run_dir import open_run_dir
 from tether.train.seeds import step_seed
 from tether.train.shaping import informative_groups, soft_overlong_penalty
+from tether.train.signals import StopOnSignal
 from tether.train.summary import write_summary
 from tether.train.update import update_phase
 
@@ -80,14 +81,30 @@ class Batch:
 
 
 class Run:
-    """One RL run (module docstring). ``name`` is the default run directory's stem."""
+    """One RL run (module docstring), used as ``with Run(cfg) as run:``. ``name`` is the default run directory's
+    stem. Entering it locks and prepares the run directory (run_dir.py: refused when another process holds it,
+    or when it holds another run and neither resume nor overwrite is set; config.json written first) and turns
+    SIGINT / SIGTERM into a clean stop at the next step boundary (signals.py); leaving it releases both."""
 
     def __init__(self, cfg: TrainConfig, *, name: str | None = None) -> None:
         self.cfg = cfg
+        self._stack = ExitStack()
+        try:
+            self._build(name)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def _build(self, name: str | None) -> None:
+        cfg = self.cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.run_dir = Path(cfg.resume or cfg.out or f"runs/{name or Path(cfg.task).stem}")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
         self.advantage_fn = get_advantage(self.preset.advantage)
@@ -96,6 +113,10 @@ class Run:
 
         self.task = setup.build_task(cfg)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
+        # the run directory: locked, checked and config.json written before anything expensive is built
+        self.dir = self._stack.enter_context(open_run_dir(cfg, f"runs/{name or Path(cfg.task).stem}"))
+        self.run_dir = self.dir.path
+        self.interrupt = self._stack.enter_context(StopOnSignal(self.run_dir))
         self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
         self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op
@@ -111,10 +132,10 @@ class Run:
 
     # -- start and end -------------------------------------------------------------------------------
     def start(self) -> dict[str, Any] | None:
-        """Restore the last checkpoint (when resuming), write config.json, open the loggers and the mismatch
-        control, evaluate before training. Returns the checkpoint (the driver reads its own part) or None."""
+        """Restore the newest intact checkpoint (when resuming), open the loggers and the mismatch control,
+        evaluate before training. Returns the checkpoint (the driver reads its own part) or None."""
         cfg = self.cfg
-        ckpt = load_latest_checkpoint(self.run_dir) if cfg.resume else None
+        ckpt = self.dir.load_checkpoint()
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -126,7 +147,6 @@ class Run:
         else:
             self.old_logits.publish(0)
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
-        (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         self.control = MismatchControl(cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
         self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
                                                               resume_after_step=self.state.step - 1 if ckpt else None))
@@ -281,11 +301,15 @@ class Run:
         progress.advance(metrics)
 
     def checkpoint_if_due(self, extra: dict[str, Any] | None = None) -> None:
-        """Write a checkpoint every ``checkpoint_every`` steps and at the end (``extra``: the driver's own state)."""
+        """Write a checkpoint every ``checkpoint_every`` steps, at the end and when a stop signal came during the
+        step (``extra``: the driver's own state); then stop cleanly if one came (``signals.Interrupted``)."""
         step = self.state.step
-        if step % self.cfg.checkpoint_every and step != self.cfg.steps:
-            return
-        save_checkpoint(self.run_dir, step, {
+        if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps or self.interrupt.requested():
+            self._save(step, extra)
+        self.interrupt.check(step)
+
+    def _save(self, step: int, extra: dict[str, Any] | None) -> None:
+        self.dir.save_checkpoint(step, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "run_state": self.state.__dict__,
             "old_logits": self.old_logits.state_dict(),

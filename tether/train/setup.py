@@ -33,7 +33,18 @@ def build_task(cfg: TrainConfig) -> Task:
     from tether.tasks.registry import get_task
 
     options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
-    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None, **options)
+    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None,
+                    text_check=builtin_text_check(cfg.model), **options)
+
+
+def builtin_text_check(model: str):
+    """The built-in model's tokenizer check (dataset rows it cannot encode are bad rows); None for
+    other models (their tokenizers encode any valid text)."""
+    if model != "tiny":
+        return None
+    from tether.models.tokenizer import CharTokenizer
+
+    return CharTokenizer().check
 
 
 def build_policy(cfg: TrainConfig, task: Task) -> Policy:

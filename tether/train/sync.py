@@ -22,21 +22,21 @@ __all__ = ["RunState", "TrainingStopped", "step_seed", "train"]
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    run = Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-{cfg.seed}")
-    run.start()
-    with run.progress() as progress:
-        while run.state.step < cfg.steps:
-            s = run.state.step
-            clock = Stopwatch()
-            with clock("rollout"):  # the engine samples; records log mu, versions, truncation
-                examples = run.sample(s)
-                rollout = run.generate(examples, seed=step_seed(cfg.seed, s, 1))
-            with clock("score"):  # failed reward calls count and get 0
-                rewards_B, failed = run.score(rollout, examples)
-            batch = Batch(s, rollout, rewards_B, failed, examples=examples)
-            metrics = run.learn(batch, clock, progress.console)
-            with clock("sync"):  # the next rollout is version s + 1
-                run.engine.load_weights(run.model.state_dict(), version=run.state.step)
-            run.record(metrics, batch, clock, progress)
-            run.checkpoint_if_due()
-    return run.finish()
+    with Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-{cfg.seed}") as run:
+        run.start()
+        with run.progress() as progress:
+            while run.state.step < cfg.steps:
+                s = run.state.step
+                clock = Stopwatch()
+                with clock("rollout"):  # the engine samples; records log mu, versions, truncation
+                    examples = run.sample(s)
+                    rollout = run.generate(examples, seed=step_seed(cfg.seed, s, 1))
+                with clock("score"):  # failed reward calls count and get 0
+                    rewards_B, failed = run.score(rollout, examples)
+                batch = Batch(s, rollout, rewards_B, failed, examples=examples)
+                metrics = run.learn(batch, clock, progress.console)
+                with clock("sync"):  # the next rollout is version s + 1
+                    run.engine.load_weights(run.model.state_dict(), version=run.state.step)
+                run.record(metrics, batch, clock, progress)
+                run.checkpoint_if_due()  # and a clean stop after a SIGINT / SIGTERM
+        return run.finish()
