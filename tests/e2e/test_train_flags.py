@@ -160,3 +160,49 @@ def test_ignored_or_out_of_range_flags_are_refused_at_the_edge(tmp_path, flags, 
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"'{field}'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_exploding_update_stops_before_its_weights_are_checkpointed(tmp_path, monkeypatch):
+    """Issue 13 item 9: a finite update that destroys the weights (lr 1e6) used to be checkpointed and then
+    called good by the stop message. Now the step is an alarm, the run stops at once, and the message names the
+    last checkpoint, written before the alarm, whose weights are intact. Here step 1's update is made to explode
+    (the real update, then the weights scaled by 1e3: fault injection, since a resume keeps the optimiser's lr)."""
+    from tether.train import run as run_module
+    from tether.train.checkpoint import load_latest_checkpoint
+    from tether.train.errors import TrainingStopped
+
+    real = run_module.update_phase
+
+    def exploding(cfg, preset, args, model, *a, **kw):
+        out = real(cfg, preset, args, model, *a, **kw)
+        if a[-1] == 1:  # the step
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1e3)
+        return out
+
+    monkeypatch.setattr(run_module, "update_phase", exploding)
+    out = tmp_path / "boom"
+    with pytest.raises(TrainingStopped) as e:
+        sync.train(TrainConfig.from_flat(**{**SMALL, **varied_reward(tmp_path), "out": str(out), "steps": 3}))
+    msg = str(e.value)
+    assert "step 1: the update moved the weights by" in msg and "max_update_ratio 1)" in msg
+    assert f"The last checkpoint, step 1 in {out / 'checkpoints'}, was written before it" in msg
+    ckpt = load_latest_checkpoint(out)
+    assert ckpt["run_state"]["step"] == 1
+    assert max(float(v.abs().max()) for v in ckpt["model"].values()) < 100  # not the scaled weights
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["alarm/exploding_update"] == 1
+    assert rows[1]["update/relative_norm"] > 100 and rows[0]["update/relative_norm"] < 0.01
+
+
+def test_lr_1e6_stops_at_the_first_update_with_no_checkpoint_of_its_weights(tmp_path):
+    task = varied_reward(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "tether", "train", "--lr", "1e6", "--task", task["task"],
+                        "--reward", task["reward"], "--steps", "3", "--prompts-per-step",
+                        "2", "--group-size", "4", "--max-new-tokens", "6", "--warmstart-steps", "20", "--eval-size",
+                        "5", "--threads", "1", "--no-progress", "--checkpoint-every", "1", "--out", str(tmp_path / "r")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "an exploding update" in r.stdout and "No checkpoint was written yet" in r.stdout
+    assert not list((tmp_path / "r" / "checkpoints").glob("step_*"))

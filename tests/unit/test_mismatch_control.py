@@ -100,11 +100,11 @@ def test_stop_on_drift_names_metric_and_value():
     opt, sched = _opt()
     m = _stats(0.6)
     with pytest.raises(TrainingStopped) as e:
-        control.apply(m, opt, sched, step=7, where="run/checkpoints")
+        control.apply(m, opt, sched, step=7, where="The last checkpoint, step 4 in run/checkpoints, is intact.")
     msg = str(e.value)
     value = m["meter/total/kl_k3"]
     assert "step 7" in msg and "meter/total/kl_k3" in msg and f"{value:.6g}" in msg and "max_kl" in msg
-    assert "run/checkpoints is intact" in msg
+    assert msg.endswith(". The last checkpoint, step 4 in run/checkpoints, is intact.")
 
 
 def test_warn_prints_and_leaves_the_update_alone():

@@ -208,6 +208,9 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay (>= 0)", group="optimisation")
     grad_clip: float | None = opt(1.0, "global gradient-norm clip (> 0; none: no clipping, the norm is still logged)",
                                   group="optimisation")
+    max_update_ratio: float | None = opt(1.0, "stop when one step moves the weights by more than this fraction of "
+                                         "their norm, ||theta' - theta|| / ||theta|| (an exploding update; none: off)",
+                                         group="optimisation")
     # model
     model: str = opt("tiny", "model: 'tiny' (built-in, warm-started) or a path", group="model")
     warmstart_steps: int = opt(400, "SFT warm-start steps for the built-in model (cached on disk)", group="model")
@@ -278,6 +281,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip",
                "must be > 0 or none (a negative clip flips every gradient, 0 zeroes every update)", self.grad_clip)
+        _check(self.max_update_ratio is None or self.max_update_ratio > 0, "max_update_ratio", "must be > 0 or none",
+               self.max_update_ratio)
         _check(self.temperature > 0, "temperature", "must be finite and > 0", self.temperature)
         _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must be in (0, 1] or none", self.top_p)
         _check(self.reward_timeout_s > 0, "reward_timeout_s", "must be finite and > 0", self.reward_timeout_s)

@@ -136,7 +136,8 @@ class MismatchControl:
 
     def apply(self, metrics: dict[str, Any], optimizer: Any, scheduler: Any, *, step: int, console: Any = None,
               where: str = "") -> dict[str, Any]:
-        """Check the budget, act, choose the auto correction; returns this step's objective arguments."""
+        """Check the budget, act, choose the auto correction; returns this step's objective arguments.
+        ``where``: a sentence naming the checkpoint a resume would start from (ends a ``stop`` message)."""
         alarms = self.alarms(metrics)
         for a in alarms:
             metrics[f"budget/alarm/{a.field}"] = 1
@@ -150,7 +151,7 @@ class MismatchControl:
 
                 raise TrainingStopped(
                     f"step {step}: {alarms[0].message}" + "".join(f"; also {a.metric} = {a.value:.6g}" for a in alarms[1:])
-                    + (f". The last good checkpoint in {where} is intact." if where else ""))
+                    + (f". {where}" if where else ""))
             if action is BudgetAction.LOWER_LR:
                 self.state["lr_scale"] *= self.lr_factor
                 for group in optimizer.param_groups:

@@ -18,6 +18,7 @@ old-logit strategy's state, so a resumed run is bitwise identical to an uninterr
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import ExitStack
@@ -129,6 +130,7 @@ class Run:
         self.sampling = setup.sampling_params(cfg)
         self.state = RunState()
         self.tokens_total = 0
+        self.last_checkpoint: int | None = None
 
     # -- start and end -------------------------------------------------------------------------------
     def start(self) -> dict[str, Any] | None:
@@ -143,6 +145,7 @@ class Run:
             if self.ref_model is not None:
                 self.ref_model.load_state_dict(ckpt["ref_model"])
             self.state = RunState(**ckpt["run_state"])
+            self.last_checkpoint = self.state.step
             self.old_logits.load_state_dict(ckpt["old_logits"])
         else:
             self.old_logits.publish(0)
@@ -243,13 +246,15 @@ class Run:
             metrics: dict[str, Any] = setup.mismatch_metrics(old_m, rollout_m, entropy_m, s, behave_BT=behave_BT)
             try:
                 step_args = self.control.apply(metrics, self.optimizer, self.scheduler, step=s, console=console,
-                                               where=str(self.run_dir / "checkpoints"))
+                                               where=self.checkpoint_note())
             except TrainingStopped:  # the stopping step's measurements are kept, not dropped
                 self.log.write({**metrics, "step": s, "budget/stopped": 1})
                 raise
         finite = bool(torch.isfinite(torch.where(mask_BT, old_for_loss, 0)).all()
                       and torch.isfinite(rollout.logp_mu_BT).all())
         if finite and keep_B.any():
+            before = [p.detach().clone() for p in self.model.parameters() if p.requires_grad] \
+                if cfg.max_update_ratio is not None else None
             with clock("update"):
                 update = update_phase(
                     cfg, self.preset, step_args, model, self.optimizer, rollout, keep_B, old_for_loss, logp_ref_BT,
@@ -260,6 +265,8 @@ class Run:
                     prox_fn=self.old_logits.prox_fn(rollout, s), extra_inputs=expert_inputs)
             finite = update.pop("finite")
             metrics.update(update)
+            if before is not None and finite:
+                self._check_update_size(before, metrics, step=s)
         self._finish_update(metrics, finite, step=s, console=console)
         self.state.step += 1
         with clock("sync"):
@@ -273,6 +280,31 @@ class Run:
             **self.experts.metrics,
         })
         return metrics
+
+    def checkpoint_note(self) -> str:
+        """The sentence a stop message ends with: which checkpoint a resume starts from (all were written before
+        any alarm: a run stops at its first exploding update, before that step's checkpoint)."""
+        if self.last_checkpoint is None:
+            return f"No checkpoint was written yet in {self.run_dir / 'checkpoints'}."
+        return (f"The last checkpoint, step {self.last_checkpoint} in {self.run_dir / 'checkpoints'}, was written "
+                "before it and is intact.")
+
+    def _check_update_size(self, before: list[Tensor], metrics: dict[str, Any], *, step: int) -> None:
+        """``update/relative_norm = ||theta' - theta|| / ||theta||`` over the trainable weights; above
+        ``max_update_ratio`` the update exploded (a finite step can still destroy the weights): alarm, log the
+        step's row and stop, so no checkpoint of the destroyed weights is written."""
+        after = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(after, before)]))
+        size = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in before]))
+        ratio = float(moved / size.clamp(min=torch.finfo(size.dtype).tiny))
+        metrics["update/relative_norm"] = ratio
+        if ratio > self.cfg.max_update_ratio or not math.isfinite(ratio):
+            metrics["alarm/exploding_update"] = 1
+            self.log.write({**metrics, "step": step})
+            raise TrainingStopped(
+                f"step {step}: the update moved the weights by {ratio:.3g} of their norm (max_update_ratio "
+                f"{self.cfg.max_update_ratio:g}): an exploding update (is the learning rate too high?); stopping. "
+                + self.checkpoint_note())
 
     def _finish_update(self, metrics: dict[str, Any], finite: bool, *, step: int, console: Any) -> None:
         """Advance the LR schedule, or count a non-finite step (skipped, alarmed) and stop once
@@ -288,7 +320,7 @@ class Run:
         if self.state.bad_steps >= self.cfg.max_bad_steps:
             raise TrainingStopped(
                 f"{self.state.bad_steps} consecutive non-finite steps (last: step {step}); stopping. "
-                f"The last good checkpoint in {self.run_dir / 'checkpoints'} is intact.")
+                + self.checkpoint_note())
 
     def record(self, metrics: dict[str, Any], batch: Batch, clock: Stopwatch, progress: StepProgress) -> None:
         """Log one step's row (metrics.jsonl and trackers) and advance the progress bar."""
@@ -316,3 +348,4 @@ class Run:
             **({"ref_model": self.ref_model.state_dict()} if self.ref_model is not None else {}),
             **(extra or {}),
         })
+        self.last_checkpoint = step
