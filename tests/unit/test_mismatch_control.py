@@ -202,3 +202,31 @@ def test_a_resumed_run_keeps_its_tightening():
     m = _stats(0.01)
     args = MismatchControl(cfg, get_preset("tis").resolve(None), state, {}).apply(m, opt, sched, step=5)
     assert m["budget/alarms"] == 0 and args["cap"] == pytest.approx(1.25) and m["budget/tighten_scale"] == 0.25
+
+
+def test_a_preset_declares_what_tightening_moves():
+    """The control names no hyper-parameter: a preset with its own ``tighten`` rules (here a band ``lo``/``hi``
+    the default names do not know) is tightened by those rules, and one without any is refused for 'tighten'."""
+    from tether.objectives import registry
+    from tether.objectives.registry import Preset
+
+    banded = Preset(name="_banded", description="test", fn=lambda inputs, **kw: (None, {}),
+                    defaults={"lo": 0.5, "hi": 3.0, "cap": 2.0}, tighten={"lo": "lower", "hi": "upper"})
+    assert banded.tighten == {"lo": "lower", "hi": "upper"}
+    plain = Preset(name="_plain", description="test", fn=lambda inputs, **kw: (None, {}), defaults={"cap": 2.0})
+    assert plain.tighten == {"cap": "upper"}  # the shared names by default
+    with pytest.raises(ValueError, match="tighten names zz"):
+        Preset(name="_bad", description="test", fn=lambda i, **kw: (None, {}), defaults={}, tighten={"zz": "upper"})
+    registry._PRESETS["_banded"] = banded
+    try:
+        cfg = TrainConfig.from_flat(budget_max_kl=0.01, budget_action="tighten")
+        object.__setattr__(cfg, "objective", "_banded")
+        control = MismatchControl(cfg, banded.resolve(None), {}, {})
+        opt, sched = _opt()
+        args = control.apply(_stats(0.6), opt, sched, step=0)
+        assert args["lo"] == pytest.approx(0.75) and args["hi"] == pytest.approx(2.0)
+        assert args["cap"] == 2.0  # not in the preset's rules: left alone
+    finally:
+        del registry._PRESETS["_banded"]
+    with pytest.raises(ValueError, match="'tighten' needs an objective"):
+        _control("reinforce", budget_max_kl=0.01, budget_action="tighten")

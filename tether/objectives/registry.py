@@ -24,6 +24,39 @@ from tether.objectives.inputs import LossInputs
 
 LossFn = Callable[..., tuple[Tensor, dict[str, Tensor]]]
 
+TIGHTEN_RULES = ("upper", "lower", "scale")
+"""How a correction hyper-parameter moves towards "no update spread" when the mismatch control tightens it by
+``s`` in (0, 1]: ``upper`` (a ratio bound or cap >= 1: ``h' = 1 + (min(h, 10) - 1) s``), ``lower`` (a ratio
+bound <= 1: ``l' = 1 - (1 - l) s``), ``scale`` (a clip range: ``eps' = eps s``)."""
+DEFAULT_TIGHTEN = {"cap": "upper", "high": "upper", "low": "lower", "eps_low": "scale", "eps_high": "scale"}
+"""The rule of each hyper-parameter name the presets share (a preset can declare its own ``tighten``)."""
+TIGHTEN_CAP_FOR_INF = 10.0
+"""An infinite cap is first replaced by this (the auto rule's largest cap) so it can be tightened."""
+
+
+def tighten_args(args: Mapping[str, Any], scale: float, rules: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The hyper-parameters ``args`` tightened by ``scale`` in (0, 1] under ``rules`` (name -> rule of
+    ``TIGHTEN_RULES``; default ``DEFAULT_TIGHTEN``), pure. Names absent or ``None`` are left alone; ``scale = 1``
+    returns the arguments unchanged."""
+    if not 0 < scale <= 1:
+        raise ValueError(f"tighten_args: scale must be in (0, 1], got {scale}")
+    out = dict(args)
+    if scale == 1:
+        return out
+    for key, rule in (DEFAULT_TIGHTEN if rules is None else rules).items():
+        v = out.get(key)
+        if v is None:
+            continue
+        if rule == "upper":
+            out[key] = 1.0 + (min(float(v), TIGHTEN_CAP_FOR_INF) - 1.0) * scale
+        elif rule == "lower":
+            out[key] = 1.0 - (1.0 - float(v)) * scale
+        elif rule == "scale":
+            out[key] = float(v) * scale
+        else:
+            raise ValueError(f"tighten_args: unknown rule {rule!r} for {key!r}; valid: {', '.join(TIGHTEN_RULES)}")
+    return out
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -47,8 +80,19 @@ class Preset:
     every micro-batch, so the loss and gradient do not depend on how the step is split. ``None``: the loss has
     no whole-batch statistic beyond the global normalisers ``num_tokens`` / ``num_seqs``."""
 
+    tighten: Mapping[str, str] | None = None
+    """How the mismatch control may tighten this preset's correction hyper-parameters: name -> rule of
+    ``TIGHTEN_RULES``. ``None``: the ``DEFAULT_TIGHTEN`` names among its defaults."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        rules = self.tighten if self.tighten is not None else {
+            k: r for k, r in DEFAULT_TIGHTEN.items() if k in self.defaults}
+        bad = sorted(k for k, r in rules.items() if k not in self.defaults or r not in TIGHTEN_RULES)
+        if bad:
+            raise ValueError(f"preset '{self.name}': tighten names {', '.join(bad)}, which are not hyper-parameters "
+                             f"with a rule in {', '.join(TIGHTEN_RULES)}")
+        object.__setattr__(self, "tighten", MappingProxyType(dict(rules)))
 
     def resolve(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         params = dict(self.defaults)

@@ -9,12 +9,15 @@ metrics:
     budget/lr_scale          cumulative factor applied to the learning rate by ``lower_lr``
     budget/tighten_scale     cumulative factor applied to the correction by ``tighten``
     auto/level, auto/threshold, auto/reason   the ``auto`` objective's choice (tether.meter.auto)
-    objective/{cap,high,low,eps_low,eps_high,threshold}   the values this step's update uses
+    objective/{name}         the value this step's update uses of every tightenable hyper-parameter
+                             (Preset.tighten) and of the auto threshold
 
 Actions, once per step with at least one alarm (``f`` = the config's factor, in (0, 1)):
 
     warn      print every alarm's message (it names the metric, its value and the threshold)
-    tighten   s <- s * f, and the objective's correction hyper-parameters become ``tighten_args(args0, s)``
+    tighten   s <- s * f, and the objective's correction hyper-parameters become
+              ``tighten_args(args0, s, preset.tighten)``: the preset declares which ones move and by which rule
+              (objectives/registry.py); this module names none of them
     lower_lr  every parameter group's lr and the scheduler's base lr are multiplied by f
     stop      raise TrainingStopped with the alarm's message, before the update: the last
               checkpoint is the last good one
@@ -31,49 +34,14 @@ from typing import Any
 
 from tether.meter.auto import AutoRule, CorrectionLevel, choose_correction
 from tether.meter.budget import Alarm, BudgetAction, MismatchBudget, check_budget
+from tether.objectives.registry import get_preset, tighten_args
 
 AUTO_OBJECTIVE = "auto"
 """The preset whose ``level`` / ``threshold`` the trainer sets each step from the meter."""
 
-TIGHTEN_CAP_FOR_INF = 10.0
-"""An infinite TIS cap is first replaced by this (the auto rule's largest cap) so it can be tightened."""
-
-
-def tighten_args(args: Mapping[str, Any], scale: float) -> dict[str, Any]:
-    """The objective's correction hyper-parameters tightened by ``scale`` in (0, 1] (pure).
-
-    Each known key moves towards its no-update / no-weight-spread value by the factor ``scale``:
-
-        cap  (TIS cap, >= 1)            C'   = 1 + (min(C, 10) - 1) * s
-        high (upper ratio bound, >= 1)  h'   = 1 + (h - 1) * s
-        low  (lower ratio bound, <= 1)  l'   = 1 - (1 - l) * s
-        eps_low, eps_high (PPO clip)    eps' = eps * s
-        threshold (the auto objective)  not touched here: ``MismatchControl`` tightens the chosen
-                                        cap / tau the same way (cap: as ``cap``; tau' = tau * s)
-
-    Keys that are absent or ``None`` are left alone; ``scale = 1`` returns the arguments unchanged.
-    """
-    if not 0 < scale <= 1:
-        raise ValueError(f"tighten_args: scale must be in (0, 1], got {scale}")
-    out = dict(args)
-    if scale == 1:
-        return out
-    if out.get("cap") is not None:
-        out["cap"] = 1.0 + (min(float(out["cap"]), TIGHTEN_CAP_FOR_INF) - 1.0) * scale
-    if out.get("high") is not None:
-        out["high"] = 1.0 + (float(out["high"]) - 1.0) * scale
-    if out.get("low") is not None:
-        out["low"] = 1.0 - (1.0 - float(out["low"])) * scale
-    for key in ("eps_low", "eps_high"):
-        if out.get(key) is not None:
-            out[key] = float(out[key]) * scale
-    return out
-
-
 MEASURED_BEFORE_UPDATE = ("engine", "total")
 """The ratios ``setup.mismatch_metrics`` measures (pi_old vs mu); drift / staleness need more inputs."""
 
-TIGHTENABLE = ("cap", "high", "low", "eps_low", "eps_high", "threshold")
 
 
 def budget_from_config(budget_cfg: Any) -> MismatchBudget | None:
@@ -110,6 +78,7 @@ class MismatchControl:
         self.budget = budget_from_config(cfg.budget)
         self.auto = cfg.objective == AUTO_OBJECTIVE
         self.args0 = dict(objective_args)
+        self.rules = dict(get_preset(cfg.objective).tighten)  # the preset says what tightening moves, and how
         self.lr_factor = cfg.budget.lr_factor
         self.tighten_factor = cfg.budget.tighten_factor
         self.rule = rule if rule is not None else AutoRule()
@@ -124,12 +93,12 @@ class MismatchControl:
                 f"config field 'budget_ratio': the trainer checks the budget before the update, where it measures "
                 f"{' and '.join(MEASURED_BEFORE_UPDATE)}; '{self.budget.ratio.value}' would never be checked")
         if self.budget is not None and self.budget.action is BudgetAction.TIGHTEN and not (
-            self.auto or any(self.args0.get(k) is not None for k in TIGHTENABLE)
+            self.auto or any(self.args0.get(k) is not None for k in self.rules)
         ):
             raise ValueError(
                 f"config field 'budget_action': 'tighten' needs an objective with a correction or clip "
-                f"hyper-parameter ({', '.join(TIGHTENABLE)}); objective '{cfg.objective}' has: "
-                f"{', '.join(sorted(self.args0)) or 'none'}")
+                f"hyper-parameter it can tighten (Preset.tighten); objective '{cfg.objective}' has: "
+                f"{', '.join(sorted(self.args0)) or 'none'}, none of them tightenable")
 
     def alarms(self, metrics: Mapping[str, Any]) -> list[Alarm]:
         return check_budget(metrics, self.budget) if self.budget is not None else []
@@ -166,7 +135,7 @@ class MismatchControl:
             metrics["budget/lr_scale"] = self.state["lr_scale"]
             metrics["budget/tighten_scale"] = self.state["tighten_scale"]
         scale = self.state["tighten_scale"]
-        args = tighten_args(self.args0, scale)
+        args = tighten_args(self.args0, scale, self.rules)
         if self.auto:
             d = choose_correction(metrics, self.rule)
             threshold = d.threshold
@@ -177,7 +146,7 @@ class MismatchControl:
             metrics["auto/threshold"] = threshold
             metrics["auto/reason"] = d.reason
         if self.budget is not None or self.auto:
-            for k in TIGHTENABLE:
+            for k in (*self.rules, "threshold"):
                 if isinstance(args.get(k), (int, float)):
                     metrics[f"objective/{k}"] = float(args[k])
         return args
