@@ -9,8 +9,15 @@ import pytest
 
 from tether.cli import build_parser
 from tether.configs import add_dataclass_arguments, build, config_from_args, to_dict
-from tether.train.config import (AsyncConfig, KLConfig, KLPlacement, OldLogits, StalenessPolicy, TrainConfig,
-                                 TrainMode)
+from tether.train.config import (
+    AsyncConfig,
+    KLConfig,
+    KLPlacement,
+    OldLogits,
+    StalenessPolicy,
+    TrainConfig,
+    TrainMode,
+)
 
 pytestmark = pytest.mark.unit
 
