@@ -19,7 +19,6 @@ old-logit strategy's state, so a resumed run is bitwise identical to an uninterr
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -175,8 +174,7 @@ class Run:
     # -- the stages a driver schedules ---------------------------------------------------------------
     def sample(self, step: int, salt: int = 0, n: int | None = None) -> list[Example]:
         """The step's prompts (``n``: the first n of them), seeded by (seed, step, salt)."""
-        rng = random.Random(step_seed(self.cfg.seed, step, salt))
-        return [self.task.sample(rng) for _ in range(self.cfg.prompts_per_step)][:n]
+        return setup.sample_examples(self.task, self.cfg, step_seed(self.cfg.seed, step, salt))[:n]
 
     def prompts(self, examples: list[Example]) -> tuple[list[list[int]], Tensor]:
         """Token ids of ``group_size`` copies of every prompt (chat template where configured) and their groups."""
