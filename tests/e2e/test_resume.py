@@ -1,26 +1,42 @@
 """A run killed with SIGKILL at any moment resumes from its last checkpoint to bitwise-identical weights."""
 
-import os
+import json
 import signal
 import subprocess
-import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
+from tests.limits import CHILD_TIMEOUT_S, HEAVY_TIMEOUT_S
+from tests.processes import started, tether_command, tether_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 ARGS = ["--steps", "8", "--checkpoint-every", "2", "--prompts-per-step", "4", "--group-size", "4",
         "--max-new-tokens", "6", "--warmstart-steps", "30", "--eval-size", "10", "--threads", "2",
         "--seed", "3", "--no-progress", "--objective", "ppo", "--epochs", "2", "--minibatches", "2"]
 
 
-def tether(*args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tether", "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+@contextmanager
+def tether_train(log: Path, *args):
+    """A `tether train` child writing its output to ``log`` (a file: a pipe nobody reads while the
+    test polls could fill up and stall the child); killed with its group and reaped on leaving."""
+    with open(log, "a") as out, started(tether_command("train", *args), env=tether_env(), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=subprocess.STDOUT) as p:
+        yield p
+
+
+def run_to_end(log: Path, *args) -> None:
+    with tether_train(log, *args) as p:
+        p.wait(timeout=CHILD_TIMEOUT_S)
+    assert p.returncode == 0, log.read_text()
+
+
+def latest_checkpoint_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    return int(latest.read_text().split("_")[1]) if latest.exists() else -1
 
 
 def final_state(run: Path) -> dict:
@@ -38,33 +54,26 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     ref = tmp_path / "ref"
-    p = tether(*ARGS, "--out", str(ref))
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, out
+    run_to_end(tmp_path / "ref.log", *ARGS, "--out", str(ref))
     want = final_state(ref)
 
     for kill_after_checkpoint in (2, 4):
         run = tmp_path / f"killed{kill_after_checkpoint}"
-        p = tether(*ARGS, "--out", str(run))
-        latest = run / "checkpoints" / "latest"
-        deadline = time.time() + 240
-        while time.time() < deadline and p.poll() is None:
-            if latest.exists() and int(latest.read_text().split("_")[1]) >= kill_after_checkpoint:
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, "the run finished before it could be killed; make it longer"
-        time.sleep(0.05 * kill_after_checkpoint)  # land somewhere inside a later step
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        r = tether("--resume", str(run))
-        out, _ = r.communicate(timeout=240)
-        assert r.returncode == 0, out
+        log = tmp_path / f"killed{kill_after_checkpoint}.log"
+        with tether_train(log, *ARGS, "--out", str(run)) as p:
+            # no wall-clock deadline: on a slow machine the checkpoint just comes later (pytest-timeout
+            # is the safety net, and leaving the block kills the child whatever happens)
+            while p.poll() is None and latest_checkpoint_step(run) < kill_after_checkpoint:
+                time.sleep(0.02)
+            assert p.poll() is None, f"the run finished before it could be killed; make it longer\n{log.read_text()}"
+            time.sleep(0.05 * kill_after_checkpoint)  # land somewhere inside a later step
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        run_to_end(log, "--resume", str(run))
         assert_same_state(want, final_state(run))
         ref_lines = (ref / "metrics.jsonl").read_text().splitlines()
         got_lines = (run / "metrics.jsonl").read_text().splitlines()
         assert len(got_lines) == len(ref_lines) == 8
-        import json
-
         for a, b in zip(ref_lines, got_lines):
             a, b = json.loads(a), json.loads(b)
             assert a["reward/mean"] == b["reward/mean"] and a["loss"] == b["loss"]
