@@ -41,10 +41,11 @@ from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource, clone_state
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.seeds import step_seed
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
-from tether.train.sync import TrainingStopped, _update, finish_update, restore, step_seed
+from tether.train.sync import TrainingStopped, _update, finish_update, restore
 from tether.train.weight_board import BoardClosed, EngineLease, WeightBoard
 
 

@@ -31,6 +31,7 @@ from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.seeds import step_seed
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
 
@@ -46,10 +47,6 @@ class RunState:
     accuracy_before: float | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"reward_failed": 0, "skipped_steps": 0, "dropped_groups": 0})
     mismatch_control: dict[str, float] = field(default_factory=dict)
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
