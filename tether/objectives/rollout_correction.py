@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate, parse_choice
-from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means, max_or_zero
 from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -122,7 +122,7 @@ def weight_metrics(w_BT: Tensor, mask_BT: Tensor, prefix: str) -> dict[str, Tens
         dev = (w - mean) * m
         var = _dot(dev, dev) / n.clamp(min=1.0)
         # (m - 1) * max is 0 on loss tokens and -max on padding: the plain max is the max over loss tokens
-        wmax = torch.where(n > 0, (w + (m - 1.0) * torch.finfo(w.dtype).max).max(), 0.0)
+        wmax = torch.where(n > 0, max_or_zero(w + (m - 1.0) * torch.finfo(w.dtype).max), 0.0)
     return {f"{prefix}/weight_mean": mean, f"{prefix}/weight_std": var.sqrt(), f"{prefix}/weight_max": wmax}
 
 
@@ -142,7 +142,7 @@ def _weight_and_mismatch_metrics(
         return {
             f"{prefix}/weight_mean": mean,
             f"{prefix}/weight_std": sums[0].sqrt(),
-            f"{prefix}/weight_max": w.max(),
+            f"{prefix}/weight_max": max_or_zero(w),
             f"{kl_prefix}/kl_k1": -sums[1],
             f"{kl_prefix}/kl_k3": sums[2],
         }
