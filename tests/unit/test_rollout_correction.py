@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -328,6 +329,26 @@ def test_divergence_rejection_matches_loop(seed, est, agg, high, low):
     keep = rc.divergence_rejection_mask(old, mu, mask, estimator=est, agg=agg, high=high, low=low)
     ref = ref_divergence_keep(old, mu, mask, est, agg, high, low)
     assert keep.tolist() == ref
+
+
+def _verl_token_k1_keep(old, mu, mask, spec: str):
+    """verl ``rollout_rs="token_k1"`` restated: ``token_k1 = -clamp(log pi_old - log mu, +-20)``, kept iff
+    ``log lower <= token_k1 <= log upper`` with ``spec = "lower_upper"``."""
+    lower, upper = (float(x) for x in spec.split("_"))
+    k1 = -(old - mu).clamp(-CLAMP, CLAMP)
+    return (k1 >= math.log(lower)) & (k1 <= math.log(upper)) & mask.bool()
+
+
+def test_verl_token_k1_band_is_the_mirror():
+    """verl's k1 tests log(mu/pi_old): its "0.5_5.0" is tether's [0.2, 2], not IcePop's [0.5, 5];
+    reciprocal bands (low = 1/high) are the same in both."""
+    _, old, mu, _, mask = make_batch(1, spread=1.0)
+    verl = _verl_token_k1_keep(old, mu, mask, "0.5_5.0")
+    tether = partial(rc.divergence_rejection_mask, old, mu, mask, estimator="k1", agg="token")
+    assert torch.equal(tether(low=0.2, high=2.0), verl)
+    assert not torch.equal(tether(low=0.5, high=5.0), verl)
+    assert torch.equal(rc.icepop_mask(old, mu, mask, low=0.2, high=2.0), verl)
+    assert torch.equal(tether(low=0.5, high=2.0), _verl_token_k1_keep(old, mu, mask, "0.5_2.0"))
 
 
 def test_divergence_rejection_rejects_bad_options():
