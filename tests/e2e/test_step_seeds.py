@@ -4,11 +4,10 @@ seed depends on the step, in the sync and the async loop (a seed without the ste
 import pytest
 import torch
 
-from tests.limits import E2E_TIMEOUT_S
 from tether.train import async_loop, setup, sync
 from tether.train.config import TrainConfig, TrainMode
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(E2E_TIMEOUT_S)]
+pytestmark = pytest.mark.e2e
 
 
 SMALL = dict(steps=3, prompts_per_step=4, group_size=2, max_new_tokens=4, warmstart_steps=0, eval_size=2,

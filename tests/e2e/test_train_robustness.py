@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.limits import E2E_TIMEOUT_S
 from tests.processes import ROOT, run, tether_command
 from tether.objectives import LossInputs
 from tether.objectives.registry import _PRESETS, Preset
@@ -14,7 +13,7 @@ from tether.train.checkpoint import load_latest_checkpoint
 from tether.train.config import TrainConfig
 from tether.train.sync import TrainingStopped, train
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(E2E_TIMEOUT_S)]
+pytestmark = pytest.mark.e2e
 SMALL = dict(steps=4, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
              progress=False, threads=2, checkpoint_every=1)
 

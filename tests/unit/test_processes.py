@@ -64,3 +64,25 @@ def test_no_test_starts_a_process_without_the_helper():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*.py")
                  if p.name != "processes.py" and direct.search(p.read_text())]
     assert not offenders, f"start processes with tests.processes.run / started: {offenders}"
+
+
+class _Item:
+    def __init__(self, *marks):
+        self.marks = [getattr(pytest.mark, m) if isinstance(m, str) else m for m in marks]
+
+    def get_closest_marker(self, name):
+        return next((m.mark for m in self.marks if m.mark.name == name), None)
+
+    def add_marker(self, mark):
+        self.marks.append(mark)
+
+
+def test_engine_and_e2e_tests_get_the_busy_machine_limit():
+    from tests.conftest import pytest_collection_modifyitems
+    from tests.limits import E2E_TIMEOUT_S, HEAVY_TIMEOUT_S
+
+    unit, engine, e2e = _Item("unit"), _Item("engine"), _Item("e2e")
+    heavy = _Item("e2e", pytest.mark.timeout(HEAVY_TIMEOUT_S))
+    pytest_collection_modifyitems([unit, engine, e2e, heavy])
+    limits = [None if (m := i.get_closest_marker("timeout")) is None else m.args[0] for i in (unit, engine, e2e, heavy)]
+    assert limits == [None, E2E_TIMEOUT_S, E2E_TIMEOUT_S, HEAVY_TIMEOUT_S]
