@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.processes import run as run_child
+from tests.processes import tether_command, tether_env
 from tether.objectives.registry import get_preset, presets
 from tether.train import async_loop, expert, setup, sync
 from tether.train import run as run_module
@@ -151,9 +151,7 @@ def test_async_refuses_expert_presets_before_any_model(name, tmp_path, monkeypat
 
 
 def tether(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "tether", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_child(tether_command(*args), env=tether_env())
 
 
 def test_cli_checks_and_trains_an_expert_dataset_and_refuses_distillation(dataset, tmp_path):

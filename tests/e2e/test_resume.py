@@ -2,29 +2,46 @@
 bitwise-identical weights."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.limits import CHILD_TIMEOUT_S, HEAVY_TIMEOUT_S
+from tests.processes import started, tether_command, tether_env
 from tether.train.checkpoint import load_checkpoint_dir
 
-pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 ARGS = ["--steps", "8", "--checkpoint-every", "2", "--prompts-per-step", "4", "--group-size", "4",
         "--max-new-tokens", "6", "--warmstart-steps", "30", "--eval-size", "10", "--threads", "2",
         "--seed", "3", "--no-progress", "--objective", "ppo", "--epochs", "2", "--minibatches", "2"]
 
 
-def tether(*args, **kw):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "tether", "train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+@contextmanager
+def tether_train(log: Path, *args):
+    """A `tether train` child writing its output to ``log`` (a file: a pipe nobody reads while the
+    test polls could fill up and stall the child); killed with its group and reaped on leaving."""
+    with open(log, "a") as out, started(tether_command("train", *args), env=tether_env(), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=subprocess.STDOUT) as p:
+        yield p
+
+
+def run_to_end(log: Path, *args) -> None:
+    with tether_train(log, *args) as p:
+        p.wait(timeout=CHILD_TIMEOUT_S)
+    assert p.returncode == 0, log.read_text()
+
+
+def latest_checkpoint_step(run: Path) -> int:
+    latest = run / "checkpoints" / "latest"
+    try:
+        return int(latest.read_text().split("_")[1])
+    except (OSError, IndexError, ValueError):  # not written yet (or being replaced)
+        return -1
 
 
 def final_state(run: Path) -> dict:
@@ -44,9 +61,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run every interrupted one must equal."""
     ref = tmp_path_factory.mktemp("resume") / "ref"
-    p = tether(*ARGS, "--out", str(ref))
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, out
+    run_to_end(ref.parent / "ref.log", *ARGS, "--out", str(ref))
     return ref
 
 
@@ -63,20 +78,17 @@ def assert_same_run(ref: Path, run: Path) -> None:
 def test_sigkill_then_resume_is_bitwise_identical(reference, tmp_path):
     for kill_after_checkpoint in (2, 4):
         run = tmp_path / f"killed{kill_after_checkpoint}"
-        p = tether(*ARGS, "--out", str(run))
-        latest = run / "checkpoints" / "latest"
-        deadline = time.time() + 240
-        while time.time() < deadline and p.poll() is None:
-            if latest.exists() and int(latest.read_text().split("_")[1]) >= kill_after_checkpoint:
-                break
-            time.sleep(0.02)
-        assert p.poll() is None, "the run finished before it could be killed; make it longer"
-        time.sleep(0.05 * kill_after_checkpoint)  # land somewhere inside a later step
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        r = tether("--resume", str(run))
-        out, _ = r.communicate(timeout=240)
-        assert r.returncode == 0, out
+        log = tmp_path / f"killed{kill_after_checkpoint}.log"
+        with tether_train(log, *ARGS, "--out", str(run)) as p:
+            # no wall-clock deadline: on a slow machine the checkpoint just comes later (pytest-timeout
+            # is the safety net, and leaving the block kills the child whatever happens)
+            while p.poll() is None and latest_checkpoint_step(run) < kill_after_checkpoint:
+                time.sleep(0.02)
+            assert p.poll() is None, f"the run finished before it could be killed; make it longer\n{log.read_text()}"
+            time.sleep(0.05 * kill_after_checkpoint)  # land somewhere inside a later step
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        run_to_end(log, "--resume", str(run))
         assert_same_run(reference, run)
 
 
@@ -85,20 +97,15 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(r
     between the regular ones: --checkpoint-every 100), prints one line saying how to resume, and no
     KeyboardInterrupt traceback. The resume equals the uninterrupted run bit for bit."""
     run = tmp_path / "interrupted"
-    p = tether(*ARGS, "--checkpoint-every", "100", "--out", str(run))
-    try:
-        metrics = run / "metrics.jsonl"
-        deadline = time.time() + 240
-        while time.time() < deadline and p.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
+    log = tmp_path / "interrupted.log"
+    metrics = run / "metrics.jsonl"
+    with tether_train(log, *ARGS, "--checkpoint-every", "100", "--out", str(run)) as p:
+        while p.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
             time.sleep(0.02)
-        assert p.poll() is None, "the run finished before it could be interrupted; make it longer"
+        assert p.poll() is None, f"the run finished before it could be interrupted; make it longer\n{log.read_text()}"
         p.send_signal(signal.SIGINT)
-        out, _ = p.communicate(timeout=240)
-    finally:
-        p.kill()
-        p.wait()
+        p.wait(timeout=CHILD_TIMEOUT_S)
+    out = log.read_text()
     assert p.returncode == 128 + signal.SIGINT, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     step = len(metrics.read_text().splitlines())
@@ -107,7 +114,5 @@ def test_sigint_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_bitwise(r
     resume_lines = [line for line in out.splitlines() if "resume with" in line]
     assert resume_lines == [f"tether train: stopped by SIGINT after step {step}; checkpoint step_{step:06d} "
                             f"written; resume with: tether train --resume {run}"], out
-    r = tether("--resume", str(run))
-    out, _ = r.communicate(timeout=240)
-    assert r.returncode == 0, out
+    run_to_end(tmp_path / "resume.log", "--resume", str(run))
     assert_same_run(reference, run)

@@ -1,13 +1,17 @@
-"""The proof: RL with the default job's settings raises held-out accuracy (it can fail: it measures)."""
+"""The proof: RL with the default job's settings raises held-out accuracy (it can fail: it measures).
+
+It runs a fixed number of steps and decides nothing by the clock, so a slow machine only makes it
+slower; HEAVY_TIMEOUT_S is the safety net for a hang (docs/testing.md)."""
 
 import json
 
 import pytest
 
+from tests.limits import HEAVY_TIMEOUT_S
 from tether.train.config import TrainConfig
 from tether.train.sync import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 
 
 def test_grpo_raises_heldout_accuracy(tmp_path):

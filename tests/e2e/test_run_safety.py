@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.processes import started, tether_env
 from tether.cli import main
 from tether.train import checkpoint, setup
 from tether.train.checkpoint import load_latest_checkpoint
@@ -159,19 +160,14 @@ def test_a_second_process_on_a_live_run_dir_is_refused(run, tmp_path):
     cmd = [sys.executable, "-m", "tether", "train", "--out", str(live), "--steps", "100000", "--prompts-per-step",
            "2", "--group-size", "2", "--max-new-tokens", "4", "--warmstart-steps", "0", "--eval-size", "2",
            "--threads", "1", "--no-progress"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and not (live / "metrics.jsonl").exists():
+    with started(cmd, env=tether_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+        while p.poll() is None and not (live / "metrics.jsonl").exists():  # pytest-timeout is the safety net
             time.sleep(0.1)
         assert p.poll() is None, "the live run ended early"
-        for cfg in (TrainConfig.from_flat(**SMALL, steps=1, out=str(live)), TrainConfig.from_flat(**SMALL, steps=1, resume=str(live))):
+        for cfg in (TrainConfig.from_flat(**SMALL, steps=1, out=str(live)),
+                    TrainConfig.from_flat(**SMALL, steps=1, resume=str(live))):
             with pytest.raises(ValueError, match=f"in use by another tether run \\(PID {p.pid} "):
                 train(cfg)
-    finally:
-        p.kill()
-        p.wait()
     train(TrainConfig.from_flat(**SMALL, steps=1, resume=str(live)))  # the killed holder's lock is free again
 
 

@@ -2,13 +2,13 @@
 loop ignored would fail here (each test trains a few tiny steps through the real loops)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.processes import run as run_child
+from tests.processes import tether_command, tether_env
 from tether.train import async_loop, sync
 from tether.train.config import TrainConfig
 from tether.train.metrics_log import read_metrics
@@ -135,8 +135,7 @@ def test_reward_timeout_marks_slow_calls_failed(tmp_path):
 def test_grad_clip_none_trains_and_negative_is_refused(tmp_path):
     summary, rows = run(tmp_path, "noclip", grad_clip=None, steps=1, **varied_reward(tmp_path))
     assert rows[0]["grad_norm"] > 0
-    r = subprocess.run([sys.executable, "-m", "tether", "train", "--grad-clip", "-1", "--out", str(tmp_path / "x")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = run_child(tether_command("train", "--grad-clip", "-1", "--out", str(tmp_path / "x")), env=tether_env())
     assert r.returncode == 2 and "grad_clip" in r.stderr
     assert not (tmp_path / "x").exists()  # refused before anything was built or written
 
@@ -156,8 +155,7 @@ def test_grad_clip_none_trains_and_negative_is_refused(tmp_path):
     (["--reward-timeout-s", "0"], "reward_timeout_s"),
 ])
 def test_ignored_or_out_of_range_flags_are_refused_at_the_edge(tmp_path, flags, field):
-    r = subprocess.run([sys.executable, "-m", "tether", "train", *flags, "--out", str(tmp_path / "x")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = run_child(tether_command("train", *flags, "--out", str(tmp_path / "x")), env=tether_env())
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"'{field}'" in r.stderr and "Traceback" not in r.stderr
 
@@ -198,11 +196,10 @@ def test_an_exploding_update_stops_before_its_weights_are_checkpointed(tmp_path,
 
 def test_lr_1e6_stops_at_the_first_update_with_no_checkpoint_of_its_weights(tmp_path):
     task = varied_reward(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "tether", "train", "--lr", "1e6", "--task", task["task"],
-                        "--reward", task["reward"], "--steps", "3", "--prompts-per-step",
-                        "2", "--group-size", "4", "--max-new-tokens", "6", "--warmstart-steps", "20", "--eval-size",
-                        "5", "--threads", "1", "--no-progress", "--checkpoint-every", "1", "--out", str(tmp_path / "r")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    r = run_child(tether_command("train", "--lr", "1e6", "--task", task["task"], "--reward", task["reward"],
+                                 "--steps", "3", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens",
+                                 "6", "--warmstart-steps", "20", "--eval-size", "5", "--threads", "1", "--no-progress",
+                                 "--checkpoint-every", "1", "--out", str(tmp_path / "r")), env=tether_env())
     assert r.returncode == 3, r.stdout + r.stderr
     assert "an exploding update" in r.stdout and "No checkpoint was written yet" in r.stdout
     assert not list((tmp_path / "r" / "checkpoints").glob("step_*"))

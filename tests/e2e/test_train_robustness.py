@@ -1,13 +1,12 @@
 """Bad input and bad numbers during `tether train`: clear errors, counted failures, safe stops."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.processes import ROOT, run, tether_command
 from tether.models.tokenizer import CharTokenizer
 from tether.objectives import LossInputs
 from tether.objectives.registry import _PRESETS, Preset
@@ -17,7 +16,6 @@ from tether.train.config import TrainConfig
 from tether.train.sync import TrainingStopped, train
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(steps=4, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
              progress=False, threads=2, checkpoint_every=1)
 
@@ -25,9 +23,8 @@ SMALL = dict(steps=4, prompts_per_step=2, group_size=4, max_new_tokens=6, warmst
 def test_malformed_dataset_row_names_file_line_and_field(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n')
-    r = subprocess.run([sys.executable, "-m", "tether", "train", "--task", str(data), "--reward", "exact_match",
-                        "--out", str(tmp_path / "run"), "--no-progress"], cwd=ROOT, capture_output=True, text=True,
-                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    r = run(tether_command("train", "--task", str(data), "--reward", "exact_match", "--out", str(tmp_path / "run"),
+                           "--no-progress"), env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
     assert "data.jsonl" in r.stderr and "line 2" in r.stderr and "answer" in r.stderr
 

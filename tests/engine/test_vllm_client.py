@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.limits import CHILD_TIMEOUT_S
+from tests.processes import alive, started
 from tether.engine import vllm_engine
 from tether.engine.vllm_engine import VLLMEngine, VLLMOptions, VLLMServerError, build_vllm_engine, row_seed
 from tether.rollout import SamplingParams
@@ -139,20 +141,18 @@ def test_tied_weights_are_written_once(model_dir):
 
 def test_close_stops_the_server_and_removes_its_files(model_dir):
     engine = fake_engine(model_dir)
-    proc, tmp = engine._proc, engine._tmp
-    engine.close()
-    assert proc.poll() is not None and not tmp.exists()
-    with pytest.raises(VLLMServerError, match="closed"):
-        engine.generate([[1]], SamplingParams(max_new_tokens=2), seed=0)
-    engine.close()  # idempotent
-
-
-def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in state  # a zombie has exited
+        proc, tmp = engine._proc, engine._tmp
+        engine.close()
+        assert proc.poll() is not None and not tmp.exists()
+        with pytest.raises(VLLMServerError, match="closed"):
+            engine.generate([[1]], SamplingParams(max_new_tokens=2), seed=0)
+    finally:
+        engine.close()  # idempotent (and the server is stopped even when an assert above fails)
+
+
+PARENT_WATCH_WAIT_S = 120.0
+"""The fake server checks its parent every 0.2 s; 600x that leaves room for a busy machine."""
 
 
 def test_server_exits_when_its_parent_is_killed(model_dir):
@@ -160,14 +160,17 @@ def test_server_exits_when_its_parent_is_killed(model_dir):
     code = ("import sys, os; sys.path.insert(0, '.'); from pathlib import Path; "
             "from tests.engine.test_vllm_client import fake_engine; "
             f"e = fake_engine(Path({str(model_dir)!r})); print(e.pid, e._tmp, flush=True); os._exit(9)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=str(Path(__file__).resolve().parents[2]))
-    pid, folder = out.stdout.split()
-    deadline = time.monotonic() + 10
-    while _alive(int(pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # the child and the server it starts share a process group: leaving the block kills both, so a
+    # server that does not exit on its own is still stopped, after the check below has seen it
+    with started([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        out, _ = child.communicate(timeout=CHILD_TIMEOUT_S)  # reaped: the server's watch now sees it gone
+        pid, folder = out.split()
+        deadline = time.monotonic() + PARENT_WATCH_WAIT_S
+        while alive(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        outlived = alive(int(pid))
     shutil.rmtree(folder, ignore_errors=True)  # the killed parent could not remove it
-    assert not _alive(int(pid))
+    assert not outlived, f"server {pid} outlived its killed parent by {PARENT_WATCH_WAIT_S} s"
 
 
 def test_errors_before_the_server(model_dir):
@@ -241,11 +244,9 @@ def test_a_silent_or_wrong_key_local_connection_cannot_stall_or_crash_the_server
 
     ready, key = tmp_path / "ready.json", secrets.token_bytes(32)
     env = {**os.environ, "TETHER_VLLM_AUTHKEY": key.hex(), "FAKE_VLLM_HANDSHAKE_S": "1"}
-    p = subprocess.Popen([*FAKE, "--model", str(model_dir), "--ready-file", str(ready)], env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not ready.exists() and p.poll() is None and time.time() < deadline:
+    with started([*FAKE, "--model", str(model_dir), "--ready-file", str(ready)], env=env,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
+        while not ready.exists() and p.poll() is None:  # no deadline: pytest-timeout is the safety net
             time.sleep(0.05)
         address = ("127.0.0.1", json.loads(ready.read_text())["port"])
         with pytest.raises(AuthenticationError):
@@ -260,8 +261,5 @@ def test_a_silent_or_wrong_key_local_connection_cannot_stall_or_crash_the_server
         with socket.create_connection(address):  # connects first, never answers the challenge
             t = threading.Thread(target=real_client, daemon=True)
             t.start()
-            t.join(timeout=120)
+            t.join(timeout=CHILD_TIMEOUT_S)
         assert replies and replies[0]["ok"] and replies[0]["vocab_size"] == V, "the real client was not served"
-    finally:
-        p.kill()
-        p.wait()

@@ -1,10 +1,11 @@
 """Choosing the malloc the ``tether`` command re-executes itself with (tether/allocator.py)."""
 
-import subprocess
+import os
 import sys
 
 import pytest
 
+from tests.processes import run
 from tether.allocator import ENV, choose_malloc, find_malloc
 
 pytestmark = pytest.mark.unit
@@ -44,11 +45,9 @@ def test_opt_out_loop_guard_and_existing_preload(libdir, capsys):
 def test_command_reexecs_with_the_preload_and_still_works():
     code = ("import os, sys; from tether.cli import main; sys.argv = ['tether', 'objectives']; "
             "main(); print('PRELOAD=' + os.environ.get('LD_PRELOAD', ''))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, ENV: "auto"})
+    out = run([sys.executable, "-c", code], env={**os.environ, ENV: "auto"})
     assert out.returncode == 0, out.stderr
     # the re-executed `python -m tether objectives` printed the presets; the -c tail never ran (exec)
     assert "PRELOAD=" not in out.stdout and "grpo" in out.stdout
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, ENV: "system", "LD_PRELOAD": ""})
+    off = run([sys.executable, "-c", code], env={**os.environ, ENV: "system", "LD_PRELOAD": ""})
     assert off.returncode == 0 and "PRELOAD=\n" in off.stdout + "\n"

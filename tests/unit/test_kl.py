@@ -117,3 +117,41 @@ def test_masked_positions_are_zero_and_gradcheck():
     out = K.kl_penalty_in_loss(lp, ref, mask, estimator="k3")
     assert (out[~mask] == 0).all()
     assert torch.autograd.gradcheck(lambda x: K.kl_penalty_in_loss(x, ref, mask, estimator="k3").sum(), (lp,))
+
+
+@pytest.mark.parametrize("z", [25.0, -25.0])
+def test_penalty_keeps_its_gradient_far_from_the_reference(z):
+    """|z| = 25 is past the +-20 clamp: the value is clamped, the gradient is not cut (issue 12). With a
+    plain clamp every estimator's gradient here was 0, so the tokens furthest from pi_ref felt no pull."""
+    zc = max(-20.0, min(20.0, z))  # the value the estimators see
+    e = math.exp(max(-10.0, min(10.0, -zc)))  # k3's clamped exponential
+    want = {  # d k(z_c) / d z_c: the clamps pass the gradient through unchanged
+        "k1": (zc, 1.0),
+        "k2": (0.5 * zc * zc, zc),
+        "k3": (e - 1.0 + zc, 1.0 - e),
+        "k3plus": (e - 1.0 + zc, zc),
+    }
+    ref = torch.tensor([[-30.0, -0.5]], dtype=DT)
+    mask = torch.tensor([[1, 0]], dtype=torch.bool)
+    for name, (value, grad) in want.items():
+        logp = (ref + torch.tensor([[z, 3.0]], dtype=DT)).requires_grad_(True)
+        out = K.kl_penalty_in_loss(logp, ref, mask, estimator=name, coef=0.5)
+        (g,) = torch.autograd.grad(out.sum(), logp)
+        assert out[0, 0].item() == pytest.approx(0.5 * value, rel=1e-12), name
+        assert g[0, 0].item() == pytest.approx(0.5 * grad, rel=1e-12), name
+        if name != "k1":  # k1's gradient is the constant 1 (it does not regularise in the loss, see above)
+            assert g[0, 0].item() * z > 0, name  # a descent step moves log pi back towards log pi_ref
+        assert g[0, 1].item() == 0.0 and out[0, 1].item() == 0.0  # masked position
+    # the reward placement is detached: only its value is clamped
+    r = K.kl_penalty_in_reward(ref + z, ref, torch.ones(1, 2, dtype=torch.bool), coef=1.0, estimator="k1")
+    assert r.tolist() == [[-zc, -zc]]
+
+
+def test_clamp_straight_through_value_and_gradient():
+    x = torch.tensor([-50.0, -20.0, -3.0, 0.0, 19.5, 20.0, float("inf")], dtype=DT, requires_grad=True)
+    y = K.clamp_straight_through(x, 20.0)
+    assert y.tolist() == [-20.0, -20.0, -3.0, 0.0, 19.5, 20.0, 20.0]
+    (g,) = torch.autograd.grad((y * torch.arange(7, dtype=DT)).sum(), x)
+    assert g.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    with torch.no_grad():
+        assert K.clamp_straight_through(x, 1.0).tolist() == [-1.0, -1.0, -1.0, 0.0, 1.0, 1.0, 1.0]

@@ -146,13 +146,14 @@ def test_fully_masked_batch_is_defined_everywhere():
 
 
 def test_meter_imports_no_plotting_or_heavy_packages():
-    import subprocess
     import sys
+
+    from tests.processes import run
 
     code = ("import sys, tether.meter, tether.meter.auto, tether.meter.budget, tether.meter.dump; "
             "bad = [m for m in ('matplotlib', 'pandas', 'pyarrow', 'rich') if m in sys.modules]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+    run([sys.executable, "-c", code], check=True)
 
 
 def test_profiles_can_be_limited_to_some_ratios():

@@ -6,11 +6,11 @@ import json
 import math
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
 
+from tests.processes import run as run_child
 from tether.cli import main
 from tether.meter import measure, to_floats
 from tether.meter.report import read_records, series
@@ -86,9 +86,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
             "[...document.images].map(i => i.naturalWidth).join(',')))</script></body>"
     (run / "probe.html").write_text((run / "report.html").read_text().replace("</body>", probe))
     for page, check_widths in (("report.html", False), ("probe.html", True)):
-        dom = subprocess.run(
+        dom = run_child(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (run / page).resolve().as_uri()],
-            capture_output=True, text=True, timeout=60,
         ).stdout
         srcs = re.findall(r'<img src="([^"]+)"', dom)
         assert len(srcs) == 5, dom[:500]

@@ -1,11 +1,11 @@
 """Package-level guarantees of tether.objectives: imports, registry, generated docs, CLI."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.processes import run, tether_command
 from tether.objectives import presets
 from tether.objectives.docs import render_markdown
 
@@ -26,7 +26,7 @@ def test_objectives_import_only_torch():
         "bad = sorted(new - {'tether'} - set(sys.stdlib_module_names));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    r = run([sys.executable, "-c", code])
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -47,9 +47,9 @@ def test_docs_objectives_md_is_generated_from_registry():
 
 
 def test_cli_lists_presets_and_rejects_unknown():
-    r = subprocess.run([sys.executable, "-m", "tether", "objectives"], cwd=ROOT, capture_output=True, text=True)
+    r = run(tether_command("objectives"))
     assert r.returncode == 0
     listed = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}
     assert set(presets()) == listed
-    r = subprocess.run([sys.executable, "-m", "tether", "objectives", "nope"], cwd=ROOT, capture_output=True, text=True)
+    r = run(tether_command("objectives", "nope"))
     assert r.returncode == 2 and "valid objectives" in r.stderr and "grpo" in r.stderr

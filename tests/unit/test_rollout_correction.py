@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 from tether.objectives import LossInputs, aggregate, get_preset
 from tether.objectives import rollout_correction as rc
+from tether.objectives.decoupled import roll_infer_correction
 from tether.objectives.policy_gradient import ppo_clip_loss
 from tether.objectives.ratios import token_log_ratio
 
@@ -329,6 +331,26 @@ def test_divergence_rejection_matches_loop(seed, est, agg, high, low):
     assert keep.tolist() == ref
 
 
+def _verl_token_k1_keep(old, mu, mask, spec: str):
+    """verl ``rollout_rs="token_k1"`` restated: ``token_k1 = -clamp(log pi_old - log mu, +-20)``, kept iff
+    ``log lower <= token_k1 <= log upper`` with ``spec = "lower_upper"``."""
+    lower, upper = (float(x) for x in spec.split("_"))
+    k1 = -(old - mu).clamp(-CLAMP, CLAMP)
+    return (k1 >= math.log(lower)) & (k1 <= math.log(upper)) & mask.bool()
+
+
+def test_verl_token_k1_band_is_the_mirror():
+    """verl's k1 tests log(mu/pi_old): its "0.5_5.0" is tether's [0.2, 2], not IcePop's [0.5, 5];
+    reciprocal bands (low = 1/high) are the same in both."""
+    _, old, mu, _, mask = make_batch(1, spread=1.0)
+    verl = _verl_token_k1_keep(old, mu, mask, "0.5_5.0")
+    tether = partial(rc.divergence_rejection_mask, old, mu, mask, estimator="k1", agg="token")
+    assert torch.equal(tether(low=0.2, high=2.0), verl)
+    assert not torch.equal(tether(low=0.5, high=5.0), verl)
+    assert torch.equal(rc.icepop_mask(old, mu, mask, low=0.2, high=2.0), verl)
+    assert torch.equal(tether(low=0.5, high=2.0), _verl_token_k1_keep(old, mu, mask, "0.5_2.0"))
+
+
 def test_divergence_rejection_rejects_bad_options():
     _, old, mu, _, mask = make_batch(0)
     with pytest.raises(ValueError, match="seq-max"):
@@ -340,13 +362,42 @@ def test_divergence_rejection_rejects_bad_options():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("threshold", [1e-4, 0.3, 0.9])
+@pytest.mark.parametrize("threshold", [1e-4, 0.3, 0.9, 1.0, 1.5, 20.0])
 def test_catastrophic_veto_matches_loop(seed, threshold):
+    """Thresholds > 1 take the masked branch of the veto (padding's delta = 0 is below log threshold
+    there); test_veto_above_one_judges_loss_tokens_only pins what that branch must get right."""
     _, old, mu, _, mask = make_batch(seed)
     keep = rc.catastrophic_veto_mask(old, mu, mask, threshold=threshold)
     d = ref_delta(old, mu, mask)
     keep_rows = [all(math.exp(d[i][t]) >= threshold for t in ts) for i, ts in enumerate(rows(mask))]
     assert_row_keep(keep, keep_rows, mask)
+
+
+def test_veto_above_one_judges_loss_tokens_only():
+    """Hand-made, threshold 2: ratios (3, 4) + padding kept; (3, 1.5) vetoed; an empty row kept."""
+    mu = torch.zeros(3, 3, dtype=torch.float64)
+    old = torch.log(torch.tensor([[3.0, 4.0, 1.0], [3.0, 1.5, 1.0], [1.0, 1.0, 1.0]], dtype=torch.float64))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 0]], dtype=torch.float64)
+    keep = rc.catastrophic_veto_mask(old, mu, mask, threshold=2.0)
+    assert keep.tolist() == [[True, True, False], [False, False, False], [False, False, False]]
+    _, m = rc.masked_is_weights(old, mu, mask, level="token", low=0.0, high=math.inf, veto=2.0)
+    close(m["mis/maskfrac_veto"], 2 / 4)  # row 1's two tokens of the four loss tokens
+
+
+@pytest.mark.parametrize("threshold", [1e-4, 1.0, 2.0])
+def test_veto_with_no_token_positions(threshold):
+    """T = 0 (no position at all) takes the masked branch too: everything is kept, metrics are 0."""
+    empty = torch.zeros(3, 0, dtype=torch.float64)
+    keep = rc.catastrophic_veto_mask(empty, empty, empty, threshold=threshold)
+    assert keep.shape == (3, 0) and keep.dtype == torch.bool
+    for level in ("token", "sequence", "geometric"):
+        w, m = rc.masked_is_weights(empty, empty, empty, level=level, veto=threshold)
+        assert w.shape == (3, 0)
+        assert all(float(v) == 0.0 for v in m.values()), m
+    w, _, m = roll_infer_correction(empty, empty, empty, catastrophic=threshold)
+    assert w.shape == (3, 0) and all(float(v) == 0.0 for v in m.values()), m
+    loss, m = get_preset("mis")(inputs_of(empty, empty, empty, empty, empty), veto=threshold)
+    assert float(loss) == 0.0 and all(torch.isfinite(v) for v in m.values())
 
 
 def test_catastrophic_veto_drops_e_minus_50_row():

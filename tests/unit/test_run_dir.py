@@ -6,11 +6,11 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 
+from tests.processes import started
 from tether.train.checkpoint import CheckpointError
 from tether.train.config import TrainConfig
 from tether.train.metrics_log import MetricsLog, check_metrics_file, read_metrics
@@ -37,8 +37,8 @@ def test_a_second_holder_is_refused_with_the_holders_pid(tmp_path):
 
 
 def test_a_stale_lock_of_a_killed_process_is_taken_over(tmp_path, caplog):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    with started([sys.executable, "-c", "pass"]) as dead:
+        dead.wait()
     (tmp_path / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "then"}))
     lock = RunLock(tmp_path)
     with caplog.at_level(logging.WARNING):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import pytest
 
@@ -108,12 +109,25 @@ def test_malformed_row_names_source_row_and_field(tmp_path, row, field, message)
     assert str(e.value).startswith(f"{path}: row 4: field '{field}': ") and message in str(e.value)
 
 
-def test_missing_answer_for_tether_reward_and_bad_parquet(tmp_path):
+def test_missing_answer_for_tether_reward():
     with pytest.raises(RowError, match=r"<list>: row 1: field 'answer': missing"):
         TRLDatasetTask([{"prompt": "x"}], reward="exact_match")
+
+
+def test_bad_parquet_names_file_and_row(tmp_path):
+    pytest.importorskip("pyarrow.parquet")  # the parquet extra; a `dev`-only install skips this
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(RowError, match=r"bad.parquet: row 1: unreadable Parquet"):
         TRLDatasetTask(str(tmp_path / "bad.parquet"), reward=trl_reward)
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    """What a `dev`-only install sees (simulated: importing pyarrow fails)."""
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "d.parquet").write_bytes(b"not read")
+    with pytest.raises(ValueError, match=r"d.parquet: reading Parquet needs pyarrow: pip install 'tether\[parquet\]'"):
+        TRLDatasetTask(str(tmp_path / "d.parquet"), reward=trl_reward)
 
 
 def test_trl_reward_detection_and_wrong_return():

@@ -85,6 +85,38 @@ def test_topr_positive_samples_are_plain_reinforce():
     _close(per_tok[pos], -inputs.advantages_BT[pos] * inputs.logp_theta_BT.detach()[pos])
 
 
+def _roll_topr_per_token(logp_theta_BT, logp_old_BT, advantages_BT, scores_B):
+    """ROLL's TOPR term (actor_pg_worker.py ``_compute_topr_loss``), restated: rows with ``score > 0``
+    get ``-A log pi``, the others ``-sg(clip(r, 0, 1)) A log pi``."""
+    r = torch.exp(logp_theta_BT.detach() - logp_old_BT).clamp(0.0, 1.0)
+    w = torch.where((scores_B > 0)[:, None], torch.ones_like(r), r)
+    return -w * advantages_BT * logp_theta_BT.detach()
+
+
+def test_topr_split_matches_roll_for_binary_rewards_only():
+    """tether splits on the advantage sign, ROLL on the reward sign: the same per-token loss for 0/1
+    rewards with GRPO advantages, a different one for a graded reward below its group's mean."""
+    from tether.objectives.advantages import grpo
+
+    g = torch.Generator().manual_seed(0)
+    group_B = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    old = -torch.rand(9, 5, generator=g, dtype=torch.float64) - 0.1
+    theta = old + 0.3 * torch.randn(9, 5, generator=g, dtype=torch.float64)  # ratios on both sides of 1
+    mask = torch.ones(9, 5, dtype=torch.bool)
+    binary = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    graded = torch.tensor([0.3, 1.0, 0.9, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    for rewards, same in ((binary, True), (graded, False)):
+        adv_BT = grpo(rewards, group_B)[:, None].expand(9, 5).contiguous()
+        ours, _ = topr_loss(theta, old, adv_BT, mask)
+        roll = _roll_topr_per_token(theta, old, adv_BT, rewards)
+        assert torch.allclose(ours, roll, rtol=1e-12, atol=1e-12) is same
+    # the graded case differs exactly on row 0: reward 0.3 > 0 (ROLL: weight 1) but below its group's mean
+    adv_BT = grpo(graded, group_B)[:, None].expand(9, 5).contiguous()
+    differs_B = ~torch.isclose(topr_loss(theta, old, adv_BT, mask)[0], _roll_topr_per_token(theta, old, adv_BT, graded),
+                               rtol=1e-12, atol=1e-12).all(-1)
+    assert differs_B.tolist() == [True] + [False] * 8
+
+
 def test_cispo_with_infinite_eps_is_is_weighted_reinforce():
     a = make_inputs(4, extreme=False)
     loss, _ = get_preset("cispo")(a, eps_low=math.inf, eps_high=math.inf)

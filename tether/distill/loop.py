@@ -34,10 +34,10 @@ from tether.objectives import LossInputs, get_preset
 from tether.objectives.advantages import get_advantage
 from tether.train.metrics_log import MetricsLog
 from tether.train.progress import StepProgress
+from tether.train.seeds import step_seed
 
-
-def step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+DISTILL_SALT = 17
+"""The salt of a distillation step's one draw (``tether.train.seeds.step_seed``)."""
 
 
 def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows=None):
@@ -122,7 +122,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     t0, teacher_tokens, step = time.perf_counter(), 0, 0
     with StepProgress(total=cfg.steps, enabled=cfg.progress, description=f"distill/{cfg.algorithm.value}") as bar:
         while step < cfg.steps and (cfg.teacher_token_budget is None or teacher_tokens < cfg.teacher_token_budget):
-            batch = algo.batch(ctx, step, step_seed(cfg.seed, step))
+            batch = algo.batch(ctx, step, step_seed(cfg.seed, step, DISTILL_SALT))
             teacher_tokens += batch.teacher_tokens
             metrics = _update(cfg, preset, args, advantage_fn, model, optimizer, batch, needs_vocab)
             scheduler.step()

@@ -83,6 +83,16 @@ class LossInputs:
             raise ValueError(f"objective '{preset}' needs LossInputs.{', '.join(missing)}, which was not given")
 
 
+def max_or_zero(x: Tensor) -> Tensor:
+    """``x.max()``, or 0 for an empty tensor (a batch with no token position, ``T = 0``)."""
+    return x.max() if x.numel() else x.new_zeros(())
+
+
+def min_or_zero(x: Tensor) -> Tensor:
+    """``x.min()``, or 0 for an empty tensor."""
+    return x.min() if x.numel() else x.new_zeros(())
+
+
 def float_mask(mask_BT: Tensor, dtype: torch.dtype) -> Tensor:
     """The mask as 0./1. of ``dtype``. A bool mask is read as its bytes (``uint8 -> float`` is a
     vectorised copy on CPU, ``bool -> float`` is not); any other mask is cast as is."""

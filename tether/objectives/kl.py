@@ -7,6 +7,11 @@ With ``z = log pi_theta(y_t) - log pi_ref(y_t)`` at sampled tokens (methods.md Â
 - ``k3 = exp(-z) - 1 + z``        (unbiased low-variance value; exponent clamped to [-10, 10] as FeynRL)
 - ``k3plus``                      (value of k3, gradient of k2: straight-through, verl "k3+")
 
+Clamps act on values only: ``z`` is clamped to [-20, 20] and k3's exponent to [-10, 10] with
+``clamp_straight_through``, whose gradient is 1 everywhere, so a token far from the reference is still
+pulled back. The estimators see the clamped value: past |z| = 20, k2's and k3plus's gradient is
+``+-20 grad log pi`` (not ``z grad log pi``), and past |z| = 10 k3's exponential term is ``e^10``.
+
 Which combinations give the gradient of KL(pi_theta||pi_ref)? With y ~ pi_theta the true gradient is
 ``E[z grad log pi]`` (the term ``E[grad log pi]`` vanishes).
 
@@ -47,7 +52,7 @@ def k2(z: Tensor) -> Tensor:
 
 
 def k3(z: Tensor) -> Tensor:
-    return torch.exp((-z).clamp(-EXP_CLAMP, EXP_CLAMP)) - 1.0 + z
+    return torch.exp(clamp_straight_through(-z, EXP_CLAMP)) - 1.0 + z
 
 
 def k3plus(z: Tensor) -> Tensor:
@@ -86,8 +91,29 @@ def check_kl_combination(estimator: str, placement: str) -> bool:
     return ok
 
 
+class _ClampStraightThrough(torch.autograd.Function):
+    """Forward ``clamp(x, -bound, bound)``, backward the identity."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bound: float) -> Tensor:  # type: ignore[override]
+        return x.clamp(-bound, bound)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def clamp_straight_through(x: Tensor, bound: float) -> Tensor:
+    """``clamp(x, -bound, bound)`` in value, gradient 1 everywhere ("clamp the value, let the gradient
+    through"): a plain clamp has gradient 0 outside the bound, which would switch the penalty off for
+    exactly the tokens furthest from the reference."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ClampStraightThrough.apply(x, bound)
+    return x.clamp(-bound, bound)
+
+
 def _z(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    z = (logp_BT - logp_ref_BT).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    z = clamp_straight_through(logp_BT - logp_ref_BT, LOG_RATIO_CLAMP)
     return torch.where(mask_BT.bool(), z, torch.zeros_like(z))
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from tether.objectives.aggregation import aggregate
 from tether.objectives.closed_form import elementwise_loss
-from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means, max_or_zero, min_or_zero
 from tether.objectives.ratios import token_log_ratio
 from tether.objectives.registry import Preset, register
 
@@ -156,8 +156,8 @@ def policy_metrics(
         stats = torch.stack([
             torch.dot(lr.reshape(-1), m.reshape(-1)),
             torch.dot(ratio.reshape(-1), m.reshape(-1)),
-            (ratio + off).max(),
-            (ratio - off).min(),
+            max_or_zero(ratio + off),
+            min_or_zero(ratio - off),
         ])
         means = stats[:2] / n.clamp(min=1.0)
         extremes = torch.where(n > 0, stats[2:], 0.0)

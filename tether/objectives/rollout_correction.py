@@ -12,10 +12,11 @@ padding, weights are ``0`` on padding):
 - ``truncated_is_weights``: TIS, token or sequence level (verl ``rollout_corr_helper``, slime
   ``vanilla_tis_function``, ROLL ``infer_is_mode``).
 - ``icepop_mask`` / ``icepop_weights``: IcePop two-sided token mask (Ling team, Ring-1T report;
-  slime ``icepop_function``; verl ``"lower_upper"`` threshold).
+  slime ``icepop_function``; verl ``rollout_is_threshold="lower_upper"``).
 - ``sequence_ratio_mask``: product-ratio or geometric-mean-ratio sequence mask (ROLL, verl Geo-RS).
 - ``divergence_rejection_mask``: rejection by k1/k2/k3 of ``log(pi_old/mu)`` with token / seq-sum /
-  seq-mean / seq-max aggregation (verl ``rollout_rs`` options).
+  seq-mean / seq-max aggregation (verl ``rollout_rs`` options; verl's k1 is the mirror,
+  ``log(mu/pi_old)``: see the function).
 - ``catastrophic_veto_mask``: drop a sequence if any token ratio is below a threshold (ROLL, slime
   ``rs_veto_threshold``, older verl ``rollout_token_veto_threshold``).
 - ``self_normalised_weights``: batch-normalised IS, weights divided by their batch mean (verl
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate, parse_choice
-from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means
+from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means, max_or_zero
 from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -122,7 +123,7 @@ def weight_metrics(w_BT: Tensor, mask_BT: Tensor, prefix: str) -> dict[str, Tens
         dev = (w - mean) * m
         var = _dot(dev, dev) / n.clamp(min=1.0)
         # (m - 1) * max is 0 on loss tokens and -max on padding: the plain max is the max over loss tokens
-        wmax = torch.where(n > 0, (w + (m - 1.0) * torch.finfo(w.dtype).max).max(), 0.0)
+        wmax = torch.where(n > 0, max_or_zero(w + (m - 1.0) * torch.finfo(w.dtype).max), 0.0)
     return {f"{prefix}/weight_mean": mean, f"{prefix}/weight_std": var.sqrt(), f"{prefix}/weight_max": wmax}
 
 
@@ -142,7 +143,7 @@ def _weight_and_mismatch_metrics(
         return {
             f"{prefix}/weight_mean": mean,
             f"{prefix}/weight_std": sums[0].sqrt(),
-            f"{prefix}/weight_max": w.max(),
+            f"{prefix}/weight_max": max_or_zero(w),
             f"{kl_prefix}/kl_k1": -sums[1],
             f"{kl_prefix}/kl_k3": sums[2],
         }
@@ -254,7 +255,10 @@ def icepop_mask(
     """IcePop two-sided token mask: keep ``t`` iff ``low <= rho_t <= high`` (and ``m_t = 1``).
 
     ``rho_t = pi_old(y_t) / mu(y_t)``. Defaults ``[0.5, 5]`` are the IcePop values (Ling team,
-    "Every Step Evolves" / Ring-1T, 2025; verl docs ``"0.5_5.0"``; AReaL ``upper`` default 5).
+    "Every Step Evolves" / Ring-1T, 2025; AReaL ``upper`` default 5). verl reads ``"0.5_5.0"`` two
+    ways: as ``rollout_is_threshold`` (IcePop weights on ``pi_old/mu``) it is this band; as a
+    ``rollout_rs="token_k1"`` threshold it bounds ``log(mu/pi_old)``, i.e. keeps ``pi_old/mu`` in
+    ``[0.2, 2]`` (see ``divergence_rejection_mask``).
     Compared in log space, so ratios of ``exp(+-50)`` do not overflow.
     """
     if not high >= low:
@@ -341,8 +345,11 @@ def divergence_rejection_mask(
     """Rejection by a divergence estimator of ``log(pi_old / mu)`` (verl ``rollout_rs``).
 
     Per token, with ``delta_t`` the clamped behaviour log-ratio:
-      k1: ``delta_t`` (a log-ratio; bounds are *ratio* bounds ``[low, high]``, ``low`` defaults to
-          ``1/high`` as in verl);
+      k1: ``delta_t`` (a log-ratio; bounds are *ratio* bounds ``[low, high]`` on ``pi_old/mu``,
+          ``low`` defaults to ``1/high`` as in verl). verl's ``*_k1`` statistic is the mirror,
+          ``-delta_t = log(mu/pi_old)`` (``token_k1 = -log_ratio``), so its threshold
+          ``"lower_upper"`` is tether's ``[1/upper, 1/lower]``: verl ``"0.5_5.0"`` = tether
+          ``[0.2, 2]``. The two agree for reciprocal bands (``low = 1/high``, both defaults);
       k2: ``0.5 * delta_t^2``;  k3: ``exp(delta_t) - 1 - delta_t`` (>= 0, E_mu[k3] = KL(mu||pi_old));
           for k2/k3 only the upper bound ``high`` is used.
     Aggregation: ``token`` (each token on its own), ``seq-sum`` / ``seq-mean`` / ``seq-max`` of
@@ -619,7 +626,8 @@ register(Preset(
     advantage="grpo",
     source=(
         "Ling team 2025 (Every Step Evolves: Ring-1T, IcePop); slime icepop_function; "
-        "verl rollout_is threshold 'lower_upper'; AReaL RejectionSamplingConfig(action=mask, metric=ratio)"
+        "verl rollout_is_threshold '0.5_5.0' (not rollout_rs token_k1 '0.5_5.0': that is tether [0.2, 2]); "
+        "AReaL RejectionSamplingConfig(action=mask, metric=ratio)"
     ),
     requires=("logp_mu_BT",),
     equation="rho_t = pi_old/mu; w_t = rho_t 1[low <= rho_t <= high], sg; l_t = w_t * l^PPO_t",
@@ -632,7 +640,8 @@ register(Preset(
     advantage="grpo",
     source=(
         "Liu, Li et al. 2025 (When Speed Kills Stability: seq-MIS); methods.md §0 MIS; "
-        "verl rollout_rs seq_sum_k1 (low = 1/high); ROLL catastrophic reject 1e-4; slime mis.py rs_veto_threshold"
+        "verl rollout_rs seq_sum_k1 '0.5_2.0' (a reciprocal band: the same in verl's mirrored log(mu/pi_old)); "
+        "ROLL catastrophic reject 1e-4; slime mis.py rs_veto_threshold"
     ),
     requires=("logp_mu_BT",),
     equation=(

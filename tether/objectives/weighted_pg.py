@@ -44,11 +44,15 @@ def cispo_loss(
 def topr_loss(
     logp_theta_BT: Tensor, logp_old_BT: Tensor, advantages_BT: Tensor, mask_BT: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """TOPR per-token loss (Le Roux et al. 2025, Tapered Off-Policy REINFORCE; ROLL baseline).
+    """TOPR per-token loss (Le Roux et al. 2025, Tapered Off-Policy REINFORCE).
 
     ``A_t > 0``: ``l_t = -A_t log pi_theta(y_t)`` (plain SFT-like term, weight 1);
     ``A_t <= 0``: ``l_t = -sg(clip(r_t, 0, 1)) A_t log pi_theta(y_t)`` (ratio tapered at 1).
     (``A_t = 0`` contributes nothing either way.) Gradient: ``-w_t A_t grad log pi_theta``.
+    The split is on the *advantage* sign: the paper and ROLL (millioniron/ROLL ``actor_pg_worker.py``,
+    alibaba/ROLL ``actor_worker.py``: ``scores > 0``) split on the *reward* sign. With 0/1 rewards and a group-mean
+    baseline the two agree on every token that contributes; with other rewards they differ (a reward of
+    0.3 below its group's mean is tapered here, weight 1 in ROLL).
     Metrics: ``topr/neg_weight_mean`` (mean weight over negative tokens), ``topr/clipfrac``
     (negative tokens with ``r > 1``).
     """
@@ -80,7 +84,7 @@ def cispo(inputs: LossInputs, *, agg: str, eps_low: float, eps_high: float) -> t
 
 
 def topr(inputs: LossInputs, *, agg: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """TOPR: weight 1 on positive samples, ``sg(clip(r, 0, 1))`` on negative ones (``topr_loss``)."""
+    """TOPR: weight 1 where ``A > 0``, ``sg(clip(r, 0, 1))`` where ``A <= 0`` (``topr_loss``)."""
     loss_BT, metrics = topr_loss(inputs.logp_theta_BT, inputs.logp_old_BT, inputs.advantages_BT, inputs.mask_BT)
     return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs)}
 
@@ -99,10 +103,13 @@ register(Preset(
 ))
 register(Preset(
     name="topr",
-    description="TOPR: REINFORCE on positive samples, ratio tapered at 1 on negative samples.",
+    description="TOPR: REINFORCE where A > 0, ratio tapered at 1 where A <= 0 (the paper: the reward's sign).",
     fn=topr,
     defaults={"agg": "token-mean"},
     advantage="grpo",
-    source="Le Roux et al. 2025 (TOPR, arXiv 2503.14286); millioniron/ROLL actor_pg_worker.py",
+    source=(
+        "Le Roux et al. 2025 (TOPR, arXiv 2503.14286); millioniron/ROLL actor_pg_worker.py (splits on the "
+        "reward sign, scores > 0; tether on the advantage sign: the same split for 0/1 rewards with GRPO advantages)"
+    ),
     equation="A>0: l_t = -A_t log pi_theta(y_t); A<=0: l_t = -sg(clip(r_t, 0, 1)) A_t log pi_theta(y_t)",
 ))
