@@ -113,3 +113,48 @@ def test_parquet_round_trip_and_row_errors(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "bad.parquet")
     assert main(["meter", str(tmp_path / "bad.parquet")]) == 2
     assert "bad.parquet row 4: column 'logp_old' has" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("names", [
+    {"logp_mu": "rollout_log_probs", "logp_old": "old_log_probs", "mask": "response_mask"},  # verl
+    {"logp_mu": "sampling_per_token_logps", "logp_old": "old_per_token_logps", "mask": "completion_mask"},  # TRL
+])
+def test_peer_tensor_names_are_read_as_aliases(tmp_path, names):
+    recs = _records(with_versions=False)
+    renamed = [{names[k]: v for k, v in r.items()} for r in recs]
+    ours = read_dump(_write_jsonl(tmp_path / "ours.jsonl", recs))
+    theirs = read_dump(_write_jsonl(tmp_path / "theirs.jsonl", renamed))
+    for field in ("mask_BT", "logp_mu_BT", "logp_old_BT"):
+        assert torch.equal(getattr(theirs, field), getattr(ours, field)), field
+    assert not theirs.mask_BT.all()  # the mask column was read (not defaulted to ones)
+
+
+def test_columns_mapping_reads_any_names(tmp_path, capsys):
+    recs = _records(with_versions=False)
+    renamed = [{"vllm_lp": r["logp_mu"], "actor_lp": r["logp_old"], "keep": r["mask"]} for r in recs]
+    f = _write_jsonl(tmp_path / "custom.jsonl", renamed)
+    assert main(["meter", str(f), "--json", "--columns", "logp_mu=vllm_lp, logp_old=actor_lp,mask=keep"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert main(["meter", str(_write_jsonl(tmp_path / "ours.jsonl", recs)), "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert out == ref
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("logp_mu", "expected TETHER=FILE pairs"),
+    ("logp_muu=x", "unknown tether column 'logp_muu'; valid: logp_mu, logp_old"),
+    ("logp_mu=a,logp_mu=b", "mapped twice"),
+    ("logp_mu=absent", "dump.jsonl:1: missing column 'absent' (mapped to 'logp_mu' by --columns"),
+])
+def test_bad_columns_mapping_names_the_problem(tmp_path, capsys, spec, message):
+    f = _write_jsonl(tmp_path / "dump.jsonl", _records(n=2, with_versions=False))
+    assert main(["meter", str(f), "--columns", spec]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_two_aliases_of_one_column_are_ambiguous(tmp_path, capsys):
+    recs = [{"rollout_log_probs": r["logp_mu"], "sampling_per_token_logps": r["logp_mu"], "logp_old": r["logp_old"]}
+            for r in _records(n=2, with_versions=False)]
+    f = _write_jsonl(tmp_path / "dump.jsonl", recs)
+    assert main(["meter", str(f)]) == 2
+    assert "are both aliases of 'logp_mu'; choose one with --columns logp_mu=NAME" in capsys.readouterr().err

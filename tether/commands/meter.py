@@ -35,16 +35,20 @@ SUMMARY_ROWS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="JSONL (one sequence per line) or .parquet with per-token lists logp_mu, logp_old, ...")
     p.add_argument("--json", action="store_true", help="print every meter metric as one JSON object")
+    p.add_argument("--columns", default=None, metavar="TETHER=FILE,...",
+                   help="read tether's columns from other names, e.g. logp_mu=vllm_lp,logp_old=actor_lp (verl's and "
+                        "TRL's own names, rollout_log_probs / old_log_probs / sampling_per_token_logps / "
+                        "old_per_token_logps / response_mask / completion_mask, are read without it)")
     p.add_argument("--current-version", type=int, default=None,
                    help="the trainer's version when logp_old was computed (default: the largest 'version' in the file)")
 
 
-def summarise(path: str, current_version: int | None = None) -> dict:
+def summarise(path: str, current_version: int | None = None, columns: str | None = None) -> dict:
     from tether.meter.auto import choose_correction
-    from tether.meter.dump import read_dump
+    from tether.meter.dump import parse_columns, read_dump
     from tether.meter.measure import measure, to_floats
 
-    d = read_dump(path)
+    d = read_dump(path, parse_columns(columns) if columns else None)
     if d.version_BT is not None:
         newest = int(d.version_BT[d.mask_BT].max()) if d.mask_BT.any() else 0
         if current_version is None:
@@ -96,7 +100,7 @@ def _print_table(path: str, m: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    metrics = summarise(args.file, args.current_version)
+    metrics = summarise(args.file, args.current_version, args.columns)
     if args.json:
         # non-finite values as strings, as in metrics.jsonl (empty profile buckets are NaN)
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
