@@ -124,3 +124,26 @@ def test_the_external_lib_module_registers_every_verl_preset():
     assert module.REGISTERED == [f"tether_{n}" for n in verl_presets()]
     for name in module.REGISTERED:
         assert core_algos.get_policy_loss_fn(name).__name__ == name
+
+
+@pytest.mark.parametrize("rollout_rs, threshold, estimator, agg, low, high", [
+    # verl's k1 statistic is log(mu/pi_old), the mirror of tether's: verl "lower_upper" = tether [1/upper, 1/lower]
+    ("token_k1", "0.8_1.5", "k1", "token", 1 / 1.5, 1 / 0.8),
+    ("seq_sum_k1", "0.65_3.0", "k1", "seq-sum", 1 / 3.0, 1 / 0.65),
+    ("seq_mean_k1", "0.9_1.02", "k1", "seq-mean", 1 / 1.02, 1 / 0.9),
+    ("token_k3", "0.05", "k3", "token", None, 0.05),
+    ("seq_mean_k3", "0.04", "k3", "seq-mean", None, 0.04),
+    ("seq_max_k2", "0.1", "k2", "seq-max", None, 0.1),
+])
+def test_verl_rejection_masks_equal_tethers(rollout_rs, threshold, estimator, agg, low, high):
+    from tether.objectives.rollout_correction import divergence_rejection_mask
+
+    b = recorded_batch()
+    mask = b["response_mask"]
+    theirs, _ = rollout_corr_helper.compute_rollout_rejection_mask(
+        b["old_log_probs"] - b["rollout_log_probs"], mask.double(), rollout_rs, threshold)
+    ours = divergence_rejection_mask(b["old_log_probs"], b["rollout_log_probs"], mask, estimator=estimator, agg=agg,
+                                     high=high, low=low)
+    kept = theirs.bool() & mask
+    assert 0 < kept.sum() < mask.sum()  # the band rejects some tokens and keeps others
+    assert torch.equal(ours & mask, kept)
