@@ -71,6 +71,12 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
         return [(f"{path} row {i}", r) for i, r in enumerate(rows)]
+    return jsonl_objects(path, "a JSON object with per-token lists")
+
+
+def jsonl_objects(path: Path, expected: str) -> list[tuple[str, dict[str, Any]]]:
+    """``('FILE:LINE', object)`` for each non-blank line of a JSONL file; an invalid line or one that is not
+    a JSON object is an error naming the file, the line and ``expected``."""
     out = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -80,7 +86,7 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object with per-token lists, got {type(rec).__name__}")
+            raise ValueError(f"{path}:{i}: expected {expected}, got {type(rec).__name__}")
         out.append((f"{path}:{i}", rec))
     return out
 

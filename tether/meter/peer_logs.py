@@ -20,35 +20,25 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tether.meter.dump import jsonl_objects
+
 PEER_PREFIXES = ("sampling/", "rollout_corr/")
 
 
 def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    text = path.read_text()
     if path.suffix == ".json":
         try:
-            doc = json.loads(text)
+            doc = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON: {e.msg} (line {e.lineno})") from None
         history = doc.get("log_history") if isinstance(doc, dict) else None
         if not isinstance(history, list):
             raise ValueError(f"{path}: expected TRL's trainer_state.json with a 'log_history' list")
         return [(f"{path} log_history[{i}]", r) for i, r in enumerate(history) if isinstance(r, dict)]
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object of logged scalars, got {type(row).__name__}")
-        data = row.get("data")
-        out.append((f"{path}:{i}", data if isinstance(data, dict) else row))
-    return out
+    rows = jsonl_objects(path, "a JSON object of logged scalars")
+    return [(where, row["data"] if isinstance(row.get("data"), dict) else row) for where, row in rows]
 
 
 def read_peer_log(path: str | Path) -> dict[str, dict[str, float]]:
