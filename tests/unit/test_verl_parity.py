@@ -16,7 +16,7 @@ core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl not
 from verl.trainer.ppo import rollout_corr_helper  # noqa: E402
 from verl.workers.config import ActorConfig  # noqa: E402
 
-from tests.unit.test_verl_adapter import AGGS, B, T, recorded_batch  # noqa: E402
+from tests.unit.test_verl_adapter import AGGS, recorded_batch  # noqa: E402
 from tether.adapters.verl import SIGNATURE, policy_loss, register_with_verl, rollout_is_weights  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -111,7 +111,6 @@ def test_register_with_verl_makes_tether_losses_selectable():
     loss, metrics = fn(b["old_log_probs"], b["log_prob"], b["advantages"], b["response_mask"], "token-mean",
                        actor_config(0.2, 0.2), None)
     assert loss.shape == () and "tether/pg/clipfrac" in metrics
-    assert B * T > 0
 
 
 def test_the_external_lib_module_registers_every_verl_preset():
