@@ -1,12 +1,12 @@
 # The two README commands. Each installs what it needs first (scripts/bootstrap.sh).
-.PHONY: demo test lint bench-objectives test-vllm
+.PHONY: demo test lint bench-objectives test-vllm test-verl
 
 demo:
 	bash scripts/bootstrap.sh dev
 	.venv/bin/tether train
 
 test:
-	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench
+	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench,trl
 	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests
 
 lint:
@@ -22,3 +22,8 @@ test-vllm:
 	bash scripts/bootstrap.sh dev,hf
 	bash scripts/setup_vllm.sh
 	TETHER_VLLM=1 .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 -m vllm tests/engine/test_vllm_real.py
+
+# verl's loss code beside the main venv (.venv-verl), then the parity tests against it.
+test-verl:
+	bash scripts/setup_verl.sh
+	PYTHONPATH=$$PWD:$$PWD/.venv-verl .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_verl_parity.py

@@ -113,3 +113,85 @@ def test_parquet_round_trip_and_row_errors(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "bad.parquet")
     assert main(["meter", str(tmp_path / "bad.parquet")]) == 2
     assert "bad.parquet row 4: column 'logp_old' has" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("names", [
+    {"logp_mu": "rollout_log_probs", "logp_old": "old_log_probs", "mask": "response_mask"},  # verl
+    {"logp_mu": "sampling_per_token_logps", "logp_old": "old_per_token_logps", "mask": "completion_mask"},  # TRL
+])
+def test_peer_tensor_names_are_read_as_aliases(tmp_path, names):
+    recs = _records(with_versions=False)
+    renamed = [{names[k]: v for k, v in r.items()} for r in recs]
+    ours = read_dump(_write_jsonl(tmp_path / "ours.jsonl", recs))
+    theirs = read_dump(_write_jsonl(tmp_path / "theirs.jsonl", renamed))
+    for field in ("mask_BT", "logp_mu_BT", "logp_old_BT"):
+        assert torch.equal(getattr(theirs, field), getattr(ours, field)), field
+    assert not theirs.mask_BT.all()  # the mask column was read (not defaulted to ones)
+
+
+def test_columns_mapping_reads_any_names(tmp_path, capsys):
+    recs = _records(with_versions=False)
+    renamed = [{"vllm_lp": r["logp_mu"], "actor_lp": r["logp_old"], "keep": r["mask"]} for r in recs]
+    f = _write_jsonl(tmp_path / "custom.jsonl", renamed)
+    assert main(["meter", str(f), "--json", "--columns", "logp_mu=vllm_lp, logp_old=actor_lp,mask=keep"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert main(["meter", str(_write_jsonl(tmp_path / "ours.jsonl", recs)), "--json"]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    assert out == ref
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("logp_mu", "expected TETHER=FILE pairs"),
+    ("logp_muu=x", "unknown tether column 'logp_muu'; valid: logp_mu, logp_old"),
+    ("logp_mu=a,logp_mu=b", "mapped twice"),
+    ("logp_mu=absent", "dump.jsonl:1: missing column 'absent' (mapped to 'logp_mu' by --columns"),
+])
+def test_bad_columns_mapping_names_the_problem(tmp_path, capsys, spec, message):
+    f = _write_jsonl(tmp_path / "dump.jsonl", _records(n=2, with_versions=False))
+    assert main(["meter", str(f), "--columns", spec]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_two_aliases_of_one_column_are_ambiguous(tmp_path, capsys):
+    recs = [{"rollout_log_probs": r["logp_mu"], "sampling_per_token_logps": r["logp_mu"], "logp_old": r["logp_old"]}
+            for r in _records(n=2, with_versions=False)]
+    f = _write_jsonl(tmp_path / "dump.jsonl", recs)
+    assert main(["meter", str(f)]) == 2
+    assert "are both aliases of 'logp_mu'; choose one with --columns logp_mu=NAME" in capsys.readouterr().err
+
+
+def test_peer_logs_are_shown_beside_tethers(tmp_path, capsys):
+    """TRL's trainer_state.json (sampling/*) and verl's file-logger JSONL (rollout_corr/*): each key's mean,
+    last value and step count, in the JSON and in the table."""
+    dump = _write_jsonl(tmp_path / "dump.jsonl", _records(with_versions=False))
+    trl_state = tmp_path / "trainer_state.json"
+    trl_state.write_text(json.dumps({"log_history": [
+        {"step": 1, "loss": 0.1, "sampling/importance_sampling_ratio/mean": 0.9},
+        {"step": 2, "sampling/importance_sampling_ratio/mean": 1.1, "sampling/sampling_logp_difference/max": 0.5},
+        {"step": 3, "train_runtime": 9.0},
+    ]}))
+    assert main(["meter", str(dump), "--json", "--peer-log", str(trl_state)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["peer/sampling/importance_sampling_ratio/mean/mean"] == pytest.approx(1.0)
+    assert out["peer/sampling/importance_sampling_ratio/mean/last"] == 1.1
+    assert out["peer/sampling/importance_sampling_ratio/mean/n"] == 2
+    assert out["peer/sampling/sampling_logp_difference/max/n"] == 1
+    assert not any(k.startswith("peer/loss") for k in out)
+    verl_log = tmp_path / "verl.jsonl"
+    verl_log.write_text("".join(json.dumps({"step": s, "data": {"rollout_corr/rollout_is_mean": v, "actor/pg_loss": 1}})
+                                + "\n" for s, v in ((1, 0.8), (2, 1.0), (3, None))))
+    assert main(["meter", str(dump), "--peer-log", str(verl_log)]) == 0
+    table = capsys.readouterr().out
+    assert "rollout_corr/rollout_is_mean" in table and "0.9" in table and "ESS token" in table
+    assert "actor/pg_loss" not in table
+
+
+def test_a_peer_log_without_mismatch_scalars_says_why(tmp_path, capsys):
+    dump = _write_jsonl(tmp_path / "dump.jsonl", _records(n=2, with_versions=False))
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"loss": 1.0}) + "\n{bad\n")
+    assert main(["meter", str(dump), "--peer-log", str(log)]) == 2
+    assert "log.jsonl:2: invalid JSON" in capsys.readouterr().err
+    log.write_text(json.dumps({"loss": 1.0}) + "\n")
+    assert main(["meter", str(dump), "--peer-log", str(log)]) == 2
+    assert "no sampling/* or rollout_corr/* scalars" in capsys.readouterr().err

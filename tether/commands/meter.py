@@ -35,16 +35,23 @@ SUMMARY_ROWS = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help="JSONL (one sequence per line) or .parquet with per-token lists logp_mu, logp_old, ...")
     p.add_argument("--json", action="store_true", help="print every meter metric as one JSON object")
+    p.add_argument("--columns", default=None, metavar="TETHER=FILE,...",
+                   help="read tether's columns from other names, e.g. logp_mu=vllm_lp,logp_old=actor_lp (verl's and "
+                        "TRL's own names, rollout_log_probs / old_log_probs / sampling_per_token_logps / "
+                        "old_per_token_logps / response_mask / completion_mask, are read without it)")
+    p.add_argument("--peer-log", default=None, metavar="LOG",
+                   help="also show the framework's own mismatch scalars from its log: TRL trainer_state.json or "
+                        "JSONL (sampling/*), verl's file logger JSONL (rollout_corr/*)")
     p.add_argument("--current-version", type=int, default=None,
                    help="the trainer's version when logp_old was computed (default: the largest 'version' in the file)")
 
 
-def summarise(path: str, current_version: int | None = None) -> dict:
+def summarise(path: str, current_version: int | None = None, columns: str | None = None) -> dict:
     from tether.meter.auto import choose_correction
-    from tether.meter.dump import read_dump
+    from tether.meter.dump import parse_columns, read_dump
     from tether.meter.measure import measure, to_floats
 
-    d = read_dump(path)
+    d = read_dump(path, parse_columns(columns) if columns else None)
     if d.version_BT is not None:
         newest = int(d.version_BT[d.mask_BT].max()) if d.mask_BT.any() else 0
         if current_version is None:
@@ -95,12 +102,32 @@ def _print_table(path: str, m: dict) -> None:
     console.print(f"  because {m['meter/auto/reason']}")
 
 
+def _print_peer(path: str, peer: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"the framework's own mismatch log: {path}")
+    for c in ("key", "mean over steps", "last", "steps"):
+        table.add_column(c, justify="right" if c != "key" else "left")
+    for key, v in peer.items():
+        table.add_row(key, f"{v['mean']:.6g}", f"{v['last']:.6g}", f"{int(v['n'])}")
+    Console().print(table)
+
+
 def run(args: argparse.Namespace) -> int:
-    metrics = summarise(args.file, args.current_version)
+    metrics = summarise(args.file, args.current_version, args.columns)
+    peer = None
+    if args.peer_log:
+        from tether.meter.peer_logs import read_peer_log
+
+        peer = read_peer_log(args.peer_log)
+        metrics.update({f"peer/{k}/{s}": v[s] for k, v in peer.items() for s in ("mean", "last", "n")})
     if args.json:
         # non-finite values as strings, as in metrics.jsonl (empty profile buckets are NaN)
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in metrics.items()}
         print(json.dumps(clean, indent=1, sort_keys=True))
     else:
         _print_table(args.file, metrics)
+        if peer is not None:
+            _print_peer(args.peer_log, peer)
     return 0

@@ -11,6 +11,10 @@ pyarrow). Columns, each a list with one entry per token of the sequence:
     mask             optional  0/1 (or true/false) per token; all ones when absent
     version          optional  integer weight version that generated each token
 
+The peers' own tensor names are read as aliases (``ALIASES``): verl's ``rollout_log_probs`` /
+``old_log_probs`` / ``response_mask``, TRL's ``sampling_per_token_logps`` / ``old_per_token_logps`` /
+``completion_mask``; any other name is mapped with ``columns`` (``tether meter --columns``).
+
 Every error names the file, the line (JSONL, 1-based) or row (Parquet, 0-based) and the column.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,13 @@ from torch import Tensor
 REQUIRED = ("logp_mu", "logp_old")
 OPTIONAL_FLOAT = ("logp_theta", "logp_behave_old", "entropy")
 OPTIONAL = (*OPTIONAL_FLOAT, "mask", "version")
+COLUMNS = (*REQUIRED, *OPTIONAL)
+ALIASES: dict[str, tuple[str, ...]] = {
+    "logp_mu": ("rollout_log_probs", "sampling_per_token_logps"),
+    "logp_old": ("old_log_probs", "old_per_token_logps"),
+    "mask": ("response_mask", "completion_mask"),
+}
+"""tether column -> the names verl and TRL give the same per-token tensor (read when the tether name is absent)."""
 
 
 @dataclass
@@ -59,6 +71,12 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
         return [(f"{path} row {i}", r) for i, r in enumerate(rows)]
+    return jsonl_objects(path, "a JSON object with per-token lists")
+
+
+def jsonl_objects(path: Path, expected: str) -> list[tuple[str, dict[str, Any]]]:
+    """``('FILE:LINE', object)`` for each non-blank line of a JSONL file; an invalid line or one that is not
+    a JSON object is an error naming the file, the line and ``expected``."""
     out = []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -68,7 +86,7 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object with per-token lists, got {type(rec).__name__}")
+            raise ValueError(f"{path}:{i}: expected {expected}, got {type(rec).__name__}")
         out.append((f"{path}:{i}", rec))
     return out
 
@@ -77,7 +95,8 @@ def _column(where: str, rec: dict[str, Any], name: str, *, kind: str) -> list[fl
     if name not in rec or rec[name] is None:
         if name in REQUIRED:
             raise ValueError(
-                f"{where}: missing column '{name}' (required: {', '.join(REQUIRED)}; found: {', '.join(sorted(rec)) or 'none'})"
+                f"{where}: missing column '{name}' (required: {', '.join(REQUIRED)}, or an alias: "
+                f"{', '.join(ALIASES[name])}, or --columns {name}=NAME; found: {', '.join(sorted(rec)) or 'none'})"
             )
         return None
     value = rec[name]
@@ -102,10 +121,50 @@ def _column(where: str, rec: dict[str, Any], name: str, *, kind: str) -> list[fl
     return out
 
 
-def read_dump(path: str | Path) -> Dump:
-    """Parse and validate a dump into right-padded ``[B, T]`` float64 tensors (module docstring)."""
+def parse_columns(spec: str) -> dict[str, str]:
+    """``"logp_mu=my_mu,logp_old=my_old"`` as ``{tether column: file column}``; every key must be a tether column."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, source = item.partition("=")
+        name, source = name.strip(), source.strip()
+        if not sep or not name or not source:
+            raise ValueError(f"--columns: expected TETHER=FILE pairs separated by commas, got {item!r}")
+        if name not in COLUMNS:
+            raise ValueError(f"--columns: unknown tether column {name!r}; valid: {', '.join(COLUMNS)}")
+        if name in out:
+            raise ValueError(f"--columns: column {name!r} mapped twice")
+        out[name] = source
+    return out
+
+
+def _canonical(where: str, rec: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """``rec`` with tether column names: an explicit mapping first, then the tether name, then one alias."""
+    out = dict(rec)
+    for name in COLUMNS:
+        if name in columns:
+            source = columns[name]
+            if source not in rec:
+                raise ValueError(f"{where}: missing column '{source}' (mapped to '{name}' by --columns; "
+                                 f"found: {', '.join(sorted(rec)) or 'none'})")
+            out[name] = rec[source]
+            continue
+        if name in rec:
+            continue
+        present = [a for a in ALIASES.get(name, ()) if a in rec]
+        if len(present) > 1:
+            raise ValueError(f"{where}: columns {' and '.join(repr(a) for a in present)} are both aliases of "
+                             f"'{name}'; choose one with --columns {name}=NAME")
+        if present:
+            out[name] = rec[present[0]]
+    return out
+
+
+def read_dump(path: str | Path, columns: Mapping[str, str] | None = None) -> Dump:
+    """Parse and validate a dump into right-padded ``[B, T]`` float64 tensors (module docstring).
+
+    ``columns``: ``{tether column: column in the file}`` for names that are neither tether's nor an alias."""
     path = Path(path)
-    records = _records(path)
+    records = [(where, _canonical(where, rec, columns or {})) for where, rec in _records(path)]
     if not records:
         raise ValueError(f"{path}: no sequences (the file is empty)")
     cols: dict[str, list[list[float] | None]] = {c: [] for c in (*REQUIRED, *OPTIONAL)}

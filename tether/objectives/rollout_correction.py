@@ -452,7 +452,7 @@ def _agg(inputs: LossInputs, loss_BT: Tensor, agg: str) -> Tensor:
     )
 
 
-def _weighted_ppo(
+def weighted_ppo(
     inputs: LossInputs, w_BT: Tensor, agg: str, eps_low: float, eps_high: float, dual_clip_c: float | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``agg(w * l^PPO)`` on ``r = pi_theta / pi_old`` with the PPO and policy metrics."""
@@ -487,7 +487,7 @@ def tis(
         w, norm = self_normalised_weights(w, inputs.mask_BT, level=level)
         metrics["tis/batch_norm_factor"] = norm
         metrics.update(weight_metrics(w, inputs.mask_BT, "tis/normalised"))
-    loss, pg = _weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
+    loss, pg = weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
     return loss, {**pg, **metrics}
 
 
@@ -504,7 +504,7 @@ def icepop(
     """PPO clip on ``r = pi_theta/pi_old`` times IcePop weights ``rho_t 1[low <= rho_t <= high]``."""
     mu = _require_mu(inputs, "icepop")
     w, metrics = icepop_weights(inputs.logp_old_BT, mu, inputs.mask_BT, low=low, high=high)
-    loss, pg = _weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
+    loss, pg = weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
     return loss, {**pg, **metrics}
 
 
@@ -596,7 +596,7 @@ def mis(
     w, metrics = masked_is_weights(
         inputs.logp_old_BT, mu, inputs.mask_BT, level=level, low=low, high=high, weighted=weighted, veto=veto
     )
-    loss, pg = _weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
+    loss, pg = weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
     return loss, {**pg, **metrics}
 
 

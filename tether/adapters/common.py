@@ -1,0 +1,79 @@
+"""What every adapter shares: a preset resolved once, called through the checked entry point, and
+the meter as plain floats under one prefix. Imports torch and tether only (no framework).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from tether.meter.measure import measure, to_floats
+from tether.objectives import LossInputs, Preset, get_preset
+
+PREFIX = "tether/"
+"""Every metric an adapter logs into its framework's logs starts with this."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A tether preset with its hyper-parameters, checked against what the host framework provides."""
+
+    preset: Preset
+    args: Mapping[str, Any]
+
+    @classmethod
+    def resolve(cls, name: str, overrides: Mapping[str, Any] | None, *, provides: Iterable[str],
+                framework: str) -> Objective:
+        """``get_preset(name)`` with ``overrides`` validated now (an unknown name or hyper-parameter is an
+        error listing the valid ones), and an error if the preset needs an input ``framework`` does not
+        provide (``provides``: ``LossInputs`` field names) or a whole-step statistic (``batch_stats``)."""
+        preset = get_preset(name)
+        args = preset.resolve(overrides)
+        missing = [f for f in preset.requires if f not in set(provides)]
+        if missing:
+            raise ValueError(f"objective '{name}' needs LossInputs.{', '.join(missing)}, which {framework} does not "
+                             "provide; use an RL preset (tether objectives lists them)")
+        if preset.batch_stats is not None:
+            raise ValueError(f"objective '{name}' reads a statistic of the whole optimiser step, which {framework} "
+                             "does not show to one micro-batch's loss; not supported by this adapter")
+        return cls(preset=preset, args=dict(args))
+
+    @property
+    def name(self) -> str:
+        return self.preset.name
+
+    def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.preset(inputs, **self.args)
+
+
+def prefixed(metrics: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, float]:
+    """Floats of ``metrics`` (tensors converted in one transfer) under ``prefix``; strings dropped."""
+    return {prefix + k: v for k, v in to_floats(metrics).items() if isinstance(v, float)}
+
+
+def objective_and_meter_metrics(
+    objective_metrics: Mapping[str, Tensor],
+    *,
+    mask_BT: Tensor,
+    logp_current_BT: Tensor,
+    logp_behave_old_BT: Tensor | None,
+    logp_mu_BT: Tensor | None,
+    entropy_BT: Tensor | None = None,
+    profiles: bool = False,
+) -> dict[str, float]:
+    """The objective's metrics and the meter of one micro-batch, as ``tether/...`` floats.
+
+    ``logp_current_BT``: the trainer's policy at the current weights (detached); ``logp_behave_old_BT``:
+    the trainer's policy at the weights that generated the batch (``None``: the same weights);
+    ``logp_mu_BT``: the engine's log-probs (``None``: no separate engine). With all three, the meter
+    splits ``log pi_current/mu`` into engine (``pi_behave_old/mu``) and staleness
+    (``pi_current/pi_behave_old``).
+    """
+    behave = logp_current_BT if logp_behave_old_BT is None else logp_behave_old_BT
+    meter = measure(mask_BT=mask_BT, logp_old_BT=logp_current_BT.detach(), logp_mu_BT=logp_mu_BT,
+                    logp_behave_old_BT=behave.detach(), entropy_BT=None if entropy_BT is None else entropy_BT.detach(),
+                    objective_metrics=objective_metrics, profiles=profiles)
+    return prefixed({**objective_metrics, **meter})
