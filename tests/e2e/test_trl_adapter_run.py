@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import run as run_child
+from tests.processes import tether_command, tether_env
 
 pytest.importorskip("trl")
 
@@ -54,8 +55,7 @@ def test_the_documented_trl_script_trains_and_logs_tether_metrics(tmp_path, monk
     dump = tmp_path / "grpo-tether" / "logprobs.jsonl"
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
     assert len(rows) == 3 * 4  # 3 optimiser steps of one micro-batch of 4 completions
-    out = subprocess.run([sys.executable, "-m", "tether", "meter", str(dump), "--json"], capture_output=True,
-                         text=True, timeout=300)
+    out = run_child(tether_command("meter", str(dump), "--json"), env=tether_env())
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["meter/total/n_tokens"] == sum(sum(r["mask"]) for r in rows)

@@ -136,10 +136,10 @@ def test_meter_hook_and_dump_of_a_verl_batch(tmp_path, capsys, monkeypatch):
 
 def test_adapters_import_no_framework_until_asked():
     """``tether.adapters`` and its verl module import neither verl nor TRL (verl only in register_with_verl)."""
-    import subprocess
+    from tests.processes import run as run_child
 
     code = ("import sys; import tether.adapters, tether.adapters.verl, tether.adapters.common; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in {'verl', 'trl', 'ray', 'transformers'}); "
             "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = run_child([sys.executable, "-c", code])
     assert r.returncode == 0, r.stdout + r.stderr
