@@ -102,7 +102,7 @@ def test_warns_once_per_biased_combination_only():
         assert K.check_kl_combination("k2", "loss") is True
         assert K.check_kl_combination("k1", "reward") is True
         assert K.check_kl_combination("k1", "loss") is False
-    assert len(w) == 2 and "k2, k3plus" in str(w[0].message)
+    assert len(w) == 2 and "k2, k3_is, k3plus" in str(w[0].message)
     with pytest.raises(ValueError, match="k3plus"):
         K.check_kl_combination("k4", "loss")
     with pytest.raises(ValueError, match="reward"):

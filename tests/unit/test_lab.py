@@ -95,7 +95,8 @@ def test_second_moment_formula_matches_dense_per_sample_gradients():
     assert m.bias == pytest.approx(float((mean - g).norm() / g.norm()), rel=1e-9)
 
 
-UNBIASED_ON_POLICY = ["reinforce", "ppo", "grpo", "dr_grpo", "dapo", "tis", "cispo", "ctpo", "ctpo_geomean", "gspo", "topr"]
+UNBIASED_ON_POLICY = ["reinforce", "ppo", "grpo", "dr_grpo", "dapo", "tis", "cispo", "ctpo", "ctpo_geomean", "gspo", "topr",
+                      "sapo", "vespo", "geo_mean", "luspo", "kl_cov"]
 
 
 def test_every_registered_separable_preset_is_unbiased_on_policy():

@@ -20,6 +20,9 @@ from tether.train.update import update_phase
 pytestmark = pytest.mark.unit
 LOOP_INPUTS = {"logp_mu_BT", "logp_prox_BT", "logp_ref_BT"}
 RL_PRESETS = sorted(name for name, p in presets().items() if set(p.requires) <= LOOP_INPUTS)
+STEP_ARGS = {"rejection": {"high": 0.1}}
+"""Presets whose defaults would drop every token of this deliberately far-off-policy step (k3 seq-mean ~ 0.05
+against rejection's 0.01), so the step could not move the weights."""
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def _train(cfg, model, rollout, old, adv, name, micro):
     cfg = dataclasses.replace(cfg, micro_batch_size=micro)
     opt, _ = setup.build_optimizer(cfg, m)
     keep = torch.ones(rollout.batch_size, dtype=torch.bool)
-    out = update_phase(cfg, preset, preset.resolve(None), m, opt, rollout, keep, old, old, adv, 0,
+    out = update_phase(cfg, preset, preset.resolve(STEP_ARGS.get(name)), m, opt, rollout, keep, old, old, adv, 0,
                        logprobs=lambda mm, r: setup.token_logprobs(mm, r, cfg))
     assert out["finite"]
     return m.state_dict()

@@ -107,6 +107,18 @@ def get_advantage(name: str) -> AdvantageFn:
         raise ValueError(f"unknown advantage estimator '{name}'; valid: {', '.join(sorted(ADVANTAGES))}") from None
 
 
+def advantage_metrics(advantages_B: Tensor, include_B: Tensor | None = None) -> dict[str, Tensor]:
+    """``advantage/mean`` and ``advantage/std`` (unbiased, 0 with fewer than two rows) of the sequence advantages
+    of the rows that entered the estimator's statistics (``include_B``; None: all), detached. ``reinforce_pp`` whitens over the batch, so its std is 1 whenever the rewards
+    differ; a group-normalised estimator's is below 1."""
+    a = advantages_B.detach().to(torch.float64)
+    a = a if include_B is None else a[include_B.to(torch.bool)]
+    zero = torch.zeros((), dtype=torch.float64)
+    mean = a.mean() if a.numel() else zero
+    std = a.std() if a.numel() > 1 else zero
+    return {"advantage/mean": mean, "advantage/std": std}
+
+
 def broadcast_to_tokens(advantages_B: Tensor, mask_BT: Tensor) -> Tensor:
     """``A_{i,t} = A_i * m_{i,t}``."""
     return advantages_B[:, None].to(torch.float64 if not advantages_B.is_floating_point() else advantages_B.dtype) * mask_BT

@@ -27,7 +27,9 @@ enumeration on a categorical distribution (tests/unit/test_kl.py).
 
 Off-policy samples (y ~ mu): ``importance_corrected_kl`` = ``(pi_theta/mu) * k3`` with the ratio
 *not* detached (DeepSeek-V3.2's unbiased KL; slime ``--use-unbiased-kl``). Its value is unbiased for
-KL under mu and its gradient is ``E_pi[(k3 + 1 - exp(-z)) grad log pi] = E_pi[z grad log pi]``.
+KL under mu and its gradient is ``E_pi[(k3 + 1 - exp(-z)) grad log pi] = E_pi[z grad log pi]``. It is the
+loss-placement estimator ``k3_is`` (``kl_penalty_in_loss(..., estimator="k3_is", logp_mu_BT=...)``); it has no
+reward form (its ratio carries the gradient).
 """
 
 from __future__ import annotations
@@ -62,7 +64,10 @@ def k3plus(z: Tensor) -> Tensor:
 
 
 ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": k1, "k2": k2, "k3": k3, "k3plus": k3plus}
-UNBIASED_IN = {"loss": {"k2", "k3plus"}, "reward": {"k1"}}
+IMPORTANCE_CORRECTED = "k3_is"
+"""The loss estimator ``(pi_theta/mu) k3`` (``importance_corrected_kl``): needs ``logp_mu``, loss placement only."""
+ESTIMATOR_NAMES = (*ESTIMATORS, IMPORTANCE_CORRECTED)
+UNBIASED_IN = {"loss": {"k2", "k3plus", IMPORTANCE_CORRECTED}, "reward": {"k1"}}
 _WARNED: set[tuple[str, str]] = set()
 
 
@@ -75,10 +80,15 @@ def kl_estimator(name: str) -> Callable[[Tensor], Tensor]:
 
 def check_kl_combination(estimator: str, placement: str) -> bool:
     """Warn (once per combination) when the estimator in this placement does not give the gradient of
-    KL(pi_theta||pi_ref) in expectation. Returns True when the combination is unbiased."""
-    kl_estimator(estimator)
+    KL(pi_theta||pi_ref) in expectation. Returns True when the combination is unbiased. ``k3_is`` in the reward
+    is an error (its importance ratio must carry the gradient)."""
+    if estimator != IMPORTANCE_CORRECTED:
+        kl_estimator(estimator)
     if placement not in UNBIASED_IN:
         raise ValueError(f"unknown KL placement '{placement}'; valid: {', '.join(UNBIASED_IN)}")
+    if estimator == IMPORTANCE_CORRECTED and placement != "loss":
+        raise ValueError(f"KL estimator {IMPORTANCE_CORRECTED} is a loss estimator (its ratio pi_theta/mu carries the "
+                         "gradient); use it with KL placement loss")
     ok = estimator in UNBIASED_IN[placement]
     if not ok and (estimator, placement) not in _WARNED:
         _WARNED.add((estimator, placement))
@@ -118,8 +128,13 @@ def _z(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor) -> Tensor:
 
 
 def kl_penalty_in_loss(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, *, estimator: str = "k3plus",
-                       coef: float = 1.0) -> Tensor:
-    """Per-token loss ``coef * k(z)`` (0 off the mask); aggregate it like the policy loss."""
+                       coef: float = 1.0, logp_mu_BT: Tensor | None = None) -> Tensor:
+    """Per-token loss ``coef * k(z)`` (0 off the mask); aggregate it like the policy loss. ``estimator="k3_is"``:
+    ``coef * importance_corrected_kl`` with the behaviour log-probs ``logp_mu_BT`` (required)."""
+    if estimator == IMPORTANCE_CORRECTED:
+        if logp_mu_BT is None:
+            raise ValueError(f"KL estimator {IMPORTANCE_CORRECTED} needs the behaviour log-probs logp_mu_BT")
+        return coef * importance_corrected_kl(logp_theta_BT, logp_ref_BT, logp_mu_BT, mask_BT)
     k = kl_estimator(estimator)(_z(logp_theta_BT, logp_ref_BT.detach(), mask_BT))
     return torch.where(mask_BT.bool(), coef * k, torch.zeros_like(k))
 

@@ -1,4 +1,5 @@
-"""Sequence-level and cumulative-token ratio objectives: GSPO and CTPO (plain and CTPO-LA).
+"""Sequence-level and cumulative-token ratio objectives: GSPO, CTPO (plain and CTPO-LA), GMPO (``geo_mean``) and
+LUSPO.
 
 Both use a stop-gradient ratio (``ratios.gspo_log_ratio`` / ``ratios.cumulative_log_ratio``):
 the *value* on token ``t`` is the sequence (GSPO) or prefix (CTPO) ratio, the *gradient* is
@@ -21,6 +22,7 @@ from tether.objectives.ratios import (
     _cumulative_log_ratio,
     _gspo_log_ratio,
     masked_positions,
+    token_log_ratio,
 )
 from tether.objectives.registry import Preset, register
 
@@ -251,4 +253,82 @@ register(Preset(
         "rho^c = exp(clamp(log rho, -c_low sigma, c_high sigma)); l = max(-A rho, -A rho^c); "
         "A<0: min(., -A exp(c_c sigma))"
     ),
+))
+
+
+# ----------------------------------------------------------------------------------------------
+# GMPO (geo_mean) and LUSPO: one ratio per sequence, the loss spread over its tokens
+
+
+def geo_mean(inputs: LossInputs, *, agg: str, eps_low: float, eps_high: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """GMPO (Zhao et al. 2025, arXiv 2507.20673; verl ``compute_policy_loss_geo_mean``).
+
+    ``z_t = log r_t`` (clamped to +-20); per token, clipped in log space towards the advantage's sign:
+    ``z~_t = sgn(A) min(sgn(A) z_t, sgn(A) clamp(z_t, -eps_low, eps_high))``; the geometric-mean ratio
+    ``s_i = exp(mean_t z~_t)``; the sequence advantage ``A_i = mean_t A_t``; ``l_i = -A_i s_i`` on every token of
+    row ``i``; the loss is the mean over sequences (``agg = seq-mean-token-mean``). Metrics
+    ``pg/clipfrac`` (``z`` clamped and ``A > 0``) and ``pg/clipfrac_lower`` (clamped and ``A < 0``), as verl.
+    """
+    mask = inputs.mask_BT
+    m = mask.to(inputs.logp_theta_BT.dtype)
+    z = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, mask)
+    adv = inputs.advantages_BT
+    sgn = torch.sign(adv)
+    z_clamped = z.clamp(-eps_low, eps_high)
+    z_tilde = sgn * torch.minimum(sgn * z, sgn * z_clamped)
+    len_B = m.sum(-1)
+    s_B = torch.exp((z_tilde * m).sum(-1) / len_B.clamp(min=1.0))
+    adv_B = (adv * m).sum(-1) / len_B.clamp(min=1.0)
+    loss_BT = torch.where(mask.bool(), (-adv_B * s_B)[:, None], 0.0)
+    clipped = z.detach() != z_clamped.detach()
+    metrics = masked_means({"pg/clipfrac": clipped & (adv > 0), "pg/clipfrac_lower": clipped & (adv < 0)}, mask,
+                           dtype=z.dtype)
+    metrics["gmpo/seq_ratio_mean"] = (s_B.detach() * (len_B > 0)).sum() / (len_B > 0).sum().clamp(min=1)
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=z)}
+
+
+def luspo(inputs: LossInputs, *, agg: str, eps_low: float, eps_high: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """LUSPO (arXiv 2602.05261; TRL ``loss_type="luspo"`` with ``importance_sampling_level="sequence"``).
+
+    ``s_i = exp(mean_t m log r_t)`` (differentiated through every token); per token
+    ``l_t = -min(s_i A_t, clip(s_i, 1 - eps_low, 1 + eps_high) A_t)``; each sequence's loss scaled by its length:
+    ``L = sum_i |y_i| l_i / N_seq`` (``agg = seq-mean-token-sum``), which removes GSPO's bias against long
+    responses. Metric ``pg/clipfrac``: loss tokens whose sequence ratio is clipped on the side that binds.
+    """
+    mask = inputs.mask_BT
+    m = mask.to(inputs.logp_theta_BT.dtype)
+    z = token_log_ratio(inputs.logp_theta_BT, inputs.logp_old_BT, mask)
+    s_B = torch.exp(((z * m).sum(-1) / m.sum(-1).clamp(min=1.0)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    s = s_B[:, None]
+    adv = inputs.advantages_BT
+    unclipped, clipped = s * adv, torch.clamp(s, 1.0 - eps_low, 1.0 + eps_high) * adv
+    loss_BT = torch.where(mask.bool(), -torch.minimum(unclipped, clipped), 0.0)
+    metrics = masked_means({"pg/clipfrac": (clipped < unclipped).detach()}, mask, dtype=z.dtype)
+    metrics["luspo/seq_ratio_mean"] = masked_mean(s.detach().expand_as(z), mask)
+    return _agg(inputs, loss_BT, agg), {**metrics, **policy_metrics(inputs, log_ratio_BT=z)}
+
+
+register(Preset(
+    name="geo_mean",
+    description="GMPO: the geometric mean of token ratios, clipped per token in log space to [-0.4, 0.4].",
+    fn=geo_mean,
+    defaults={"agg": "seq-mean-token-mean", "eps_low": 0.4, "eps_high": 0.4},
+    advantage="grpo",
+    source=("Zhao et al. 2025 (Geometric-Mean Policy Optimization, arXiv 2507.20673); verl core_algos.py "
+            "compute_policy_loss_geo_mean, examples/gmpo_trainer (clip_ratio 0.4); callsys/GMPO"),
+    equation=("z_t = log pi_theta/pi_old; z~_t = sgn(A) min(sgn(A) z_t, sgn(A) clamp(z_t, -eps_low, eps_high)); "
+              "s_i = exp(mean_t z~_t); l_i = -mean_t(A) s_i; mean over sequences"),
+    tighten={"eps_low": "scale", "eps_high": "scale"},
+))
+register(Preset(
+    name="luspo",
+    description="LUSPO: GSPO's sequence-ratio clip with each sequence's loss scaled by its length (eps 2e-3/2.5e-3).",
+    fn=luspo,
+    defaults={"agg": "seq-mean-token-sum", "eps_low": 2e-3, "eps_high": 2.5e-3},
+    advantage="grpo",
+    source=("LUSPO (Length-Unbiased Sequence Policy Optimization, arXiv 2602.05261); TRL GRPOTrainer "
+            "loss_type='luspo', importance_sampling_level='sequence'; TRL paper_index (epsilon 2e-3, epsilon_high "
+            "2.5e-3, section 5.1)"),
+    equation=("s_i = exp(mean_t m log r_t); l_t = -min(s_i A_t, clip(s_i, 1-eps_low, 1+eps_high) A_t); "
+              "L = sum_i |y_i| l_i / N_seq"),
 ))

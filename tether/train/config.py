@@ -18,6 +18,7 @@ from typing import Any
 from tether.configs import build, coerce_fields, opt, section
 from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
+from tether.objectives.advantages import ADVANTAGES
 
 
 class KLPlacement(str, enum.Enum):
@@ -88,7 +89,7 @@ class AsyncConfig:
         return self.max_staleness if self.rollout_lag is None else self.rollout_lag
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus")
+KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus", "k3_is")
 
 
 @dataclass
@@ -96,7 +97,8 @@ class KLConfig:
     """The KL penalty to the reference (initial) policy; exists only with ``kl_placement`` reward or loss."""
     FLAT_PREFIX = "kl_"
     coef: float = opt(0.0, "coefficient of the KL to the reference (initial) policy (> 0)")
-    estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus")
+    estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus, k3_is ((pi_theta/mu) k3, unbiased from the "
+                               "engine's samples; kl_placement loss only)")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -165,6 +167,8 @@ class TrainConfig:
     objective: str = opt("grpo", "objective preset (tether objectives lists them)", group="objective")
     objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}',
                                       group="objective")
+    advantage: str | None = opt(None, "advantage estimator instead of the preset's own: grpo, dr_grpo, rloo, "
+                                "reinforce_pp (none: the preset's; tether objectives shows it)", group="objective")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)", group="objective")
     overlong_buffer: int | None = opt(None, "soft overlong penalty buffer L_buf in tokens (none: off)",
                                       group="objective")
@@ -259,6 +263,10 @@ class TrainConfig:
         if (self.kl_placement is KLPlacement.NONE) != (self.kl is None):
             raise ValueError("config field 'kl_coef' must be > 0 when kl_placement is not 'none'"
                              if self.kl is None else "config section 'kl' (KLConfig) needs kl_placement reward or loss")
+        if self.kl is not None and self.kl.estimator == "k3_is" and self.kl_placement is not KLPlacement.LOSS:
+            raise ValueError("config field 'kl_estimator' k3_is needs kl_placement 'loss' (its ratio carries the gradient)")
+        _check(self.advantage is None or self.advantage in ADVANTAGES, "advantage",
+               f"must be one of {', '.join(ADVANTAGES)} or none", repr(self.advantage))
         self._check_ranges()
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("config field 'minibatches' must divide prompts_per_step * group_size")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tether.configs import to_dict
 from tether.objectives import get_preset
-from tether.objectives.advantages import get_advantage
+from tether.objectives.advantages import advantage_metrics, get_advantage
 from tether.objectives.kl import check_kl_combination
 from tether.rollout import Rollout
 from tether.tasks.base import Example
@@ -107,7 +107,7 @@ class Run:
             torch.set_num_threads(cfg.threads)
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
-        self.advantage_fn = get_advantage(self.preset.advantage)
+        self.advantage_fn = get_advantage(cfg.advantage or self.preset.advantage)  # --advantage overrides the preset
         if cfg.kl is not None:
             check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
@@ -235,8 +235,8 @@ class Run:
             keep_B = keep_B & info_B
         old_for_loss = anchor_BT if anchor_BT is not None else rollout.logp_mu_BT
         include_B = None if expert_B is None else ~expert_B  # group statistics over sampled rows only
-        advantages_BT = (self.advantage_fn(rewards_B, rollout.group_B, include_B)[:, None].to(old_for_loss.dtype)
-                         * mask_BT)
+        advantages_B = self.advantage_fn(rewards_B, rollout.group_B, include_B)
+        advantages_BT = advantages_B[:, None].to(old_for_loss.dtype) * mask_BT
         if batch.weight_BT is not None:
             advantages_BT = advantages_BT * batch.weight_BT
         with clock("meter"):
@@ -257,7 +257,7 @@ class Run:
                 update = update_phase(
                     cfg, self.preset, step_args, model, self.optimizer, rollout, keep_B, old_for_loss, logp_ref_BT,
                     advantages_BT, s, logprobs=self.logprobs,
-                    kl_loss=(lambda lp, ref, m: setup.kl_loss_terms(lp, ref, m, cfg))
+                    kl_loss=(lambda lp, ref, m, mu: setup.kl_loss_terms(lp, ref, m, mu, cfg))
                     if cfg.kl_placement is KLPlacement.LOSS else None,
                     first_logp_theta_BT=theta_BT if one_forward else None,
                     prox_fn=self.old_logits.prox_fn(rollout, s), extra_inputs=expert_inputs)
@@ -272,6 +272,7 @@ class Run:
         metrics.update({
             "reward/mean": raw_reward_mean, "reward/shaped_mean": rewards_B.mean(), "reward/failed": batch.failed,
             "length/mean": rollout.completion_len_B.float().mean(), "time/old_logits_s": old_s,
+            **advantage_metrics(advantages_B, include_B),
             "mem/old_logits_bytes": self.old_logits.extra_bytes(),
             "async/version_min": (int(rollout_m.version_BT[rollout_m.loss_mask_BT].min())
                                   if rollout_m.loss_mask_BT.any() else s),

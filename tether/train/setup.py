@@ -183,10 +183,19 @@ def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainC
     return per_token.sum(-1).to(torch.float32)
 
 
-def kl_loss_terms(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
-    from tether.objectives.kl import kl_penalty_in_loss
+def kl_loss_terms(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, logp_mu_BT: Tensor | None,
+                  cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-token KL penalty in the loss and its metrics (``kl/is_weight_mean``, the mean of ``pi_theta/mu``
+    over loss tokens, with the importance-corrected estimator ``k3_is``)."""
+    from tether.objectives.inputs import masked_mean
+    from tether.objectives.kl import IMPORTANCE_CORRECTED, kl_penalty_in_loss
 
-    return kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl.estimator, coef=cfg.kl.coef)
+    kl_BT = kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl.estimator, coef=cfg.kl.coef,
+                               logp_mu_BT=logp_mu_BT)
+    metrics = {}
+    if cfg.kl.estimator == IMPORTANCE_CORRECTED:
+        metrics["kl/is_weight_mean"] = masked_mean(torch.exp(logp_theta_BT.detach() - logp_mu_BT), mask_BT)
+    return kl_BT, metrics
 
 
 def mismatch_metrics(logp_old_BT: Tensor | None, rollout: Rollout, entropy_BT: Tensor | None, step: int, *,

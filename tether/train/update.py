@@ -40,8 +40,8 @@ def update_phase(cfg, preset, objective_args: dict[str, Any], model: torch.nn.Mo
     optimiser step); the step then counts as bad. ``first_logp_theta_BT`` (all rows, with its graph,
     computed at the current weights) stands in for the first micro-batch's forward. ``prox_fn(logp_theta_BT,
     rows) -> logp_old`` (async loop, old_logits=loglinear) makes the anchor from each micro-batch's own
-    forward. ``kl_loss(logp_theta_BT, logp_ref_BT, mask_BT) -> per-token KL`` adds the KL penalty to the loss
-    (token-mean over the mini-batch). ``extra_inputs``: per-row ``LossInputs`` fields (``expert_B``, ...)
+    forward. ``kl_loss(logp_theta_BT, logp_ref_BT, mask_BT, logp_mu_BT) -> (per-token KL, metrics)`` adds the KL
+    penalty to the loss (token-mean over the mini-batch; its value logged as ``kl/loss``). ``extra_inputs``: per-row ``LossInputs`` fields (``expert_B``, ...)
     indexed with the rows like the rest.
     """
     rows = torch.nonzero(keep_B).flatten()
@@ -81,8 +81,10 @@ def update_phase(cfg, preset, objective_args: dict[str, Any], model: torch.nn.Mo
                 inputs = inputs_for(micro, logp_theta_BT, norm)
                 loss, metrics = preset(inputs, **args)
                 if kl_loss is not None:
-                    kl_BT = kl_loss(logp_theta_BT, inputs.logp_ref_BT, inputs.mask_BT)
-                    loss = loss + aggregate(kl_BT, inputs.mask_BT, "token-mean", num_tokens=norm["num_tokens"])
+                    kl_BT, kl_metrics = kl_loss(logp_theta_BT, inputs.logp_ref_BT, inputs.mask_BT, inputs.logp_mu_BT)
+                    kl_term = aggregate(kl_BT, inputs.mask_BT, "token-mean", num_tokens=norm["num_tokens"])
+                    loss = loss + kl_term
+                    metrics = {**metrics, **kl_metrics, "kl/loss": kl_term.detach()}
                 if not torch.isfinite(loss):
                     ok = False
                     break
