@@ -105,6 +105,11 @@ class Run:
         cfg = self.cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        # the run directory first: locked, checked, config.json written, and (on resume) the reward module it
+        # will import named before the task imports it
+        self.dir = self._stack.enter_context(open_run_dir(cfg, f"runs/{name or Path(cfg.task).stem}"))
+        self.run_dir = self.dir.path
+        self.interrupt = self._stack.enter_context(StopOnSignal(self.run_dir))
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
         self.advantage_fn = get_advantage(cfg.advantage or self.preset.advantage)  # --advantage overrides the preset
@@ -113,10 +118,6 @@ class Run:
 
         self.task = setup.build_task(cfg)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
-        # the run directory: locked, checked and config.json written before anything expensive is built
-        self.dir = self._stack.enter_context(open_run_dir(cfg, f"runs/{name or Path(cfg.task).stem}"))
-        self.run_dir = self.dir.path
-        self.interrupt = self._stack.enter_context(StopOnSignal(self.run_dir))
         self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
         self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op

@@ -159,7 +159,9 @@ class RunDir:
 
 
 def _prepare_fresh(path: Path, overwrite: bool) -> None:
-    held = sorted(p.name for p in path.iterdir() if p.name != LOCK)
+    # a directory holding only a config.json is a run that stopped during start-up (a refused preset, a kill
+    # before its first step): nothing of it is lost by starting again there
+    held = sorted(p.name for p in path.iterdir() if p.name not in (LOCK, "config.json"))
     if not held:
         return
     if not overwrite:
