@@ -21,6 +21,7 @@ import json
 import queue
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource, clone_state
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.scoring import Scorer
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.summary import write_summary
@@ -57,7 +59,7 @@ class Batch:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _generate_scored(cfg: TrainConfig, task, policy, examples, *, seed_fn, before_chunk, chunk_tokens):
+def _generate_scored(cfg: TrainConfig, rewards: Scorer, policy, examples, *, seed_fn, before_chunk, chunk_tokens):
     """Generate ``group_size`` completions per example and score them: ``(rollout, rewards_B, failed, s)``."""
     t0 = time.perf_counter()
     prompts = [policy.tokenizer.encode(ex.prompt) for ex in examples for _ in range(cfg.group_size)]
@@ -65,11 +67,11 @@ def _generate_scored(cfg: TrainConfig, task, policy, examples, *, seed_fn, befor
     rollout = generate_partial(policy.engine, prompts, setup.sampling_params(cfg), group_B=group_B,
                                chunk_tokens=chunk_tokens, seed_fn=seed_fn, before_chunk=before_chunk)
     t1 = time.perf_counter()
-    rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
+    rewards_B, failed = setup.score(rewards, policy, rollout, examples, cfg)
     return rollout, rewards_B, failed, {"time/rollout_s": t1 - t0, "time/score_s": time.perf_counter() - t1}
 
 
-def _producer(cfg: TrainConfig, task, policy, board: WeightBoard, lease: EngineLease, out: queue.Queue, start: int,
+def _producer(cfg: TrainConfig, rewards: Scorer, policy, board: WeightBoard, lease: EngineLease, out: queue.Queue, start: int,
               stop: threading.Event):
     engine, lag = policy.engine, cfg.lag
     try:
@@ -88,7 +90,7 @@ def _producer(cfg: TrainConfig, task, policy, board: WeightBoard, lease: EngineL
 
             try:
                 rollout, rewards_B, failed, seconds = _generate_scored(
-                    cfg, task, policy, setup.sample_examples(task, cfg, step_seed(cfg.seed, s)),
+                    cfg, rewards, policy, setup.sample_examples(rewards.task, cfg, step_seed(cfg.seed, s)),
                     seed_fn=lambda c, s=s: step_seed(cfg.seed, s, 1 if c == 0 else 1000 + c),
                     before_chunk=before_chunk, chunk_tokens=cfg.partial_chunk_tokens)
             finally:
@@ -106,7 +108,7 @@ def _producer(cfg: TrainConfig, task, policy, board: WeightBoard, lease: EngineL
         out.put(e)
 
 
-def refill_dropped(cfg: TrainConfig, task, policy, board: WeightBoard, lease: EngineLease, batch: Batch,
+def refill_dropped(cfg: TrainConfig, rewards: Scorer, policy, board: WeightBoard, lease: EngineLease, batch: Batch,
                    keep_B: torch.Tensor, step: int) -> tuple[Any, torch.Tensor, int, dict[str, float]]:
     """``drop``'s refill: as many fresh groups as were dropped, sampled at the trainer's version ``step``
     (age 0, so never beyond the bound: one round always fills the batch), appended to the kept rows.
@@ -119,13 +121,13 @@ def refill_dropped(cfg: TrainConfig, task, policy, board: WeightBoard, lease: En
     kept = batch.rollout.select(keep_B.nonzero().squeeze(-1))
     if n_new == 0:
         return kept, batch.rewards_B[keep_B], 0, {"async/refilled_groups": 0.0}
-    examples = setup.sample_examples(task, cfg, step_seed(cfg.seed, step, 2))[:n_new]
+    examples = setup.sample_examples(rewards.task, cfg, step_seed(cfg.seed, step, 2))[:n_new]
     engine = policy.engine
     with lease:
         if engine.version != step:
             engine.load_weights(board.get(step), version=step)
         fresh, rewards_B, failed, seconds = _generate_scored(
-            cfg, task, policy, examples, seed_fn=lambda c: step_seed(cfg.seed, step, 3), before_chunk=None,
+            cfg, rewards, policy, examples, seed_fn=lambda c: step_seed(cfg.seed, step, 3), before_chunk=None,
             chunk_tokens=None)
     rollout = concat_rows([kept, fresh], pad_id=engine.pad_id, vocab_size=engine.vocab_size)
     metrics = {"async/refilled_groups": float(n_new), "time/refill_rollout_s": seconds["time/rollout_s"],
@@ -134,6 +136,11 @@ def refill_dropped(cfg: TrainConfig, task, policy, board: WeightBoard, lease: En
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    with ExitStack() as cleanup:  # closed on every exit path: the reward's worker processes
+        return _train(cfg, cleanup)
+
+
+def _train(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.resume or cfg.out or f"runs/{Path(cfg.task).stem}-{cfg.objective}-async-{cfg.seed}")
@@ -167,14 +174,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None)
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto
+    rewards = cleanup.enter_context(Scorer(task, cfg, state.counters))  # the reward's workers, failure counts, stop rule
     if state.accuracy_before is None:
-        state.accuracy_before = setup.evaluate(policy, task, cfg)
+        state.accuracy_before = setup.evaluate(policy, rewards, cfg)
     for k in ("stale_tokens", "stale_dropped_groups", "stale_refilled_groups", "downweighted_tokens"):
         state.counters.setdefault(k, 0)
 
     batches: queue.Queue = queue.Queue(maxsize=cfg.lag + 1)
     stop = threading.Event()
-    producer = threading.Thread(target=_producer, args=(cfg, task, policy, board, lease, batches, state.step, stop),
+    producer = threading.Thread(target=_producer, args=(cfg, rewards, policy, board, lease, batches, state.step, stop),
                                 name="tether-rollout", daemon=True)
     producer.start()
     t_start, tokens_total = time.perf_counter(), 0
@@ -189,7 +197,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     raise batch
                 assert batch.step == s, f"async loop: got batch {batch.step} at step {s}"
                 rollout, rewards_B = batch.rollout, batch.rewards_B
-                state.counters["reward_failed"] += batch.failed
+                rewards.record(batch.failed, batch.rollout.batch_size, s)  # counted per reward; stops if all fail K steps
                 mask_BT = rollout.loss_mask_BT
                 # 1. staleness policy on token ages s - v; drop refills the batch with fresh groups
                 keep_B, weight_BT, counts = apply_staleness(
@@ -198,9 +206,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 bias = drop_bias_metrics(rewards_B, rollout.completion_len_B, keep_B)
                 if cfg.staleness_policy is StalenessPolicy.DROP:
                     with clock("refill"):
-                        rollout, rewards_B, failed, refill = refill_dropped(cfg, task, policy, board, lease, batch,
+                        rollout, rewards_B, failed, refill = refill_dropped(cfg, rewards, policy, board, lease, batch,
                                                                             keep_B, s)
-                    state.counters["reward_failed"] += failed
+                    rewards.record(failed, int(refill["async/refilled_groups"]) * cfg.group_size, s)
                     counts.update(refill, **{"async/batch_groups": float(torch.unique(rollout.group_B).numel())})
                     mask_BT = rollout.loss_mask_BT
                     keep_B = torch.ones(rollout.batch_size, dtype=torch.bool)
@@ -289,7 +297,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         board.close()
         producer.join(timeout=60)
     engine.load_weights(model.state_dict(), version=state.step)
-    accuracy_after = setup.evaluate(policy, task, cfg)
+    accuracy_after = setup.evaluate(policy, rewards, cfg)
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
                          time.perf_counter() - t_start)

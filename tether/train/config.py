@@ -60,6 +60,11 @@ class TrainConfig:
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing")
     reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)")
+    reward_workers: int | None = opt(None, "worker processes that run user rewards (module:function, TRL), each call "
+                                           "under a hard timeout; none: one per CPU core (at most the batch); 0: in "
+                                           "the trainer's process, not isolated. Built-in rewards run in-process "
+                                           "unless this is set (docs/tasks.md)")
+    max_failed_reward_steps: int = opt(3, "stop after this many consecutive steps in which every reward call failed")
     model: str = opt("tiny", "model: 'tiny' (built-in, warm-started) or a path")
     objective: str = opt("grpo", "objective preset (tether objectives lists them)")
     objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}')
@@ -135,7 +140,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ["steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
-                    "checkpoint_every", "max_bad_steps", "eval_size"]
+                    "checkpoint_every", "max_bad_steps", "eval_size", "max_failed_reward_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"config field '{name}' must be >= 1, got {getattr(self, name)}")
@@ -156,6 +161,8 @@ class TrainConfig:
             raise ValueError(f"config field 'micro_batch_size' must be >= 1, got {self.micro_batch_size}")
         if self.reward_timeout_s <= 0:
             raise ValueError(f"config field 'reward_timeout_s' must be > 0, got {self.reward_timeout_s}")
+        if self.reward_workers is not None and self.reward_workers < 0:
+            raise ValueError(f"config field 'reward_workers' must be >= 0 or none, got {self.reward_workers}")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
             raise ValueError("config field 'overlong_buffer' must be in [1, max_new_tokens]")
         from tether.train.mismatch_control import validate_config  # the budget_* fields

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.progress import StepProgress, Stopwatch
+from tether.train.scoring import Scorer
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.summary import write_summary
 
@@ -53,6 +55,11 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    with ExitStack() as cleanup:  # closed on every exit path: the reward's worker processes
+        return _train(cfg, cleanup)
+
+
+def _train(cfg: TrainConfig, cleanup: ExitStack) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(cfg.resume or cfg.out or f"runs/{Path(cfg.task).stem}-{cfg.objective}-{cfg.seed}")
@@ -74,10 +81,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     engine.load_weights(model.state_dict(), version=state.step)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     control = MismatchControl(cfg, objective_args, state.mismatch_control, state.counters)  # budget actions, auto correction
+    rewards = cleanup.enter_context(Scorer(task, cfg, state.counters))  # the reward's workers, failure counts, stop rule
     log = open_loggers(cfg, run_dir, MetricsLog(run_dir / "metrics.jsonl", resume_after_step=state.step - 1 if ckpt else None))
 
     if state.accuracy_before is None:
-        state.accuracy_before = setup.evaluate(policy, task, cfg)
+        state.accuracy_before = setup.evaluate(policy, rewards, cfg)
     t_start, tokens_total = time.perf_counter(), 0
     with StepProgress(total=cfg.steps, start=state.step, enabled=cfg.progress) as progress:
         while state.step < cfg.steps:
@@ -87,8 +95,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 examples = setup.sample_examples(task, cfg, step_seed(cfg.seed, step))
                 rollout = setup.generate(policy, examples, cfg, seed=step_seed(cfg.seed, step, 1))
             with clock("score"):  # 2. score (failed reward calls count and get 0), shape
-                rewards_B, failed = setup.score(task, policy, rollout, examples, cfg)
-                state.counters["reward_failed"] += failed
+                rewards_B, failed = setup.score(rewards, policy, rollout, examples, cfg)
+                rewards.record(failed, rollout.batch_size, step)  # counted per reward; stops if all fail K steps
                 raw_reward_mean = rewards_B.mean()
                 if cfg.overlong_buffer is not None:
                     rewards_B = rewards_B + soft_overlong_penalty(
@@ -151,7 +159,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     **({"ref_model": ref_model.state_dict()} if ref_model is not None else {}),
                 })
     log.close()  # flush TensorBoard / W&B / MLflow
-    accuracy_after = setup.evaluate(policy, task, cfg)
+    accuracy_after = setup.evaluate(policy, rewards, cfg)
     counters = {**state.counters, "bad_rows_skipped": getattr(task, "n_skipped", 0)}
     return write_summary(run_dir, to_dict(cfg), counters, state.accuracy_before, accuracy_after, tokens_total,
                          time.perf_counter() - t_start)
