@@ -75,6 +75,7 @@ def test_a_reward_holding_the_gil_is_killed_at_its_timeout(tmp_path):
     train_failed, eval_failed, _ = counted(tmp_path, "regex_one_in_five")
     hangs = events.count("hang")
     assert hangs > 0
+    assert events.count("done") == 0  # no call ran on to its end: each was stopped at its timeout
     assert train_failed + eval_failed == hangs
 
 

@@ -44,12 +44,14 @@ def regex_always(prompt, completion, answer):
 
 
 def _one_in_five_then(act, prompt, completion, answer):
-    """``act()`` on one call in five (logged 'hang'), then reward 1.0; the others are scored ('ok')."""
+    """``act()`` on one call in five (logged 'hang', and 'done' if it ever ends), then reward 1.0;
+    the other calls are scored ('ok')."""
     if not one_in_five(prompt, completion):
         _log("ok")
         return exact(prompt, completion, answer)
     _log("hang")
     act()
+    _log("done")
     return 1.0
 
 

@@ -6,6 +6,7 @@ the hour it would take unkilled).
 """
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,16 @@ def test_a_crashing_worker_costs_one_sample(pools):
     assert results[1].reason == "crash: the worker process died during the call (exit code 7)"
     assert [r.reward for r in results] == [0.5, 0.0, 0.5, 0.0, 0.5]
     assert (pool.stats["crashes"], pool.stats["restarts"], pool.stats["timeouts"]) == (2, 2, 0)
+
+
+def test_a_worker_killed_while_idle_costs_one_sample_at_most(pools):
+    pool = pools("exact", workers=1, timeout_s=30.0)
+    pool.map(calls("a"))
+    os.kill(pool.pids[0], signal.SIGKILL)
+    assert wait_gone(pool.pids, 10) == []
+    results = pool.map(calls("a", "a", "b"))
+    assert results[0].reason == "crash: the worker process was gone when the call was sent"
+    assert [r.reward for r in results] == [0.0, 1.0, 0.0]
 
 
 def test_non_finite_and_overflowing_values_are_the_rewards_fault(pools):

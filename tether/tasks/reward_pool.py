@@ -2,13 +2,14 @@
 
 ``RewardPool(spec, workers=n, timeout_s=t)`` starts ``n`` worker processes, each a fresh interpreter
 (``tether.tasks.reward_worker``) that imports the reward by its spec (``module:function`` or
-``/path/file.py:function``; no code is ever sent to it). ``pool.map(calls)`` scores a batch: every
-call goes to an idle worker, one call per worker at a time, so at most ``n`` calls are in flight and
-the rest wait in ``map``'s own list (nothing queues up beyond the batch). A call with no answer after
-``timeout_s`` seconds gets its worker killed (SIGKILL to the worker's process group, so C code holding
+``/path/file.py:function``; no code is ever sent to it). ``pool.map(calls)`` scores a batch: the
+calls go to idle workers in chunks, and each worker runs one call at a time, answering each as it
+finishes; nothing queues up beyond the batch. A call with no answer ``timeout_s`` seconds after it
+started gets its worker killed (SIGKILL to the worker's process group, so C code holding
 the GIL, a blocked socket and the reward's own child processes all stop) and replaced; a worker that
 dies during a call (``os._exit``, a segfault, the OOM killer) is replaced too. Either way that one
-call is one failed sample (``timeout: ...`` / ``crash: ...``) and the other calls are unaffected.
+call is one failed sample (``timeout: ...`` / ``crash: ...``); the calls of its chunk that had not
+started are sent again, and the other workers' calls are unaffected.
 Answers come back as JSON, so the trainer never unpickles anything a reward produced, and are checked
 again against the failure rule of ``tether.tasks.rewards``.
 
@@ -47,6 +48,8 @@ from tether.tasks.reward_worker import HEADER, MAX_FRAME, frame
 from tether.tasks.rewards import ScoreResult, to_reward
 
 _ROOT = str(Path(tether.__file__).resolve().parents[1])
+MAX_CHUNK = 64
+"""Most calls sent to one worker at once."""
 _BOOT = ("import sys; sys.path.insert(0, sys.argv[1]); "
          "from tether.tasks.reward_worker import main; raise SystemExit(main())")
 
@@ -78,8 +81,8 @@ class _Worker:
     deadline: float
     """When its start-up or its current call runs out of time (monotonic clock)."""
     ready: bool = False
-    call: int | None = None
-    """Index of the call it is scoring, if any."""
+    calls: list[int] = field(default_factory=list)
+    """Indices of the calls sent to it and not answered yet, in order; the first is running."""
     buf: bytearray = field(default_factory=bytearray)
 
 
@@ -141,12 +144,12 @@ class RewardPool:
         results: list[ScoreResult | None] = [None] * len(calls)
         todo = list(range(len(calls)))[::-1]  # a stack: pop() takes the next call in order
         try:
-            while todo or any(w.call is not None for w in self._workers):
-                self._dispatch(calls, todo)
+            while todo or any(w.calls for w in self._workers):
+                self._dispatch(calls, todo, results)
                 self._wait(results, todo)
         except BaseException:
-            for w in list(self._workers):  # a busy worker would answer a call that no longer exists
-                if w.call is not None:
+            for w in list(self._workers):  # a busy worker would answer calls that no longer exist
+                if w.calls:
                     self._replace(w)
             raise
         self.stats["calls"] += len(calls)
@@ -216,62 +219,74 @@ class RewardPool:
         self._workers[self._workers.index(w)] = self._spawn()
 
     # ---------------------------------------------------------------------------- scheduling
+    # Calls go out in chunks (one wake-up of the worker per chunk, not per call): a chunk is a
+    # (2 x workers)-th of what is left, so the last ones are small and the workers finish together.
+    # The worker answers each call as it finishes; the deadline is per call (timeout_s after the
+    # previous answer). A killed or dead worker fails the call it was running; the rest of its chunk
+    # had not started and goes back to be sent again.
 
-    def _dispatch(self, calls: Sequence[RewardCall], todo: list[int]) -> None:
+    def _dispatch(self, calls: Sequence[RewardCall], todo: list[int], results: list[ScoreResult | None]) -> None:
         for w in list(self._workers):
-            if not todo or not w.ready or w.call is not None:
+            if not todo or not w.ready or w.calls:
                 continue
-            i = todo.pop()
-            c = calls[i]
-            request = pickle.dumps((c.prompt, c.completion, c.answer, c.messages, c.fields))
+            n = min(len(todo), MAX_CHUNK, -(-len(todo) // (2 * len(self._workers))))
+            chunk = [todo.pop() for _ in range(n)]
+            request = pickle.dumps([(c.prompt, c.completion, c.answer, c.messages, c.fields)
+                                    for c in (calls[i] for i in chunk)])
             if self._send(w, request):
-                w.call, w.deadline = i, time.monotonic() + self.timeout_s
-            else:  # it died while idle, before this call reached it: not the call's fault
-                todo.append(i)
+                w.calls, w.deadline = chunk, time.monotonic() + self.timeout_s
+            else:  # it died while idle (its reward's module, the OOM killer): fail one call rather than retry forever
+                results[chunk[0]] = ScoreResult(0.0, True, "crash: the worker process was gone when the call was sent")
+                self.stats["crashes"] += 1
+                todo.extend(reversed(chunk[1:]))
                 self._replace(w)
 
     def _wait(self, results: list[ScoreResult | None], todo: list[int]) -> None:
-        waiting = [w for w in self._workers if not w.ready or w.call is not None]
+        waiting = [w for w in self._workers if not w.ready or w.calls]
         if not waiting:
             return
         timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
         for key, _ in self._selector.select(timeout):
-            self._read(key.data, results)
+            self._read(key.data, results, todo)
         now = time.monotonic()
         for w in list(self._workers):
-            if w in waiting and (not w.ready or w.call is not None) and w.deadline <= now:
+            if w in waiting and (not w.ready or w.calls) and w.deadline <= now:
                 if not w.ready:
                     self._kill(w)
                     raise RewardPoolError(f"reward {self.name!r}: a worker process did not import it within "
                                           f"{self.start_timeout_s:g} s")
-                results[w.call] = ScoreResult(0.0, True, f"timeout: no result within {self.timeout_s:g} s; "
-                                                         "the worker process was killed")
-                self.stats["timeouts"] += 1
-                self._replace(w)
+                self._fail_running(w, results, todo, f"timeout: no result within {self.timeout_s:g} s; the worker "
+                                                     "process was killed", "timeouts")
 
-    def _read(self, w: _Worker, results: list[ScoreResult | None]) -> None:
+    def _fail_running(self, w: _Worker, results, todo: list[int], reason: str, stat: str) -> None:
+        """The call ``w`` was running fails with ``reason``; its unstarted calls go back; ``w`` is replaced."""
+        results[w.calls[0]] = ScoreResult(0.0, True, reason)
+        self.stats[stat] += 1
+        todo.extend(reversed(w.calls[1:]))
+        w.calls = []
+        self._replace(w)
+
+    def _read(self, w: _Worker, results: list[ScoreResult | None], todo: list[int]) -> None:
         try:
             data = os.read(w.proc.stdout.fileno(), 1 << 16)
         except OSError:
             data = b""
         if not data:  # end of output: the worker is gone
             self._kill(w)
-            code = w.proc.returncode
             if not w.ready:
                 raise RewardPoolError(f"reward {self.name!r}: a worker process exited during start-up "
-                                      f"(exit code {code}); see its messages above")
-            if w.call is not None:
-                results[w.call] = ScoreResult(0.0, True, f"crash: the worker process died during the call "
-                                                         f"(exit code {code})")
-                self.stats["crashes"] += 1
-                w.call = None
-            self._replace(w)
+                                      f"(exit code {w.proc.returncode}); see its messages above")
+            if w.calls:
+                self._fail_running(w, results, todo, "crash: the worker process died during the call (exit code "
+                                                     f"{w.proc.returncode})", "crashes")
+            else:
+                self._replace(w)
             return
         w.buf += data
         while len(w.buf) >= HEADER.size:
             (n,) = HEADER.unpack_from(w.buf)
             if n > MAX_FRAME:
-                return self._protocol_error(w, results, f"a frame of {n} bytes")
+                return self._protocol_error(w, results, todo, f"a frame of {n} bytes")
             if len(w.buf) < HEADER.size + n:
                 return
             payload = bytes(w.buf[HEADER.size:HEADER.size + n])
@@ -279,9 +294,9 @@ class RewardPool:
             try:
                 message = json.loads(payload)
             except ValueError:
-                return self._protocol_error(w, results, "a frame that is not JSON")
+                return self._protocol_error(w, results, todo, "a frame that is not JSON")
             if not self._handle(w, message, results):
-                return self._protocol_error(w, results, f"the unexpected message {str(message)[:100]!r}")
+                return self._protocol_error(w, results, todo, f"the unexpected message {str(message)[:100]!r}")
 
     def _handle(self, w: _Worker, message: Any, results: list[ScoreResult | None]) -> bool:
         if not isinstance(message, dict) or len(message) != 1:
@@ -295,19 +310,20 @@ class RewardPool:
                 self._kill(w)
                 raise RewardPoolError(f"reward {self.name!r}: a worker process could not import it: {value}")
             return False
-        if w.call is None:
+        if not w.calls:
             return False
         if key == "reward" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            results[w.call] = to_reward(value)  # checked again: the worker is not trusted
+            results[w.calls[0]] = to_reward(value)  # checked again: the worker is not trusted
         elif key == "failed" and isinstance(value, str):
-            results[w.call] = ScoreResult(0.0, True, value[:300])
+            results[w.calls[0]] = ScoreResult(0.0, True, value[:300])
         else:
             return False
-        w.call = None
+        w.calls.pop(0)
+        w.deadline = time.monotonic() + self.timeout_s  # the next call of its chunk starts now
         return True
 
-    def _protocol_error(self, w: _Worker, results: list[ScoreResult | None], what: str) -> None:
-        if w.call is not None:
-            results[w.call] = ScoreResult(0.0, True, f"crash: the worker process sent {what}")
-            self.stats["crashes"] += 1
-        self._replace(w)
+    def _protocol_error(self, w: _Worker, results, todo: list[int], what: str) -> None:
+        if w.calls:
+            self._fail_running(w, results, todo, f"crash: the worker process sent {what}", "crashes")
+        else:
+            self._replace(w)

@@ -6,11 +6,12 @@ stderr and its stdin is ``/dev/null``, so nothing the reward does can corrupt th
 is a 4-byte big-endian length and a payload of at most ``MAX_FRAME`` bytes.
 
 * trainer -> worker, pickle (the trainer is the trusted side): first the set-up
-  ``{"spec", "trl", "sys_path", "backstop_s"}``, then one ``(prompt, completion, answer, messages,
-  fields)`` tuple per call.
+  ``{"spec", "trl", "sys_path", "backstop_s"}``, then chunks: lists of ``(prompt, completion,
+  answer, messages, fields)`` tuples, one per call.
 * worker -> trainer, JSON only (the trainer never unpickles anything a reward produced):
   ``{"ready": true}`` or ``{"error": "..."}`` after set-up, then ``{"reward": float}`` or
-  ``{"failed": "reason"}`` per call, under the failure rule of ``tether.tasks.rewards``.
+  ``{"failed": "reason"}`` for each call as soon as it finishes, in order, under the failure rule
+  of ``tether.tasks.rewards``.
 
 The worker imports the reward with ``load_reward_fn(spec)`` (``module:function`` or
 ``/path/file.py:function``): code is never sent to it. It exits on end of input. As a backstop in
@@ -102,8 +103,8 @@ def main() -> int:
         data = read_frame(fd_in)
         if data is None:
             return 0
-        prompt, completion, answer, messages, fields = pickle.loads(data)
-        signal.setitimer(signal.ITIMER_REAL, setup["backstop_s"])
-        result = call(prompt, completion, answer, messages, fields)
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        write_json(fd_out, {"failed": result.reason} if result.failed else {"reward": result.reward})
+        for prompt, completion, answer, messages, fields in pickle.loads(data):
+            signal.setitimer(signal.ITIMER_REAL, setup["backstop_s"])
+            result = call(prompt, completion, answer, messages, fields)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            write_json(fd_out, {"failed": result.reason} if result.failed else {"reward": result.reward})
