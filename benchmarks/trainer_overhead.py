@@ -63,6 +63,7 @@ def main() -> None:
     from tether.train import setup, sync
     from tether.train.config import TrainConfig
     from tether.train.metrics_log import read_metrics
+    from tether.train.scoring import Scorer
 
     advantage_fn = get_advantage(get_preset(args.objective).advantage)
     state: dict = {"rollouts": [], "bare_s": [], "gaps_s": [], "last_end": None, "i": 0}
@@ -85,7 +86,7 @@ def main() -> None:
             for k in range(args.rollouts):
                 ex = setup.sample_examples(state["task"], cfg, sync.step_seed(cfg.seed, k))
                 r = real_generate(policy, ex, cfg, seed=sync.step_seed(cfg.seed, k, 1))
-                rewards_B, _ = setup.score(state["task"], policy, r, ex, cfg)
+                rewards_B, _ = setup.score(Scorer(state["task"], cfg, {}), policy, r, ex, cfg)  # in-process
                 state["rollouts"].append((ex, r, advantage_fn(rewards_B, r.group_B).float()))
         ex, rollout, adv_B = state["rollouts"][state["i"] % args.rollouts]
         state["i"] += 1

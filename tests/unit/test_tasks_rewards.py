@@ -145,7 +145,13 @@ def test_score_ok_and_failure_kinds(timeout_s):
     assert r.reason == "exception: ZeroDivisionError: division by zero"
     for bad in (math.nan, math.inf, -math.inf):
         r = score(lambda p, c, a, v=bad: v, "p", "x", "x", timeout_s)
-        assert (r.reward, r.failed, r.reason) == (0.0, True, "non-finite")
+        assert (r.reward, r.failed, r.reason) == (0.0, True, f"non-finite: returned {bad}")
+    for bad, reason in ((10**400, "non-finite: returned int too large for a float"),
+                        (1e39, "out of range: returned 1e+39, beyond +-1e+12 (it would overflow the float32 advantages)"),
+                        (-2e12, "out of range: returned -2e+12, beyond +-1e+12 (it would overflow the float32 advantages)")):
+        r = score(lambda p, c, a, v=bad: v, "p", "x", "x", timeout_s)
+        assert (r.reward, r.failed, r.reason, r.kind) == (0.0, True, reason, reason.split(":")[0])
+    assert score(lambda p, c, a: -1e12, "p", "x", "x", timeout_s) == ScoreResult(-1e12)  # the bound itself is fine
     for bad, name in ((None, "NoneType"), ("1.0", "str"), ([1.0], "list")):
         r = score(lambda p, c, a, v=bad: v, "p", "x", "x", timeout_s)
         assert (r.reward, r.failed, r.reason) == (0.0, True, f"bad return type: {name}")
@@ -172,7 +178,7 @@ def test_score_timeout_marks_failed_and_returns_promptly():
         r = score(hangs, "p", "c", "a", timeout_s=0.05)
         elapsed = time.perf_counter() - t0
         assert started.is_set()
-        assert (r.reward, r.failed, r.reason) == (0.0, True, "timeout")
+        assert (r.reward, r.failed, r.kind) == (0.0, True, "timeout")
         assert 0.04 < elapsed < 1.0
         # a fast call right after still works
         assert score(exact_match, "p", "a", "a", timeout_s=0.5) == ScoreResult(1.0)
@@ -191,7 +197,7 @@ def test_too_many_hung_rewards_raises_instead_of_piling_up_threads():
     wait_until_no_abandoned_threads()
     try:
         for _ in range(2):
-            assert score(hangs, "p", "c", "a", timeout_s=0.01).reason == "timeout"
+            assert score(hangs, "p", "c", "a", timeout_s=0.01).kind == "timeout"
         assert abandoned_alive() == 2
         with pytest.raises(TooManyHungRewards, match="appears to hang"):
             score(hangs, "p", "c", "a", timeout_s=0.01, max_abandoned=2)
@@ -215,7 +221,7 @@ def test_score_logs_failures_and_batch_counts(caplog):
     assert [r.reward for r in results] == [1.0, 0.0, 0.0, 0.0]
     assert [r.failed for r in results] == [False, True, True, False]
     assert failure_counts(results) == {"exception": 1, "non-finite": 1}
-    assert sum("reward failed" in rec.message for rec in caplog.records) == 2
+    assert sum("flaky' failed (" in rec.message for rec in caplog.records) == 2  # names the reward
     with pytest.raises(ValueError, match="2 prompts, 1 completions"):
         score_batch(flaky, ["p", "q"], ["a"], ["a", "b"])
     with pytest.raises(ValueError, match="timeout_s"):

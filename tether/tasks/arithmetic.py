@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tether.tasks.base import Example
 from tether.tasks.procedural import ProceduralTask
 from tether.tasks.rewards import exact_match
+from tether.tasks.rewards import reward_ref as ref_of
 
 OPS = ("+", "-", "*")
 
@@ -86,6 +87,8 @@ class ArithmeticTask(ProceduralTask):
     has_expert_solutions = True
     """Every problem carries its solution (CalibRL / RL-PLUS can train on it)."""
     salt = "tether-arith-v1"
+    reward_ref = ref_of("exact_match")
+    """tether's own ``exact_match``: called in the trainer's process unless reward workers are asked for."""
 
     def __init__(self, config: ArithmeticConfig | None = None) -> None:
         self.config = config or ArithmeticConfig()

@@ -25,7 +25,7 @@ from fractions import Fraction
 
 from tether.tasks.base import Example
 from tether.tasks.procedural import ProceduralTask
-from tether.tasks.rewards import first_line, register_builtin_reward
+from tether.tasks.rewards import RewardRef, first_line, register_builtin_reward
 
 OPS = ("+", "-", "*", "/")
 MAX_EXPRESSION_CHARS = 256
@@ -206,7 +206,7 @@ def countdown_reward(prompt: str, completion: str, answer: str) -> float:
     return 1.0 if check_expression(first_line(completion), numbers, target) is None else 0.0
 
 
-register_builtin_reward("countdown", countdown_reward, _check_answer)
+register_builtin_reward("countdown", countdown_reward, _check_answer, trusted=True)
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -271,6 +271,8 @@ class CountdownTask(ProceduralTask):
     has_expert_solutions = True
     """Every problem carries its solution (CalibRL / RL-PLUS can train on it)."""
     salt = "tether-cd-v1"
+    reward_ref = RewardRef("countdown", None, trusted=True)
+    """tether's own bounded verifier (it reads this task's ``ops``): called in the trainer's process."""
 
     def __init__(self, config: CountdownConfig | None = None) -> None:
         self.config = config or CountdownConfig()

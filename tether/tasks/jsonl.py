@@ -32,7 +32,7 @@ from pathlib import Path
 import tether.tasks.countdown  # noqa: F401  (registers the built-in 'countdown' reward)
 from tether.tasks.base import DatasetExperts, Example
 from tether.tasks.readers import RawRow, reader_for
-from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn
+from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn, reward_ref
 from tether.tasks.split import is_heldout
 from tether.tasks.text import TextCheck, text_problem
 
@@ -122,6 +122,7 @@ class JsonlTask(DatasetExperts):
         self.config = config
         self.name = Path(config.path).stem
         self.reward_fn = load_reward_fn(config.reward)
+        self.reward_ref = reward_ref(config.reward)  # its name in counters, how a reward worker imports it
         builtin = BUILTIN_REWARDS.get(config.reward)
         self._check_answer = builtin.check_answer if builtin is not None else None
         self.skipped: list[DatasetError] = []

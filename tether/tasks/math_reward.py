@@ -3,8 +3,9 @@
 (``pip install 'tether[math]'``).
 
 Reward 1.0 iff ``verify(parse(answer), parse(completion))``; 0.0 otherwise. Parsing and verification
-run without math-verify's signal-based timeouts (they only work in the main thread, and tether calls
-rewards in a worker thread with its own timeout, ``reward_timeout_s``).
+run without math-verify's signal-based timeouts (they only work in the main thread); the trainer runs
+this reward in worker processes (it parses with sympy, third-party code) under its own hard timeout,
+``reward_timeout_s``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,22 @@
-"""Reward functions: the built-in ones, loading a user's by import path, and a guarded runner.
+"""Reward functions: the built-ins, loading a user's by import path, and the in-process runner.
 
 A reward function has the signature ``fn(prompt: str, completion: str, answer: str) -> float``.
 
 Failure rule (the trainer relies on it): a reward call that raises, runs longer than the timeout,
-returns something that is not a real number, or returns NaN/Inf marks that sample *failed*. A failed
-sample gets reward 0.0, is counted (``ScoreResult.failed``; the trainer sums them into its
-``reward/failed`` metric and the run summary) and is logged on the ``tether.tasks.rewards`` logger.
-The run continues. ``score`` never raises because of what the reward function does.
+crashes its worker process, returns something that is not a real number, returns NaN/Inf or a
+number too large to train on (``|r| > MAX_ABS_REWARD``) marks that sample *failed*. A failed sample
+gets reward 0.0, is counted (``ScoreResult.failed``; the trainer sums them into its
+``reward/failed`` metric and the run summary, under the reward's name) and is logged on the
+``tether.tasks.rewards`` logger, naming the reward. The run continues.
 
-Timeouts use a thread: the call runs in a daemon thread and ``score`` waits at most ``timeout_s``.
-Python cannot kill a thread, so a hung pure-Python reward function is *abandoned*, not stopped: it
-keeps running in the background (holding the GIL part of the time) until it returns or the process
-exits. If more than ``max_abandoned`` such threads are alive at once, ``score`` raises
-``TooManyHungRewards`` rather than letting them pile up; make the reward function itself bounded.
+Where rewards run: the trainer calls user rewards (``module:function``, ``file.py:function``, TRL
+rewards) in worker processes with hard timeouts (``tether.tasks.reward_pool``); ``RewardRef`` says
+what a task's reward is called and how a worker imports it. ``score`` here is the in-process runner,
+used for tether's own built-in rewards (trusted, bounded: no timeout needed) and for rewards a worker
+cannot import (a lambda, a closure, a function defined in ``__main__``). Its timeout uses a thread:
+Python cannot kill a thread, so a hung call is *abandoned*, and C code that holds the GIL (a
+catastrophic regex) cannot be interrupted at all. If more than ``max_abandoned`` abandoned calls are
+alive at once, ``score`` raises ``TooManyHungRewards``.
 """
 
 from __future__ import annotations
@@ -107,18 +111,21 @@ class BuiltinReward:
     fn: RewardFn
     check_answer: Callable[[str], str | None] | None = None
     """Validates a dataset answer at load time: None if usable, else why not."""
+    trusted: bool = False
+    """tether's own bounded code (no third-party parsing): called in the trainer's process by default."""
 
 
 BUILTIN_REWARDS: dict[str, BuiltinReward] = {
-    "exact_match": BuiltinReward(exact_match),
-    "numeric": BuiltinReward(numeric, answer_has_number),
-    "numeric_first": BuiltinReward(numeric_first, answer_has_number),
+    "exact_match": BuiltinReward(exact_match, trusted=True),
+    "numeric": BuiltinReward(numeric, answer_has_number, trusted=True),
+    "numeric_first": BuiltinReward(numeric_first, answer_has_number, trusted=True),
 }
 
 
-def register_builtin_reward(name: str, fn: RewardFn, check_answer=None) -> None:
-    """Make ``name`` usable wherever a reward spec is accepted (tasks add their verifiers here)."""
-    BUILTIN_REWARDS[name] = BuiltinReward(fn, check_answer)
+def register_builtin_reward(name: str, fn: RewardFn, check_answer=None, trusted: bool = False) -> None:
+    """Make ``name`` usable wherever a reward spec is accepted (tasks add their verifiers here).
+    ``trusted``: tether's own bounded code, called in-process by default (else in a worker process)."""
+    BUILTIN_REWARDS[name] = BuiltinReward(fn, check_answer, trusted)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -214,7 +221,57 @@ def load_reward_fn(spec: str) -> RewardFn:
     return obj
 
 
+# --------------------------------------------------------------------------------------- references
+
+
+@dataclass(frozen=True)
+class RewardRef:
+    """What a task's reward is called and where it may run."""
+
+    name: str
+    """The name failures are counted and reported under: the spec as given (``my_rewards:fn``,
+    ``exact_match``), or ``module:qualname`` of a callable."""
+    spec: str | None
+    """What a worker process imports (``module:function`` or an absolute ``/path/file.py:function``);
+    None when a fresh interpreter cannot import it by name (a lambda, a closure, ``__main__``)."""
+    trusted: bool = False
+    """tether's own bounded code: called in the trainer's process unless workers are asked for."""
+
+
+def importable_spec(fn: Callable) -> str | None:
+    """``'module:qualname'`` if importing that in a fresh interpreter gives ``fn`` back, else None."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return None
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if obj is not fn or module.startswith("tether_user_reward_"):  # a file loaded by path has no importable name
+        return None
+    return f"{module}:{qualname}"
+
+
+def reward_ref(reward: str | Callable) -> RewardRef:
+    """The ``RewardRef`` of a reward spec (as ``load_reward_fn`` takes it) or of a callable."""
+    if not isinstance(reward, str):
+        name = f"{getattr(reward, '__module__', '?')}:{getattr(reward, '__qualname__', type(reward).__name__)}"
+        return RewardRef(name, importable_spec(reward))
+    spec = reward.strip()
+    builtin = BUILTIN_REWARDS.get(spec)
+    if builtin is not None:
+        return RewardRef(spec, importable_spec(builtin.fn), builtin.trusted)
+    module, _, attr = spec.rpartition(":")
+    if module.endswith(".py"):  # the worker may not share the trainer's idea of a relative path
+        return RewardRef(spec, f"{Path(module).resolve()}:{attr}")
+    return RewardRef(spec, spec)
+
+
 # ------------------------------------------------------------------------------------------- runner
+
+MAX_ABS_REWARD = 1e12
+"""Largest reward magnitude accepted. Group statistics square rewards in float32 (max about 3.4e38),
+so larger values can overflow into non-finite advantages; a reward outside +-1e12 is the reward's
+fault and fails the sample, rather than surfacing later as a non-finite loss."""
 
 
 @dataclass(frozen=True)
@@ -223,11 +280,12 @@ class ScoreResult:
     """The reward; 0.0 when failed."""
     failed: bool = False
     reason: str | None = None
-    """Why it failed: 'exception: <Type>: <msg>', 'timeout', 'non-finite', 'bad return type: <type>'."""
+    """Why it failed: 'exception: <Type>: <msg>', 'timeout: ...', 'crash: ...', 'non-finite: ...',
+    'out of range: ...', 'bad return type: <type>'."""
 
     @property
     def kind(self) -> str | None:
-        """The reason's category ('exception', 'timeout', 'non-finite', 'bad return type')."""
+        """The reason's category ('exception', 'timeout', 'crash', 'non-finite', 'out of range', 'bad return type')."""
         return None if self.reason is None else self.reason.split(":", 1)[0]
 
 
@@ -246,15 +304,22 @@ def abandoned_alive() -> int:
         return len(_abandoned)
 
 
-def _to_reward(value: object) -> ScoreResult:
+def to_reward(value: object) -> ScoreResult:
+    """A reward function's return value under the failure rule: a real, finite number within
+    ``MAX_ABS_REWARD``, else a failed ``ScoreResult`` saying what was wrong."""
     if isinstance(value, (str, bytes)) or value is None:
         return ScoreResult(0.0, True, f"bad return type: {type(value).__name__}")
     try:
         r = float(value)  # int, float, bool, numpy / torch scalars
+    except OverflowError:
+        return ScoreResult(0.0, True, f"non-finite: returned {type(value).__name__} too large for a float")
     except (TypeError, ValueError):
         return ScoreResult(0.0, True, f"bad return type: {type(value).__name__}")
     if not math.isfinite(r):
-        return ScoreResult(0.0, True, "non-finite")
+        return ScoreResult(0.0, True, f"non-finite: returned {r}")
+    if abs(r) > MAX_ABS_REWARD:
+        return ScoreResult(0.0, True, f"out of range: returned {r:g}, beyond +-{MAX_ABS_REWARD:g} "
+                                      "(it would overflow the float32 advantages)")
     return ScoreResult(r)
 
 
@@ -263,9 +328,22 @@ def _exception_reason(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _failed(reason: str, prompt: str) -> ScoreResult:
-    log.warning("reward failed (%s) for prompt %r; sample gets reward 0", reason, prompt[:80])
-    return ScoreResult(0.0, True, reason)
+def call_reward(reward_fn: RewardFn, prompt: str, completion: str, answer: str) -> ScoreResult:
+    """One call in this thread, no timeout, no logging: an exception or a bad value is a failed result."""
+    try:
+        value = reward_fn(prompt, completion, answer)
+    except Exception as e:
+        return ScoreResult(0.0, True, _exception_reason(e))
+    return to_reward(value)
+
+
+def log_failure(name: str, result: ScoreResult, prompt: str) -> None:
+    """The warning every failed sample gets, naming the reward and the reason."""
+    log.warning("reward %r failed (%s) for prompt %r; sample gets reward 0", name, result.reason, prompt[:80])
+
+
+def _name(reward_fn: object) -> str:
+    return getattr(reward_fn, "__qualname__", None) or getattr(reward_fn, "__name__", None) or repr(reward_fn)
 
 
 def score(
@@ -275,34 +353,39 @@ def score(
     answer: str,
     timeout_s: float | None = None,
     max_abandoned: int = 8,
+    name: str | None = None,
 ) -> ScoreResult:
-    """Call ``reward_fn(prompt, completion, answer)`` under the failure rule of this module.
+    """Call ``reward_fn(prompt, completion, answer)`` in this process under the failure rule.
 
     ``timeout_s=None`` calls it in this thread (no timeout); otherwise in a daemon thread and a call
-    still running after ``timeout_s`` seconds is abandoned and reported as ``'timeout'``.
+    still running after ``timeout_s`` seconds is abandoned and reported as a timeout. ``name``: what
+    the warnings call the reward (default: the function's qualified name).
     """
+    name = name or _name(reward_fn)
     if timeout_s is None:
-        try:
-            value = reward_fn(prompt, completion, answer)
-        except Exception as e:
-            return _failed(_exception_reason(e), prompt)
-        result = _to_reward(value)
-        return _failed(result.reason, prompt) if result.failed else result
+        result = call_reward(reward_fn, prompt, completion, answer)
+    else:
+        result = _call_with_thread_timeout(reward_fn, prompt, completion, answer, timeout_s, max_abandoned, name)
+    if result.failed:
+        log_failure(name, result, prompt)
+    return result
 
+
+def _call_with_thread_timeout(reward_fn, prompt, completion, answer, timeout_s, max_abandoned, name) -> ScoreResult:
     if not timeout_s > 0:
         raise ValueError(f"score: timeout_s must be > 0 or None, got {timeout_s}")
     if abandoned_alive() >= max_abandoned:
         raise TooManyHungRewards(
-            f"{max_abandoned} timed-out calls of reward function {getattr(reward_fn, '__name__', reward_fn)!r} "
-            "are still running; it appears to hang. Bound its running time."
+            f"{max_abandoned} timed-out calls of reward {name!r} are still running in the trainer's process; "
+            "it appears to hang. Bound its running time, or run it in worker processes, which kill a hung call."
         )
-    box: dict[str, object] = {}
+    box: dict[str, ScoreResult] = {}
 
     def target() -> None:
         try:
-            box["value"] = reward_fn(prompt, completion, answer)
-        except BaseException as e:  # noqa: BLE001 - reported, never re-raised into the run
-            box["error"] = e
+            box["result"] = call_reward(reward_fn, prompt, completion, answer)
+        except BaseException as e:  # noqa: BLE001 - SystemExit and the like: reported, never re-raised into the run
+            box["result"] = ScoreResult(0.0, True, _exception_reason(e))
 
     thread = threading.Thread(target=target, name="tether-reward", daemon=True)
     thread.start()
@@ -310,12 +393,8 @@ def score(
     if thread.is_alive():
         with _abandoned_lock:
             _abandoned.append(thread)
-        return _failed("timeout", prompt)
-    if "error" in box:
-        e = box["error"]
-        return _failed(_exception_reason(e), prompt)
-    result = _to_reward(box.get("value"))
-    return _failed(result.reason, prompt) if result.failed else result
+        return ScoreResult(0.0, True, f"timeout: no result within {timeout_s:g} s (the call is abandoned)")
+    return box["result"]
 
 
 def score_batch(

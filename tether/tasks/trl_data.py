@@ -36,7 +36,7 @@ import tether.tasks.math_reward  # noqa: F401  (registers the 'math_verify' rewa
 from tether.tasks.base import DatasetExperts, Example
 from tether.tasks.jsonl import DatasetError
 from tether.tasks.readers import reader_for
-from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn
+from tether.tasks.rewards import BUILTIN_REWARDS, load_reward_fn, reward_ref
 from tether.tasks.split import is_heldout
 from tether.tasks.text import text_problem
 
@@ -180,6 +180,7 @@ class TRLDatasetTask(DatasetExperts):
         if not callable(fn):
             raise ValueError(f"reward must be callable or a reward spec, got {reward!r}")
         self.reward_fn, self.trl_convention = fn, is_trl_reward(fn)
+        self.reward_ref = reward_ref(reward)  # its name in counters, how a reward worker imports it
         builtin = BUILTIN_REWARDS.get(reward) if isinstance(reward, str) else None
         self._train: list[TRLExample] = []
         self._eval: list[TRLExample] = []
@@ -231,20 +232,26 @@ class TRLDatasetTask(DatasetExperts):
         reward called on a batch of one with the example's columns as keyword lists."""
         if not self.trl_convention:
             return self.reward_fn
-        messages = getattr(ex, "messages", None)
-        columns = {k: [v] for k, v in (getattr(ex, "fields", None) or {}).items()}
+        messages, fields = getattr(ex, "messages", None), getattr(ex, "fields", None)
 
         def call(prompt: str, completion: str, answer: str):
-            if messages:
-                prompts, completions = [list(messages)], [[{"role": "assistant", "content": completion}]]
-            else:
-                prompts, completions = [prompt], [completion]
-            out = self.reward_fn(prompts=prompts, completions=completions, **columns)
-            if not isinstance(out, (list, tuple)) or len(out) != 1:
-                raise TypeError(f"a TRL-convention reward must return a list with one value per completion, got {out!r}")
-            return out[0]
+            return call_trl_reward(self.reward_fn, prompt, completion, messages, fields)
 
         return call
+
+
+def call_trl_reward(fn: Callable, prompt: str, completion: str, messages: Sequence[dict] | None,
+                    fields: dict[str, Any] | None) -> Any:
+    """A TRL-convention reward on a batch of one: ``fn(prompts=[..], completions=[..], **columns)``
+    with the row's other columns as one-element lists; returns its one value."""
+    if messages:
+        prompts, completions = [list(messages)], [[{"role": "assistant", "content": completion}]]
+    else:
+        prompts, completions = [prompt], [completion]
+    out = fn(prompts=prompts, completions=completions, **{k: [v] for k, v in (fields or {}).items()})
+    if not isinstance(out, (list, tuple)) or len(out) != 1:
+        raise TypeError(f"a TRL-convention reward must return a list with one value per completion, got {out!r}")
+    return out[0]
 
 
 def encode_prompt(tokenizer: Any, ex: Example) -> list[int]:

@@ -107,8 +107,8 @@ def refill_dropped(run: Run, board: WeightBoard, lease: EngineLease, batch: Batc
     rollout = concat_rows([kept, fresh.rollout], pad_id=engine.pad_id, vocab_size=engine.vocab_size)
     metrics = {"async/refilled_groups": float(n_new), "time/refill_rollout_s": fresh.metrics["time/rollout_s"],
                "time/refill_score_s": fresh.metrics["time/score_s"]}
-    return Batch(step, rollout, torch.cat([batch.rewards_B[keep_B], fresh.rewards_B]),
-                 batch.failed + fresh.failed), metrics
+    return Batch(step, rollout, torch.cat([batch.rewards_B[keep_B], fresh.rewards_B]), batch.failed + fresh.failed,
+                 scored=batch.rollout.batch_size + fresh.rollout.batch_size), metrics
 
 
 def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock: Stopwatch) -> Batch:

@@ -163,6 +163,12 @@ class TrainConfig:
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function", group="rewards")
     reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)",
                                   group="rewards")
+    reward_workers: int | None = opt(None, "worker processes that run user rewards (module:function, TRL), each call "
+                                           "under a hard timeout; none: one per CPU core (at most the batch); 0: in "
+                                           "the trainer's process, not isolated. Built-in rewards run in-process "
+                                           "unless this is set (docs/tasks.md)", group="rewards")
+    max_failed_reward_steps: int = opt(3, "stop after this many consecutive steps in which every reward call failed",
+                                       group="rewards")
     # the objective
     objective: str = opt("grpo", "objective preset (tether objectives lists them)", group="objective")
     objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}',
@@ -278,10 +284,12 @@ class TrainConfig:
 
     def _check_ranges(self) -> None:
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
-                     "checkpoint_every", "max_bad_steps", "eval_size"):
+                     "checkpoint_every", "max_bad_steps", "eval_size", "max_failed_reward_steps"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         for name in ("warmstart_steps", "warmup_steps"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        _check(self.reward_workers is None or self.reward_workers >= 0, "reward_workers", "must be >= 0 or none",
+               self.reward_workers)
         for name in ("micro_batch_size", "threads", "top_k"):
             v = getattr(self, name)
             _check(v is None or v >= 1, name, "must be >= 1 or none", v)

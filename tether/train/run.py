@@ -45,6 +45,7 @@ from tether.train.old_logits import OldLogitSource
 from tether.train.progress import StepProgress, Stopwatch
 from tether.train.requirements import check_requirements
 from tether.train.run_dir import open_run_dir
+from tether.train.scoring import Scorer
 from tether.train.seeds import step_seed
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.signals import StopOnSignal
@@ -70,6 +71,8 @@ class Batch:
     rewards_B: Tensor
     failed: int
     """Reward calls that failed (scored 0)."""
+    scored: int | None = None
+    """Reward calls made for this batch (the async drop refill adds its own); None: one per row."""
     examples: list[Example] | None = None
     """The step's examples (the expert rows of CalibRL / RL-PLUS are built from them)."""
     keep_B: Tensor | None = None
@@ -149,12 +152,14 @@ class Run:
             self.old_logits.load_state_dict(ckpt["old_logits"])
         else:
             self.old_logits.publish(0)
+        # the reward's worker processes, failure counts per reward and the all-failed stop rule (closed with the run)
+        self.rewards = self._stack.enter_context(Scorer(self.task, cfg, self.state.counters))
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
         self.control = MismatchControl(cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
         self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
                                                               resume_after_step=self.state.step - 1 if ckpt else None))
         if self.state.accuracy_before is None:
-            self.state.accuracy_before = setup.evaluate(self.policy, self.task, cfg)
+            self.state.accuracy_before = setup.evaluate(self.policy, self.rewards, cfg)
         self.t_start = time.perf_counter()
         return ckpt
 
@@ -166,7 +171,7 @@ class Run:
         """Flush the trackers, evaluate the final weights, write summary.json and the plots."""
         self.log.close()  # flush TensorBoard / W&B / MLflow
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
-        accuracy_after = setup.evaluate(self.policy, self.task, self.cfg)
+        accuracy_after = setup.evaluate(self.policy, self.rewards, self.cfg)
         self.engine.close()
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
@@ -186,7 +191,7 @@ class Run:
         return setup.generate(self.policy, examples, self.cfg, seed=seed)
 
     def score(self, rollout: Rollout, examples: list[Example]) -> tuple[Tensor, int]:
-        return setup.score(self.task, self.policy, rollout, examples, self.cfg)
+        return setup.score(self.rewards, self.policy, rollout, examples, self.cfg)
 
     def logprobs(self, model: torch.nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
         return setup.token_logprobs(model, rollout, self.cfg)
@@ -198,7 +203,7 @@ class Run:
         assert s == self.state.step, f"run: got the batch of step {s} at step {self.state.step}"
         rollout, rewards_B = batch.rollout, batch.rewards_B
         counters = self.state.counters
-        counters["reward_failed"] += batch.failed
+        self.rewards.record(batch.failed, batch.scored or rollout.batch_size, s)  # counted; stops if all fail K steps
         raw_reward_mean = rewards_B.mean()
         # expert presets: each group's expert solution as one more row, scored like a completion (sync only)
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)

@@ -7,7 +7,7 @@ import copy
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -16,6 +16,9 @@ from tether.engine.base import Engine
 from tether.rollout import Rollout, SamplingParams
 from tether.tasks.base import Example, Task
 from tether.train.config import EngineKind, LRSchedule, RolloutPrecision, TrainConfig
+
+if TYPE_CHECKING:
+    from tether.train.scoring import Scorer
 
 
 @dataclass
@@ -139,18 +142,12 @@ def completions(policy: Policy, rollout: Rollout) -> list[str]:
     return out
 
 
-def score(task: Task, policy: Policy, rollout: Rollout, examples: list[Example], cfg: TrainConfig) -> tuple[Tensor, int]:
-    from tether.tasks.rewards import score as score_one
-
+def score(scorer: Scorer, policy: Policy, rollout: Rollout, examples: list[Example], cfg: TrainConfig
+          ) -> tuple[Tensor, int]:
+    """Rewards of a rollout's completions (row i answers ``examples[i // group_size]``) and how many failed."""
     texts = completions(policy, rollout)
-    rewards, failed = [], 0
-    for i, text in enumerate(texts):
-        ex = examples[i // cfg.group_size]
-        reward = task.reward_for(ex) if hasattr(task, "reward_for") else task.reward  # TRL-convention rewards
-        result = score_one(reward, ex.prompt, text, ex.answer, timeout_s=cfg.reward_timeout_s)
-        rewards.append(result.reward)
-        failed += int(result.failed)
-    return torch.tensor(rewards, dtype=torch.float32), failed
+    results = scorer.score([examples[i // cfg.group_size] for i in range(len(texts))], texts)
+    return torch.tensor([r.reward for r in results], dtype=torch.float32), sum(r.failed for r in results)
 
 
 def token_logprobs(model: torch.nn.Module, rollout: Rollout, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -160,19 +157,16 @@ def token_logprobs(model: torch.nn.Module, rollout: Rollout, cfg: TrainConfig) -
         return recompute(model, rollout, replay_truncation=cfg.replay_truncation)
 
 
-def evaluate(policy: Policy, task: Task, cfg: TrainConfig) -> float:
-    """Greedy accuracy on the task's held-out split (first ``eval_size`` problems)."""
-    examples = task.eval_examples()[: cfg.eval_size]
+def evaluate(policy: Policy, scorer: Scorer, cfg: TrainConfig) -> float:
+    """Greedy accuracy on the task's held-out split (first ``eval_size`` problems); failed reward
+    calls score 0 and are counted (``eval_reward_failed``)."""
+    examples = scorer.task.eval_examples()[: cfg.eval_size]
     greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=cfg.max_new_tokens)
     from tether.tasks.trl_data import encode_prompt
 
     prompts = [encode_prompt(policy.tokenizer, ex) for ex in examples]
     rollout = policy.engine.generate(prompts, greedy, seed=0)
-    texts = completions(policy, rollout)
-    from tether.tasks.rewards import score as score_one
-
-    reward = getattr(task, "reward_for", lambda ex: task.reward)
-    results = [score_one(reward(ex), ex.prompt, t, ex.answer, timeout_s=cfg.reward_timeout_s) for ex, t in zip(examples, texts)]
+    results = scorer.score_eval(examples, completions(policy, rollout))
     return sum(r.reward for r in results) / max(len(examples), 1)
 
 
