@@ -37,13 +37,13 @@ def draws(monkeypatch):
 
 
 def test_consecutive_sync_steps_draw_different_prompts_and_rollouts(tmp_path, draws):
-    sync.train(TrainConfig(**SMALL, out=str(tmp_path / "run")))
+    sync.train(TrainConfig.from_flat(**SMALL, out=str(tmp_path / "run")))
     assert len(draws["prompts"]) == len(draws["rollout_seeds"]) == SMALL["steps"]
     _assert_each_step_differs(draws)
 
 
 def test_consecutive_async_steps_draw_different_prompts(tmp_path, draws):
-    async_loop.train(TrainConfig(**SMALL, out=str(tmp_path / "run"), mode=TrainMode.ASYNC, max_staleness=1))
+    async_loop.train(TrainConfig.from_flat(**SMALL, out=str(tmp_path / "run"), mode=TrainMode.ASYNC, max_staleness=1))
     assert len(draws["prompts"]) >= SMALL["steps"]  # the engine thread may sample ahead of the trainer
     prompts = draws["prompts"][:SMALL["steps"]]
     assert all(a != b for a, b in zip(prompts, prompts[1:])), prompts

@@ -66,8 +66,15 @@ def evaluate(model, tokenizer, task, cfg) -> float:
     from tether.train.setup import Policy
     from tether.train.setup import evaluate as greedy_accuracy
 
+    from tether.train.config import TrainConfig
+    from tether.train.scoring import Scorer
+
     engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
-    return greedy_accuracy(Policy(model, tokenizer, engine), task, cfg)
+    # the distillation loop scores in its own process, under the reward timeout (no worker pool yet)
+    scoring = TrainConfig.from_flat(reward_timeout_s=cfg.reward_timeout_s, reward_workers=0, eval_size=cfg.eval_size,
+                                    max_new_tokens=cfg.max_new_tokens)
+    with Scorer(task, scoring, {}) as scorer:
+        return greedy_accuracy(Policy(model, tokenizer, engine), scorer, cfg)
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tether.objectives.kl import check_kl_combination
 from tether.rollout import Rollout
 from tether.tasks.base import Example
 from tether.train import setup
-from tether.train.config import KLPlacement, OldLogits, TrainConfig
+from tether.train.config import AsyncConfig, KLPlacement, OldLogits, TrainConfig
 from tether.train.errors import TrainingStopped
 from tether.train.expert import expert_rows_for, on_policy_rows
 from tether.train.loggers import open_loggers
@@ -123,13 +123,13 @@ class Run:
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
         self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
+        self._stack.callback(self.engine.close)  # on every exit path (a vLLM server stops with the run)
         self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op
         self.ref_model = setup.frozen_copy(self.model) if cfg.kl is not None else None
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
-        a = cfg.async_
+        a = cfg.async_ or AsyncConfig()  # sync: recompute, which keeps no versions and ignores the rest
         self.old_logits = OldLogitSource(cfg.old_logits, self.model, self.logprobs,
-                                         keep_versions=max(a.lag, a.max_staleness) + 1 if a else 1,
-                                         ewma_beta=a.ewma_beta if a else 0.9)
+                                         keep_versions=max(a.lag, a.max_staleness) + 1, ewma_beta=a.ewma_beta)
         self.sampling = setup.sampling_params(cfg)
         self.state = RunState()
         self.tokens_total = 0
@@ -172,7 +172,6 @@ class Run:
         self.log.close()  # flush TensorBoard / W&B / MLflow
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
         accuracy_after = setup.evaluate(self.policy, self.rewards, self.cfg)
-        self.engine.close()
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
                              self.tokens_total, time.perf_counter() - self.t_start)
