@@ -63,11 +63,10 @@ def make_algorithm(cfg: DistillConfig, tokenizer, student: torch.nn.Module, rows
 
 def evaluate(model, tokenizer, task, cfg) -> float:
     from tether.engine.torch_engine import TorchEngine
-    from tether.train.setup import Policy
-    from tether.train.setup import evaluate as greedy_accuracy
-
     from tether.train.config import TrainConfig
     from tether.train.scoring import Scorer
+    from tether.train.setup import Policy
+    from tether.train.setup import evaluate as greedy_accuracy
 
     engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     # the distillation loop scores in its own process, under the reward timeout (no worker pool yet)
