@@ -138,7 +138,6 @@ register(Preset(
               "unclipped tokens with lb < cov_t < ub; l_t = (1 - sel_t) max(-A r_t, -A clip(r_t, 1-eps_low, "
               "1+eps_high))"),
     batch_stats=_batch_stats,
-    tighten={"eps_low": "scale", "eps_high": "scale"},
 ))
 register(Preset(
     name="kl_cov",

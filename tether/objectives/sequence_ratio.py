@@ -318,7 +318,6 @@ register(Preset(
             "compute_policy_loss_geo_mean, examples/gmpo_trainer (clip_ratio 0.4); callsys/GMPO"),
     equation=("z_t = log pi_theta/pi_old; z~_t = sgn(A) min(sgn(A) z_t, sgn(A) clamp(z_t, -eps_low, eps_high)); "
               "s_i = exp(mean_t z~_t); l_i = -mean_t(A) s_i; mean over sequences"),
-    tighten={"eps_low": "scale", "eps_high": "scale"},
 ))
 register(Preset(
     name="luspo",
