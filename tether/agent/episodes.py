@@ -1,0 +1,255 @@
+"""The multi-turn rollout: run a batch of episodes with an engine, one row of the rollout record per episode.
+
+    obs_0 = env.reset(seed_e)                               every episode e (tokens: Source.PROMPT)
+    for turn k = 0 .. max_turns - 1, over the episodes still running:
+        before_turn(k)                                      the driver may load newer weights here (async)
+        actions = engine.generate(contexts)                 one batched call; each action keeps log mu,
+                                                            its weight version and its truncated support
+        for each episode: context += action (Source.POLICY, turn k)
+                          step = env.step(action tokens)    reward_{e,k}, done
+                          context += step.observation       (Source.ENV / TOOL, turn k), unless done
+
+Token-native: the sampled actions and the environment's replies are appended as token ids, so the row the
+trainer scores is exactly the row the engine sampled (no re-rendering, no re-tokenisation). Provenance
+(``source_BT``, ``turn_BT``, ``policy_id_BT``, ``version_BT``) is recorded per token and the loss mask comes
+from it, so env and tool tokens never enter the loss, whatever their ids.
+
+How an episode ends (``EpisodeBatch.outcomes``): ``done`` (the environment said so), ``max_turns`` (the
+turn cap: the run's ``max_turns`` or the environment's own, whichever is smaller), ``budget`` (the next
+action could not fit: context + ``max_new_tokens`` would pass ``max_episode_tokens``, or a reply did not fit
+and was not appended) and ``env_error`` (``env.step`` raised or returned a non-finite reward: the episode ends, its reward so far
+is kept, and it is counted in ``failed``; a failing ``env.reset`` is an error that names the environment
+and the seed, before any generation). Truncated episodes (``max_turns``, ``budget``) keep
+``finished_B`` False, like a single-turn completion cut at the length limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from tether.agent.env import Env, Observation
+from tether.engine.base import Engine
+from tether.engine.partial import generate_partial
+from tether.rollout import Rollout, SamplingParams, Source
+
+log = logging.getLogger("tether.agent")
+
+OUTCOMES = ("done", "max_turns", "budget", "env_error")
+
+
+@dataclass
+class EpisodeBatch:
+    """A batch of finished episodes: the rollout record (one row each) and what the credit functions need."""
+    rollout: Rollout
+    rewards_EK: Tensor
+    """Reward of turn k of episode e (0 on turns that did not happen)."""
+    turn_mask_EK: Tensor
+    """True on the turns that happened (a prefix of each row)."""
+    state_EK: Tensor
+    """Id of the state each turn acted in (equal ids: the same observation; GiGPO's anchor states): the
+    environment's ``info["state"]`` of the previous step when it gives one, else the observation's tokens."""
+    outcomes: list[str]
+    success_E: Tensor
+    """``info["success"]`` of the last step where the environment sets it, else return > 0."""
+    failed: int = 0
+    """Episodes ended by an environment error."""
+    action_spans: list[list[tuple[int, int]]] = field(default_factory=list)
+    """[start, end) of each turn's sampled action in the row's tokens."""
+    messages: list[list[dict] | None] = field(default_factory=list)
+    """Each episode's conversation as messages, where its environment keeps them (text environments)."""
+
+    @property
+    def returns_E(self) -> Tensor:
+        return self.rewards_EK.sum(dim=1)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(len(self.outcomes), 1)
+        turns = self.turn_mask_EK.sum(dim=1).float()
+        out = {f"agent/outcome_{o}_frac": sum(x == o for x in self.outcomes) / n for o in OUTCOMES}
+        out.update({"agent/success_rate": float(self.success_E.float().mean()), "agent/turns_mean": float(turns.mean()),
+                    "agent/return_mean": float(self.returns_E.mean()), "agent/env_failed": float(self.failed)})
+        src = self.rollout.source_BT
+        attn = self.rollout.attention_mask_BT
+        total = max(int(attn.sum()), 1)
+        for s in (Source.POLICY, Source.ENV, Source.TOOL):
+            out[f"agent/tokens_{s.name.lower()}_frac"] = int((src == s).sum()) / total
+        return out
+
+
+@dataclass
+class _Episode:
+    tokens: list[int]
+    prompt_len: int
+    sources: list[int] = field(default_factory=list)
+    turns: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    states: list[object] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    outcome: str | None = None
+    success: bool | None = None
+    last_state: object = None
+
+    def append(self, ids: Sequence[int], source: Source, turn: int, logp=None, versions=None, kept=None,
+               vocab_size: int = 0) -> None:
+        n = len(ids)
+        self.tokens += list(ids)
+        self.sources += [int(source)] * n
+        self.turns += [turn] * n
+        self.logp += list(logp) if logp is not None else [0.0] * n
+        self.versions += list(versions) if versions is not None else [-1] * n
+        self.kept += list(kept) if kept is not None else [vocab_size] * n
+
+
+def _state_key(obs: Observation) -> object:
+    return ("tokens", tuple(obs.tokens))
+
+
+def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[int], params: SamplingParams, *,
+                 group_B: Tensor, seed_fn: Callable[[int, int], int], max_turns: int, max_episode_tokens: int,
+                 before_turn: Callable[[int], None] | None = None, chunk_tokens: int | None = None) -> EpisodeBatch:
+    """Run one episode per environment (``envs[e].reset(episode_seeds[e])``) to its end (module docstring).
+
+    Turn ``k``'s actions are sampled with seeds ``seed_fn(k, c)`` (``c``: the chunk, 0 without partial
+    rollouts), so a batch is a fixed function of its seeds and the weights. ``before_turn(k)`` runs before
+    every turn's generation (and, with ``chunk_tokens``, before every chunk: ``generate_partial``'s hook).
+    """
+    if max_turns < 1:
+        raise ValueError(f"run_episodes: max_turns must be >= 1, got {max_turns}")
+    if len(envs) != len(episode_seeds) or len(envs) != len(group_B):
+        raise ValueError(f"run_episodes: {len(envs)} environments, {len(episode_seeds)} seeds, {len(group_B)} groups")
+    V, N = engine.vocab_size, params.max_new_tokens
+    eps: list[_Episode] = []
+    failed = 0
+    for env, seed in zip(envs, episode_seeds):
+        try:
+            obs = env.reset(int(seed))
+            if not obs.tokens:
+                raise ValueError("reset returned an empty observation")
+        except Exception as exc:  # counted, never silent; an empty prompt row cannot be trained on
+            raise ValueError(f"environment {type(env).__name__}.reset(seed={seed}) failed: {exc}") from exc
+        ep = _Episode(tokens=[], prompt_len=len(obs.tokens), last_state=_state_key(obs))
+        ep.append(obs.tokens, Source.PROMPT, -1, vocab_size=V)
+        if len(obs.tokens) + N > max_episode_tokens:
+            raise ValueError(f"environment {type(env).__name__}.reset(seed={seed}): the first observation has "
+                             f"{len(obs.tokens)} tokens; with max_new_tokens {N} it passes max_episode_tokens "
+                             f"{max_episode_tokens}")
+        eps.append(ep)
+    caps = [min(max_turns, getattr(env, "max_turns", None) or max_turns) for env in envs]
+    for k in range(max_turns):
+        active = [e for e, ep in enumerate(eps) if ep.outcome is None]
+        for e in list(active):
+            if k >= caps[e]:
+                eps[e].outcome = "max_turns"
+            elif len(eps[e].tokens) + N > max_episode_tokens:
+                eps[e].outcome = "budget"
+        active = [e for e in active if eps[e].outcome is None]
+        if not active:
+            break
+        sub = generate_partial(engine, [eps[e].tokens for e in active], params,
+                               seed_fn=lambda c, k=k: seed_fn(k, c), group_B=group_B[active],
+                               chunk_tokens=chunk_tokens, before_chunk=before_turn)
+        for j, e in enumerate(active):
+            ep = eps[e]
+            a = int(sub.prompt_len_B[j])
+            b = a + int(sub.completion_len_B[j])
+            action = sub.tokens_BT[j, a:b].tolist()
+            kept = sub.kept_count_BT[j, a:b].tolist() if sub.kept_count_BT is not None else None
+            start = len(ep.tokens)
+            ep.append(action, Source.POLICY, k, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
+                      kept, vocab_size=V)
+            ep.spans.append((start, len(ep.tokens)))
+            ep.states.append(ep.last_state)
+            try:
+                step = envs[e].step(action)
+                reward = float(step.reward)
+                if reward != reward or reward in (float("inf"), float("-inf")):
+                    raise ValueError(f"non-finite reward {reward}")
+            except Exception as exc:
+                log.warning("environment %s (episode seed %s) failed at turn %d: %s", type(envs[e]).__name__,
+                            episode_seeds[e], k, exc)
+                ep.rewards.append(0.0)
+                ep.outcome = "env_error"
+                failed += 1
+                continue
+            ep.rewards.append(reward)
+            if "success" in step.info:
+                ep.success = bool(step.info["success"])
+            if step.done or step.observation is None:
+                ep.outcome = "done"
+                continue
+            obs = step.observation
+            if len(ep.tokens) + len(obs.tokens) > max_episode_tokens:
+                ep.outcome = "budget"
+                continue
+            ep.append(obs.tokens, obs.source, k, vocab_size=V)
+            ep.last_state = ("state", step.info["state"]) if "state" in step.info else _state_key(obs)
+    for ep in eps:
+        if ep.outcome is None:
+            ep.outcome = "max_turns"
+    return _assemble(eps, envs, params, group_B, failed, pad_id=engine.pad_id, vocab_size=V)
+
+
+def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, group_B: Tensor, failed: int, *,
+              pad_id: int, vocab_size: int) -> EpisodeBatch:
+    E = len(eps)
+    T = max(len(ep.tokens) for ep in eps)
+    K = max(max(len(ep.rewards) for ep in eps), 1)
+
+    def grid(fill, dtype, get):
+        out = torch.full((E, T), fill, dtype=dtype)
+        for i, ep in enumerate(eps):
+            vals = get(ep)
+            if vals:
+                out[i, :len(vals)] = torch.tensor(vals, dtype=dtype)
+        return out
+
+    source_BT = grid(int(Source.PAD), torch.int8, lambda ep: ep.sources)
+    policy_BT = source_BT == Source.POLICY
+    truncates = params.truncates
+    rollout = Rollout(
+        tokens_BT=grid(pad_id, torch.long, lambda ep: ep.tokens),
+        prompt_len_B=torch.tensor([ep.prompt_len for ep in eps], dtype=torch.long),
+        completion_len_B=torch.tensor([len(ep.tokens) - ep.prompt_len for ep in eps], dtype=torch.long),
+        logp_mu_BT=grid(0.0, torch.float32, lambda ep: ep.logp),
+        version_BT=grid(-1, torch.long, lambda ep: ep.versions),
+        kept_count_BT=grid(vocab_size, torch.long, lambda ep: ep.kept) if truncates else None,
+        sampling=params, group_B=group_B.clone(),
+        finished_B=torch.tensor([ep.outcome == "done" for ep in eps]),
+        source_BT=source_BT,
+        turn_BT=grid(-1, torch.long, lambda ep: ep.turns),
+        policy_id_BT=torch.where(policy_BT, 0, -1),
+    )
+    rewards_EK = torch.zeros(E, K)
+    mask_EK = torch.zeros(E, K, dtype=torch.bool)
+    state_EK = torch.full((E, K), -1, dtype=torch.long)
+    ids: dict[object, int] = {}
+    for i, ep in enumerate(eps):
+        n = len(ep.rewards)
+        rewards_EK[i, :n] = torch.tensor(ep.rewards, dtype=torch.float32)
+        mask_EK[i, :n] = True
+        for k, s in enumerate(ep.states[:n]):
+            state_EK[i, k] = ids.setdefault(s, len(ids))
+    returns = rewards_EK.sum(dim=1)
+    success = torch.tensor([ep.success if ep.success is not None else bool(returns[i] > 0) for i, ep in enumerate(eps)])
+    return EpisodeBatch(rollout=rollout, rewards_EK=rewards_EK, turn_mask_EK=mask_EK, state_EK=state_EK,
+                        outcomes=[ep.outcome for ep in eps], success_E=success, failed=failed,
+                        action_spans=[ep.spans for ep in eps],
+                        messages=[list(getattr(env, "messages", None) or []) or None for env in envs])
+
+
+def broadcast_turns(values_EK: Tensor, rollout: Rollout) -> Tensor:
+    """``values_EK[e, turn_BT[e, t]]`` on the row's policy tokens, 0 elsewhere: a per-turn quantity (an
+    advantage) spread over the tokens of that turn's action."""
+    if rollout.turn_BT is None:
+        raise ValueError("broadcast_turns: the rollout has no turn indices (a single-turn record)")
+    mask = rollout.loss_mask_BT
+    idx = rollout.turn_BT.clamp(min=0, max=values_EK.shape[1] - 1)
+    return torch.where(mask, values_EK.gather(1, idx), torch.zeros((), dtype=values_EK.dtype))
