@@ -98,8 +98,10 @@ def sft_loss(model: torch.nn.Module, tokens_BT: torch.Tensor, target_mask_BT: to
 
 def warm_start(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int,
                cache_dir: str | Path | None = None, batch_size: int = 64, lr: float = 2e-3,
-               warmup: int = 20) -> WarmStartInfo:
-    """SFT ``model`` in place for ``steps`` steps on ``task.sample`` examples, or load the cached result."""
+               warmup: int = 20, batch_fn=None) -> WarmStartInfo:
+    """SFT ``model`` in place for ``steps`` steps on ``task.sample`` examples, or load the cached result.
+    ``batch_fn(rng, batch_size) -> (tokens_BT, target_mask)`` replaces the examples where a task's data are
+    not prompt/solution pairs (an environment's expert episodes, ``tether.agent.task``)."""
     if steps < 0:
         raise ValueError(f"warm_start: steps must be >= 0, got {steps}")
     if batch_size < 1:
@@ -126,7 +128,8 @@ def warm_start(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int
     model.train()
     losses = []
     for _ in range(steps):
-        tokens, mask = _batch([task.sample(rng) for _ in range(batch_size)], tokenizer, pad_id)
+        tokens, mask = (batch_fn(rng, batch_size) if batch_fn is not None
+                        else _batch([task.sample(rng) for _ in range(batch_size)], tokenizer, pad_id))
         loss = sft_loss(model, tokens, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from tether.engine.partial import generate_partial
 from tether.rollout import concat_rows
 from tether.train.config import StalenessPolicy, TrainConfig
 from tether.train.old_logits import clone_state
@@ -38,15 +37,8 @@ STALENESS_COUNTERS = ("stale_tokens", "stale_dropped_groups", "stale_refilled_gr
 
 
 def _generate_scored(run: Run, examples, *, seed_fn, before_chunk, chunk_tokens) -> Batch:
-    """Generate ``group_size`` completions per example and score them (the batch's step is filled by the caller)."""
-    t0 = time.perf_counter()
-    prompts, group_B = run.prompts(examples)
-    rollout = generate_partial(run.engine, prompts, run.sampling, group_B=group_B, chunk_tokens=chunk_tokens,
-                               seed_fn=seed_fn, before_chunk=before_chunk)
-    t1 = time.perf_counter()
-    rewards_B, failed = run.score(rollout, examples)
-    return Batch(-1, rollout, rewards_B, failed,
-                 metrics={"time/rollout_s": t1 - t0, "time/score_s": time.perf_counter() - t1})
+    """Generate ``group_size`` completions (or episodes) per example and score them (the caller sets the step)."""
+    return run.collect(examples, seed_fn=seed_fn, before_chunk=before_chunk, chunk_tokens=chunk_tokens)
 
 
 def _producer(run: Run, board: WeightBoard, lease: EngineLease, out: queue.Queue, start: int, stop: threading.Event):

@@ -3,7 +3,7 @@
 Every field has a default and a one-line help; the CLI flags are generated from it (``tether train --help``,
 grouped by section) and ``--config FILE`` reads TOML/YAML, both flat (``--max-staleness 2``,
 ``budget_max_kl = 0.02``). Sections: ``async_`` (``AsyncConfig``, only with ``mode = async``), ``kl``
-(``KLConfig``, only with a ``kl_placement``), ``budget`` (``BudgetConfig``, the mismatch budget). In Python,
+(``KLConfig``, only with a ``kl_placement``), ``agent`` (``AgentConfig``, only with ``env``), ``budget`` (``BudgetConfig``, the mismatch budget). In Python,
 ``TrainConfig.from_flat(kl_placement="reward", kl_coef=0.1)`` takes the flat names exactly as the CLI does;
 ``TrainConfig(kl_placement="reward", kl=KLConfig(coef=0.1))`` is the same config. Strings are converted to the
 enums and every number is range-checked before anything is built, with errors naming the field."""
@@ -131,6 +131,39 @@ def _async_on(values: dict) -> bool:
     return values.get("mode") is TrainMode.ASYNC
 
 
+def _agent_on(values: dict) -> bool:
+    return values.get("env") is not None
+
+
+CREDITS = ("episode", "turn", "turn_unbiased", "gigpo", "discounted")
+"""Turn-level credit estimators of multi-turn episodes (``tether.agent.credit``)."""
+
+
+@dataclass
+class AgentConfig:
+    """Multi-turn episodes in an environment (docs/agents.md); exists only with ``env`` set."""
+    env_options: dict | None = opt(None, 'JSON dict of keyword arguments for the environment, e.g. {"size": 32}')
+    max_turns: int = opt(8, "actions per episode at most (an environment's own max_turns can lower it)")
+    max_episode_tokens: int | None = opt(None, "token budget of one episode: prompt + actions + replies (none: the "
+                                               "model's context length); an episode that would pass it ends "
+                                               "with outcome 'budget'")
+    credit: str = opt("episode", "turn-level credit: episode (the preset's advantage of the episode return on every "
+                                 "turn), turn (per-turn-index GRPO), turn_unbiased, gigpo, discounted")
+    gamma: float = opt(1.0, "discount of step returns (turn, turn_unbiased, gigpo, discounted credit)")
+    gigpo_omega: float = opt(1.0, "gigpo credit: weight of the step-level (anchor-state) advantage")
+    drift_every: int = opt(1, "measure tokenisation drift every N steps (re-render the chat and compare; 0: never)")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        _check(self.max_turns >= 1, "max_turns", "must be >= 1", self.max_turns)
+        _check(self.max_episode_tokens is None or self.max_episode_tokens >= 2, "max_episode_tokens",
+               "must be >= 2 or none", self.max_episode_tokens)
+        _check(self.credit in CREDITS, "credit", f"must be one of {', '.join(CREDITS)}", repr(self.credit))
+        _check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]", self.gamma)
+        _check(self.gigpo_omega >= 0, "gigpo_omega", "must be >= 0", self.gigpo_omega)
+        _check(self.drift_every >= 0, "drift_every", "must be >= 0", self.drift_every)
+
+
 def _kl_on(values: dict) -> bool:
     return values.get("kl_placement", KLPlacement.NONE) is not KLPlacement.NONE
 
@@ -158,6 +191,9 @@ class TrainConfig:
     task_options: dict | None = opt(
         None, 'JSON dict of task config fields, e.g. {"max_digits": 3, "ops": "+-"} (none: the default job\'s '
         'arithmetic is 1-2 digit addition, which the warm start brings to about 30 % so RL has room)', group="task")
+    env: str | None = opt(None, "multi-turn episodes in an environment instead of a task: frozenlake, calculator, "
+                                "countdown, guess, or module:Factory / file.py:Factory (its settings are the agent "
+                                "group; docs/agents.md)", group="task")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing",
                               group="task")
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function", group="rewards")
@@ -253,6 +289,8 @@ class TrainConfig:
     budget: BudgetConfig = section(BudgetConfig, "the mismatch budget", prefix="budget_", group="mismatch budget")
     async_: AsyncConfig | None = section(AsyncConfig, "the async loop", switch=_async_on, needs="mode 'async'",
                                          group="async (mode async)")
+    agent: AgentConfig | None = section(AgentConfig, "multi-turn episodes", switch=_agent_on, needs="env",
+                                        group="agent (with env)")
 
     @classmethod
     def from_flat(cls, **values: Any) -> TrainConfig:
@@ -266,6 +304,12 @@ class TrainConfig:
             self.async_ = AsyncConfig()
         if self.mode is TrainMode.SYNC and self.async_ is not None:
             raise ValueError("config section 'async_' (AsyncConfig) needs mode 'async'")
+        if self.env is not None and self.agent is None:
+            self.agent = AgentConfig()
+        if self.env is None and self.agent is not None:
+            raise ValueError("config section 'agent' (AgentConfig) needs env")
+        if self.env is not None:
+            self._validate_agent()
         if (self.kl_placement is KLPlacement.NONE) != (self.kl is None):
             raise ValueError("config field 'kl_coef' must be > 0 when kl_placement is not 'none'"
                              if self.kl is None else "config section 'kl' (KLConfig) needs kl_placement reward or loss")
@@ -281,6 +325,17 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ValueError("config field 'overwrite' cannot be combined with 'resume' (a resume continues the run)")
         self._validate_offpolicy()
+
+    def _validate_agent(self) -> None:
+        if self.overlong_buffer is not None:
+            raise ValueError("config field 'overlong_buffer' is a single-turn length penalty; with env the episode's "
+                             "token budget is max_episode_tokens")
+        if self.async_ is not None and self.async_.staleness_policy is StalenessPolicy.DROP:
+            raise ValueError("config field 'staleness_policy' drop is not supported with env yet (its refill "
+                             "regenerates single-turn groups); use wait or downweight")
+        if self.engine is EngineKind.VLLM:
+            raise ValueError("config field 'engine' vllm is not supported with env yet (episodes run on the torch "
+                             "engine)")
 
     def _check_ranges(self) -> None:
         for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs", "minibatches",
@@ -311,6 +366,9 @@ class TrainConfig:
         """The task's name for default run directories (a file's stem)."""
         from pathlib import Path
 
+        if self.env is not None:  # frozenlake, pkg.mod:Factory, path/my_env.py:Factory
+            where = self.env.rpartition(":")[0] or self.env
+            return "env-" + (Path(where).stem if where.endswith(".py") else where.rpartition(".")[2])
         return Path(self.task).stem
 
     @property

@@ -42,6 +42,10 @@ class Stopwatch:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
+    def add(self, name: str, seconds: float) -> None:
+        """Count ``seconds`` measured elsewhere (a batch's own rollout / score times) as phase ``name``."""
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
     def total(self) -> float:
         return sum(self.seconds.values())
 

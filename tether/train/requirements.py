@@ -47,14 +47,16 @@ def inputs_available(cfg: TrainConfig, task: Any) -> set[str]:
     available = set(ALWAYS)
     if cfg.kl_placement is not KLPlacement.NONE:
         available.add("logp_ref_BT")
-    if cfg.mode is TrainMode.SYNC and has_expert_solutions(task):
+    if cfg.mode is TrainMode.SYNC and cfg.env is None and has_expert_solutions(task):
         available.update(EXPERT_INPUTS)
     return available
 
 
 def advice(cfg: TrainConfig, task: Any) -> dict[str, str]:
     """For each field the loop may not fill, what to do to get it (used in ``check_preset``'s message)."""
-    if cfg.mode is not TrainMode.SYNC:
+    if cfg.env is not None:
+        expert = "expert rows are single-turn (a dataset's solutions); with --env use the agent algorithms instead"
+    elif cfg.mode is not TrainMode.SYNC:
         expert = "expert rows are added by the sync loop only: use --mode sync"
     else:
         n = getattr(task, "n_expert_solutions", None)

@@ -18,6 +18,7 @@ old-logit strategy's state, so a resumed run is bitwise identical to an uninterr
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from contextlib import ExitStack
@@ -28,7 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tether.agent.episodes import EpisodeBatch
 from tether.configs import to_dict
+from tether.engine.partial import generate_partial
 from tether.objectives import get_preset
 from tether.objectives.advantages import advantage_metrics, get_advantage
 from tether.objectives.kl import check_kl_combination
@@ -81,6 +84,9 @@ class Batch:
     """Per-token advantage multiplier (downweighted stale tokens); None: 1."""
     metrics: dict[str, Any] = field(default_factory=dict)
     """The driver's own measurements of this step (waits, staleness counts), logged with it."""
+    episodes: EpisodeBatch | None = None
+    """Multi-turn episodes (``env`` set): per-turn rewards, turn masks and states for the turn-level credit;
+    ``rollout`` is ``episodes.rollout`` and ``rewards_B`` the episode returns."""
 
 
 class Run:
@@ -125,6 +131,11 @@ class Run:
         self.model, self.engine = self.policy.model, self.policy.engine
         self._stack.callback(self.engine.close)  # on every exit path (a vLLM server stops with the run)
         self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op
+        self.episodes = None  # multi-turn episodes in an environment (tether.agent.loop)
+        if cfg.env is not None:
+            from tether.agent.loop import Episodes
+
+            self.episodes = Episodes(cfg, self.task, self.policy)
         self.ref_model = setup.frozen_copy(self.model) if cfg.kl is not None else None
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
         a = cfg.async_ or AsyncConfig()  # sync: recompute, which keeps no versions and ignores the rest
@@ -152,14 +163,15 @@ class Run:
             self.old_logits.load_state_dict(ckpt["old_logits"])
         else:
             self.old_logits.publish(0)
-        # the reward's worker processes, failure counts per reward and the all-failed stop rule (closed with the run)
-        self.rewards = self._stack.enter_context(Scorer(self.task, cfg, self.state.counters))
+        # the reward's worker processes, failure counts per reward and the all-failed stop rule (closed with the run);
+        # an environment scores its own episodes
+        self.rewards = None if self.episodes else self._stack.enter_context(Scorer(self.task, cfg, self.state.counters))
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
         self.control = MismatchControl(cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
         self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
                                                               resume_after_step=self.state.step - 1 if ckpt else None))
         if self.state.accuracy_before is None:
-            self.state.accuracy_before = setup.evaluate(self.policy, self.rewards, cfg)
+            self.state.accuracy_before = self.evaluate()
         self.t_start = time.perf_counter()
         return ckpt
 
@@ -171,10 +183,16 @@ class Run:
         """Flush the trackers, evaluate the final weights, write summary.json and the plots."""
         self.log.close()  # flush TensorBoard / W&B / MLflow
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
-        accuracy_after = setup.evaluate(self.policy, self.rewards, self.cfg)
+        accuracy_after = self.evaluate()
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
                              self.tokens_total, time.perf_counter() - self.t_start)
+
+    def evaluate(self) -> float:
+        """Greedy accuracy on the held-out split, or an environment's greedy success rate on its eval seeds."""
+        if self.episodes is not None:
+            return self.episodes.evaluate()
+        return setup.evaluate(self.policy, self.rewards, self.cfg)
 
     # -- the stages a driver schedules ---------------------------------------------------------------
     def sample(self, step: int, salt: int = 0, n: int | None = None) -> list[Example]:
@@ -189,6 +207,33 @@ class Run:
         """``group_size`` completions of every example in one engine call (the engine's current weights)."""
         return setup.generate(self.policy, examples, self.cfg, seed=seed)
 
+    def collect(self, examples: list[Example], *, seed_fn, before_chunk=None, chunk_tokens: int | None = None
+                ) -> Batch:
+        """Generate and score one batch (its ``step`` is filled by the caller): ``group_size`` completions per
+        example, or with ``env`` set ``group_size`` episodes per sampled seed. Chunk ``c`` (turn ``k``'s chunk
+        ``c`` for episodes: ``seed_fn(1000 * k + c)``) is sampled with that seed after ``before_chunk`` (the
+        async driver loads newer weights there; episodes number their chunks across turns, so the versions
+        along an episode never decrease); without either it is one plain engine call per turn."""
+        t0 = time.perf_counter()
+        if self.episodes is not None:
+            calls = itertools.count()  # chunks numbered across turns: a later turn never gets older weights
+            hook = None if before_chunk is None else (lambda c: before_chunk(next(calls)))
+            ep = self.episodes.collect(examples, self.sampling, seed_fn=lambda k, c: seed_fn(1000 * k + c),
+                                       before_chunk=hook, chunk_tokens=chunk_tokens)
+            self.state.counters["env_failed"] = self.state.counters.get("env_failed", 0) + ep.failed
+            return Batch(-1, ep.rollout, ep.returns_E, ep.failed, examples=examples, episodes=ep,
+                         metrics={"time/rollout_s": time.perf_counter() - t0, "time/score_s": 0.0})
+        if before_chunk is None and chunk_tokens is None:
+            rollout = self.generate(examples, seed=seed_fn(0))
+        else:
+            prompts, group_B = self.prompts(examples)
+            rollout = generate_partial(self.engine, prompts, self.sampling, group_B=group_B, chunk_tokens=chunk_tokens,
+                                       seed_fn=seed_fn, before_chunk=before_chunk)
+        t1 = time.perf_counter()
+        rewards_B, failed = self.score(rollout, examples)
+        return Batch(-1, rollout, rewards_B, failed, examples=examples,
+                     metrics={"time/rollout_s": t1 - t0, "time/score_s": time.perf_counter() - t1})
+
     def score(self, rollout: Rollout, examples: list[Example]) -> tuple[Tensor, int]:
         return setup.score(self.rewards, self.policy, rollout, examples, self.cfg)
 
@@ -202,7 +247,8 @@ class Run:
         assert s == self.state.step, f"run: got the batch of step {s} at step {self.state.step}"
         rollout, rewards_B = batch.rollout, batch.rewards_B
         counters = self.state.counters
-        self.rewards.record(batch.failed, batch.scored or rollout.batch_size, s)  # counted; stops if all fail K steps
+        if self.rewards is not None:  # counted; stops if all fail K steps (an environment's failures: env_failed)
+            self.rewards.record(batch.failed, batch.scored or rollout.batch_size, s)
         raw_reward_mean = rewards_B.mean()
         # expert presets: each group's expert solution as one more row, scored like a completion (sync only)
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
@@ -240,8 +286,13 @@ class Run:
             keep_B = keep_B & info_B
         old_for_loss = anchor_BT if anchor_BT is not None else rollout.logp_mu_BT
         include_B = None if expert_B is None else ~expert_B  # group statistics over sampled rows only
-        advantages_B = self.advantage_fn(rewards_B, rollout.group_B, include_B)
-        advantages_BT = advantages_B[:, None].to(old_for_loss.dtype) * mask_BT
+        if batch.episodes is not None:  # turn-level credit on each turn's action tokens (tether.agent.loop)
+            advantages_B, advantages_BT = self.episodes.advantages(batch.episodes, rewards_B, self.advantage_fn,
+                                                                   include_B)
+            advantages_BT = advantages_BT.to(old_for_loss.dtype)
+        else:
+            advantages_B = self.advantage_fn(rewards_B, rollout.group_B, include_B)
+            advantages_BT = advantages_B[:, None].to(old_for_loss.dtype) * mask_BT
         if batch.weight_BT is not None:
             advantages_BT = advantages_BT * batch.weight_BT
         with clock("meter"):
@@ -282,6 +333,7 @@ class Run:
             "async/version_min": (int(rollout_m.version_BT[rollout_m.loss_mask_BT].min())
                                   if rollout_m.loss_mask_BT.any() else s),
             **self.experts.metrics,
+            **(self.episodes.metrics(batch.episodes, s) if batch.episodes is not None else {}),
         })
         return metrics
 
@@ -328,7 +380,7 @@ class Run:
 
     def record(self, metrics: dict[str, Any], batch: Batch, clock: Stopwatch, progress: StepProgress) -> None:
         """Log one step's row (metrics.jsonl and trackers) and advance the progress bar."""
-        n_tokens = int(batch.rollout.completion_len_B.sum())
+        n_tokens = int(batch.rollout.loss_mask_BT.sum())  # sampled tokens (an episode's replies are not)
         self.tokens_total += n_tokens
         dt = clock.total()
         metrics.update({**clock.metrics(), **batch.metrics, "step": batch.step, "time/step_s": dt,

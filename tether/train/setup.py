@@ -33,6 +33,10 @@ DEFAULT_TASK_OPTIONS = {"arithmetic": {"max_digits": 2, "ops": "+"}}
 
 
 def build_task(cfg: TrainConfig) -> Task:
+    if cfg.env is not None:  # multi-turn episodes: the environment is the task (tether.agent.task)
+        from tether.agent.task import build_env_task
+
+        return build_env_task(cfg.env, cfg.agent.env_options)
     from tether.tasks.registry import get_task
 
     options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
@@ -69,7 +73,8 @@ def _build_policy(cfg: TrainConfig, task: Task) -> Policy:
         from tether.models.hf import build_hf_policy
 
         return Policy(*build_hf_policy(cfg))
-    model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps)
+    model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps,
+                                                 max_turns=cfg.agent.max_turns if cfg.agent else 8)
     from tether.engine.torch_engine import TorchEngine
 
     engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)

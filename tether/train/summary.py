@@ -24,7 +24,7 @@ def write_summary(run_dir: Path, cfg_dict: dict[str, Any], counters: dict[str, A
     n = max(len(records) // 4, 1)
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
-        "task": cfg_dict["task"],
+        "task": f"env {cfg_dict['env']}" if cfg_dict.get("env") else cfg_dict["task"],
         "objective": cfg_dict["objective"],
         "steps": len(records),
         "eval/accuracy_before": accuracy_before,

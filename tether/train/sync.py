@@ -15,7 +15,7 @@ from typing import Any
 from tether.train.config import TrainConfig
 from tether.train.errors import TrainingStopped
 from tether.train.progress import Stopwatch
-from tether.train.run import Batch, Run, RunState
+from tether.train.run import Run, RunState
 from tether.train.seeds import step_seed
 
 __all__ = ["RunState", "TrainingStopped", "step_seed", "train"]
@@ -28,12 +28,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             while run.state.step < cfg.steps:
                 s = run.state.step
                 clock = Stopwatch()
-                with clock("rollout"):  # the engine samples; records log mu, versions, truncation
-                    examples = run.sample(s)
-                    rollout = run.generate(examples, seed=step_seed(cfg.seed, s, 1))
-                with clock("score"):  # failed reward calls count and get 0
-                    rewards_B, failed = run.score(rollout, examples)
-                batch = Batch(s, rollout, rewards_B, failed, examples=examples)
+                # the engine samples (log mu, versions, truncation), then the reward or the environment scores:
+                # failed reward calls count and get 0
+                batch = run.collect(run.sample(s), seed_fn=lambda c, s=s: step_seed(cfg.seed, s, 1 if c == 0 else 1000 + c))
+                batch.step = s
+                clock.add("rollout", batch.metrics.pop("time/rollout_s"))
+                clock.add("score", batch.metrics.pop("time/score_s"))
                 metrics = run.learn(batch, clock, progress.console)
                 with clock("sync"):  # the next rollout is version s + 1
                     run.engine.load_weights(run.model.state_dict(), version=run.state.step)

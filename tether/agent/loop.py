@@ -1,0 +1,95 @@
+"""The agent's part of a shared run (``tether.train.run.Run`` with ``env`` set): what changes when a step's
+samples are multi-turn episodes instead of single completions. Nothing else does: the drivers, the meter, the
+mismatch control, the presets and the update are the same code.
+
+* **collect**: ``group_size`` episodes per sampled seed (a GRPO group: one initial state), through
+  :func:`tether.agent.episodes.run_episodes`; rows keep per-token provenance, so the loss mask is the policy's
+  tokens and every version a token was sampled at is recorded (async: later turns may be newer weights).
+* **advantages**: the configured turn-level credit (``AgentConfig.credit``): ``episode`` is the preset's own
+  advantage estimator on episode returns, on every turn; the others are ``tether.agent.credit``'s estimators on
+  per-turn rewards, broadcast to each turn's action tokens. A KL-in-reward term is added to an episode's last
+  turn.
+* **evaluate**: greedy episodes on the fixed evaluation seeds; the success rate is the run's accuracy.
+* **metrics**: outcomes, turns, success, token shares per source (``EpisodeBatch.metrics``), and every
+  ``drift_every`` steps the tokenisation-drift meter where the environment keeps its messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tether.agent.episodes import EpisodeBatch, broadcast_turns, run_episodes
+from tether.agent.render import PlainRenderer, Renderer, as_env
+from tether.agent.task import EnvTask, EpisodeSpec
+from tether.rollout import SamplingParams
+
+
+def renderer_for(policy: Any, cfg: Any) -> Renderer:
+    """The chat template where the tokenizer has one (and ``chat_template`` is not False), else plain text."""
+    hf = getattr(policy.tokenizer, "hf", None) or getattr(policy.tokenizer, "tokenizer", None)
+    has_template = getattr(hf, "chat_template", None) is not None
+    if has_template and cfg.chat_template is not False:
+        from tether.agent.render import ChatRenderer
+
+        return ChatRenderer(policy.tokenizer)
+    return PlainRenderer(policy.tokenizer)
+
+
+class Episodes:
+    """The agent part of one run (module docstring)."""
+
+    def __init__(self, cfg: Any, task: EnvTask, policy: Any) -> None:
+        self.cfg, self.a, self.task, self.policy = cfg, cfg.agent, task, policy
+        self.renderer = renderer_for(policy, cfg)
+        limit = getattr(policy.engine, "max_len", None)
+        self.max_episode_tokens = min(x for x in (self.a.max_episode_tokens, limit) if x is not None) \
+            if (self.a.max_episode_tokens or limit) else 1 << 30
+        self.credit_fn = None
+        if self.a.credit != "episode":
+            from tether.agent.credit import CREDIT
+
+            self.credit_fn = CREDIT[self.a.credit]
+
+    def envs(self, specs: list[EpisodeSpec], copies: int) -> tuple[list, list[int], Tensor]:
+        envs = [as_env(self.task.make(), self.renderer) for _ in specs for _ in range(copies)]
+        seeds = [spec.seed for spec in specs for _ in range(copies)]
+        return envs, seeds, torch.arange(len(specs)).repeat_interleave(copies)
+
+    def collect(self, specs: list[EpisodeSpec], params: SamplingParams, *, seed_fn: Callable[[int, int], int],
+                before_chunk: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
+                copies: int | None = None) -> EpisodeBatch:
+        """``group_size`` episodes per spec; turn k, chunk c sampled with ``seed_fn(k, c)``."""
+        envs, seeds, group_B = self.envs(specs, self.cfg.group_size if copies is None else copies)
+        return run_episodes(self.policy.engine, envs, seeds, params, group_B=group_B, seed_fn=seed_fn,
+                            max_turns=self.a.max_turns, max_episode_tokens=self.max_episode_tokens,
+                            before_turn=before_chunk, chunk_tokens=chunk_tokens)
+
+    def evaluate(self) -> float:
+        """Greedy success rate on the first ``eval_size`` evaluation seeds."""
+        greedy = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=self.cfg.max_new_tokens)
+        batch = self.collect(self.task.eval_examples(self.cfg.eval_size), greedy, seed_fn=lambda k, c: 0, copies=1)
+        return float(batch.success_E.float().mean())
+
+    def advantages(self, ep: EpisodeBatch, rewards_B: Tensor, advantage_fn, include_B: Tensor | None
+                   ) -> tuple[Tensor, Tensor]:
+        """(per-row advantage for the logs, per-token advantages on the policy tokens). ``rewards_B`` is the
+        episode return after the run's shaping (a KL-in-reward term); the shaping goes to each episode's last turn."""
+        group_B = ep.rollout.group_B
+        if self.credit_fn is None:
+            adv_B = advantage_fn(rewards_B, group_B, include_B)
+            return adv_B, adv_B[:, None] * ep.rollout.loss_mask_BT
+        rewards_EK = ep.rewards_EK.clone()
+        last_E = ep.turn_mask_EK.sum(dim=1) - 1
+        extra = rewards_B - ep.returns_E.to(rewards_B.dtype)
+        rewards_EK[torch.arange(len(last_E)), last_E] += extra.to(rewards_EK.dtype)
+        adv_EK = self.credit_fn(rewards_EK, ep.turn_mask_EK, group_B, ep.state_EK, gamma=self.a.gamma,
+                                omega=self.a.gigpo_omega)
+        first = adv_EK[:, 0]
+        return first, broadcast_turns(adv_EK, ep.rollout)
+
+    def metrics(self, ep: EpisodeBatch, step: int) -> dict[str, Any]:
+        return ep.metrics()
