@@ -83,19 +83,13 @@ def test_token_native_rows_with_an_append_only_template_give_zero(toks, logprob_
     assert m["agent/retokenize_mismatch_frac"] == 0.0 and m["agent/retokenize_context_mismatch_frac"] == 0.0
     assert m["agent/retokenize_logp_gap"] == 0.0 and m["agent/retokenize_logp_gap_max"] == 0.0
     # tether's own path: the render is the row itself (identity by construction)
-    own = {id(t.messages): t.tokens for t in eps}
-    lengths = {id(t.messages): t for t in eps}
+    (t,) = [_sampled(plain, 3, rng)]
+    idx = [i for i, x in enumerate(t.messages) if x["role"] == "assistant"]
+    prefixes = {len(t.messages[:i]): t.tokens[:t.action_spans[k][0]] for k, i in enumerate(idx)}
 
     def identity(messages, gen):
-        for t in lengths.values():
-            idx = [i for i, x in enumerate(t.messages) if x["role"] == "assistant"]
-            for k, i in enumerate(idx):
-                if t.messages[:i] == messages and gen:
-                    return t.tokens[:t.action_spans[k][0]]
-            if t.messages == messages and not gen:
-                return own[id(t.messages)]
-        raise AssertionError("unknown conversation")
-    m = drift_metrics(eps, identity, logprob_fn)
+        return prefixes[len(messages)] if gen else t.tokens
+    m = drift_metrics([t], identity, logprob_fn)
     assert m["agent/retokenize_mismatch_frac"] == 0.0 and m["agent/retokenize_logp_gap"] == 0.0
 
 
