@@ -150,3 +150,38 @@ def test_transcripts_from_an_episode_batch():
         messages = [[{"role": "user", "content": "x"}], None]
     (t,) = transcripts(Batch())
     assert t.tokens == [5, 6, 7] and t.action_spans == [(1, 3)]
+
+
+@pytest.mark.engine
+def test_episode_runner_rows_through_the_text_adapter_have_no_drift():
+    """Rows the episode runner samples with a text environment (tiny model, plain renderer) re-render, in the
+    plain format (user text; action text + EOS; reply text), to exactly themselves: drift 0, gap 0. The
+    model's head gets an EOS bias so that actions end with EOS (a cut action has no EOS to re-render)."""
+    from tests.agent.toy_envs import Copy
+    from tether.agent.episodes import run_episodes
+    from tether.agent.render import PlainRenderer, TextEnvAdapter
+    from tether.engine.torch_engine import TorchEngine
+    from tether.rollout import SamplingParams
+
+    model, tok = tiny_model(0)
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.eos_id] = 4.0
+    model.lm_head = head
+    engine = TorchEngine(model, eos_id=tok.eos_id, pad_id=tok.pad_id, copy=True)
+    envs = [TextEnvAdapter(Copy(), PlainRenderer(tok)) for _ in range(6)]
+    batch = run_episodes(engine, envs, list(range(6)), SamplingParams(max_new_tokens=48), group_B=torch.arange(6),
+                         seed_fn=lambda k, c: k, max_turns=2, max_episode_tokens=400)
+
+    def plain(messages, gen):
+        return [i for m in messages for i in tok.encode(m["content"]) + ([tok.eos_id] if m["role"] == "assistant"
+                                                                          else [])]
+    ts = [t for t in transcripts(batch) if all(t.tokens[e - 1] == tok.eos_id for _, e in t.action_spans)]
+    assert sum(len(t.action_spans) >= 2 for t in ts) >= 2
+    m = drift_metrics(ts, plain, model_logprob_fn(model, tok.pad_id))
+    assert m["agent/retokenize_mismatch_frac"] == 0.0 and m["agent/retokenize_logp_gap"] == 0.0
+    stripped = drift_metrics(ts, lambda ms, g: plain(ms, g)[1:] if len(ms) > 1 else plain(ms, g),
+                             model_logprob_fn(model, tok.pad_id))
+    assert stripped["agent/retokenize_mismatch_frac"] == 1.0 and stripped["agent/retokenize_logp_gap"] > 0
