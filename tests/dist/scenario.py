@@ -4,7 +4,9 @@
 
 * ``reference``: ``rollout_workers = 0`` (one worker in this process, no Ray);
 * ``ray2``: 2 rollout workers as Ray actors (a local cluster on 127.0.0.1), filesystem transport;
-* ``killed``: as ``ray2``, but worker 1 SIGKILLs itself in the middle of step 1's batch (after 1 of its 2 groups).
+* ``killed``: as ``ray2``, but worker 1 SIGKILLs itself in the middle of step 1's batch (after 1 of its 2 groups);
+
+and ``never_published``: 2 workers told to sync a version that was never written, with a 1 s timeout.
 
 For each: whether its final weights equal the reference's bit for bit, the largest absolute difference, the rows
 trained per step, and the dist / sync metrics. The reward is a synthetic one (share of digits in the completion),
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +44,19 @@ def _train(out: Path, name: str, **flat) -> dict:
     return {"weights": weights, "rows": rows}
 
 
+def _never_published(out: Path) -> dict:
+    """Workers asked for a version the trainer never wrote: the sync must fail within its timeout, naming them."""
+    cfg = TrainConfig.from_flat(**SMALL, rollout_workers=2, sync_timeout_s=1.0, out=str(out / "unused"))
+    with driver.RayPool(cfg, out / "empty-sync-dir") as pool:
+        t0 = time.perf_counter()
+        try:
+            pool.sync(99, timeout_s=1.0)
+            error = ""
+        except Exception as e:  # Ray wraps the worker's SyncTimeout in its task error
+            error = f"{type(e).__name__}: {e}"
+        return {"error": error[:2000], "seconds": time.perf_counter() - t0}
+
+
 def main(out: Path) -> None:
     setup.score = digit_share  # the trainer scores; this process is the trainer
     runs = {"reference": _train(out, "reference", rollout_workers=0, sync_dir=str(out / "sync-ref"))}
@@ -48,8 +64,8 @@ def main(out: Path) -> None:
     os.environ[driver.KILL_ENV] = "1,1,1"
     runs["killed"] = _train(out, "killed", rollout_workers=2, sync_timeout_s=60)
     del os.environ[driver.KILL_ENV]
+    report = {"never_published": _never_published(out)}
     ref = runs["reference"]["weights"]
-    report = {}
     for name, r in runs.items():
         w = r["weights"]
         report[name] = {

@@ -7,6 +7,7 @@ generate per prompt group with the group's own seed; what is compared is the spl
 transport, not the sync trainer's single batched engine call, which draws its noise differently).
 T4: a worker SIGKILLed mid-batch is restarted, cold-synced and its groups re-run: same final weights as the
 reference (none lost, none trained twice), one restart and 8 re-queued rows counted.
+T3 (part): workers told to sync a version never published fail within the timeout with the worker's name.
 """
 
 import json
@@ -52,3 +53,10 @@ def test_a_worker_killed_mid_batch_is_replaced_and_nothing_is_lost(scenario):
     assert killed["rows_per_step"] == [16.0, 16.0, 16.0]
     assert [row["dist/worker_restarts"] for row in killed["per_step"]] == [0.0, 1.0, 1.0]
     assert [row["dist/episodes_requeued"] for row in killed["per_step"]] == [0.0, 8.0, 8.0]
+
+
+def test_a_sync_that_cannot_complete_fails_within_its_timeout_naming_the_worker(scenario):
+    got = scenario["never_published"]
+    assert "SyncTimeout" in got["error"] and "weight version 99 not ready" in got["error"], got["error"]
+    assert "worker-0" in got["error"] or "worker-1" in got["error"]
+    assert got["seconds"] < 60  # 1 s timeout; generous bound for a loaded machine
