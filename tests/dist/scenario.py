@@ -73,7 +73,8 @@ def main(out: Path) -> None:
             "max_abs_diff": max(float((ref[k].float() - w[k].float()).abs().max()) for k in ref),
             "rows_per_step": [row["meter/engine/n_seqs"] for row in r["rows"]],
             "last": {k: v for k, v in r["rows"][-1].items() if k.startswith(("dist/", "sync/", "alarm/"))},
-            "per_step": [{k: v for k, v in row.items() if k.startswith(("dist/", "sync/"))} for row in r["rows"]],
+            "per_step": [{k: v for k, v in row.items() if k.startswith(("dist/", "sync/", "meter/version/"))}
+                         for row in r["rows"]],
         }
     print("SCENARIO " + json.dumps(report))
 

@@ -41,6 +41,7 @@ def test_two_ray_workers_train_the_single_process_weights(scenario):
     assert ray2["bitwise"] and ray2["max_abs_diff"] == 0.0
     assert ray2["rows_per_step"] == ref["rows_per_step"] == [16.0, 16.0, 16.0]
     for row in ray2["per_step"]:  # the version each step's rollouts used, its size, the probe
+        assert row["meter/version/age_max"] == 0  # every token sampled by the version the trainer trains
         assert row["sync/bytes"] > 100_000 and row["sync/seconds"] > 0
         assert row["sync/probe_max_abs_logp_diff"] <= 1e-4
     assert [row["sync/version"] for row in ray2["per_step"]] == [0.0, 1.0, 2.0]
