@@ -39,9 +39,9 @@ def test_help_of_every_subcommand_renders_cleanly(name):
 def test_train_help_is_grouped_and_shows_choices():
     text = subcommand_parsers()["train"].format_help()
     for group in ("task:", "rewards:", "objective:", "KL penalty:", "run:", "sampling:", "optimisation:",
-                  "model:", "engine:", "logging:", "mismatch budget:", "async (mode async):"):
+                  "model:", "engine:", "logging:", "mismatch budget:", "async (mode async):", "dist (mode dist):"):
         assert f"\n{group}\n" in text, group
-    assert "--staleness-policy {wait,drop,downweight}" in text and "--mode {sync,async}" in text
+    assert "--staleness-policy {wait,drop,downweight}" in text and "--mode {sync,async,dist}" in text
     assert "30 % so RL" in text  # the escaped % comes out as itself
     async_part = text.split("async (mode async):")[1]
     assert "--max-staleness" in async_part and "--old-logits" in async_part

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(TrainConfig, args)
     if cfg.mode is TrainMode.ASYNC:  # docs/async.md
         from tether.train.async_loop import train
+    elif cfg.mode is TrainMode.DIST:  # docs/distributed.md
+        from tether.dist.driver import train
     try:
         summary = train(cfg)
     except TrainingStopped as e:

@@ -35,6 +35,7 @@ class LRSchedule(str, enum.Enum):
 class TrainMode(str, enum.Enum):
     SYNC = "sync"
     ASYNC = "async"
+    DIST = "dist"
 
 
 class StalenessPolicy(str, enum.Enum):
@@ -89,6 +90,29 @@ class AsyncConfig:
         return self.max_staleness if self.rollout_lag is None else self.rollout_lag
 
 
+@dataclass
+class DistConfig:
+    """Settings of the distributed driver (docs/distributed.md); exists only with ``mode = dist``."""
+    rollout_workers: int = opt(2, "rollout workers (Ray actors, one engine each); 0: one worker in the trainer's "
+                                  "process, no Ray")
+    ray_address: str | None = opt(None, "an existing Ray cluster to join (ray start --head prints it); none: a local "
+                                        "cluster started and stopped by tether")
+    sync_dir: str | None = opt(None, "directory of the filesystem weight transport (shared storage across nodes); "
+                                     "none: RUN/weights")
+    sync_timeout_s: float = opt(120.0, "a weight sync or a worker's batch that takes longer fails naming the worker")
+    probe_prompts: int = opt(2, "prompts of the post-sync probe batch every worker scores after each sync")
+    probe_max_logp_diff: float = opt(1e-4, "alarm when a worker's probe log-probs differ from the trainer's by more")
+    max_worker_restarts: int = opt(3, "restarts of dead rollout workers allowed in a run before it stops")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        _check(self.rollout_workers >= 0, "rollout_workers", "must be >= 0", self.rollout_workers)
+        _check(self.sync_timeout_s > 0, "sync_timeout_s", "must be > 0", self.sync_timeout_s)
+        _check(self.probe_prompts >= 1, "probe_prompts", "must be >= 1", self.probe_prompts)
+        _check(self.probe_max_logp_diff >= 0, "probe_max_logp_diff", "must be >= 0", self.probe_max_logp_diff)
+        _check(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0", self.max_worker_restarts)
+
+
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus", "k3_is")
 
 
@@ -129,6 +153,10 @@ class BudgetConfig:
 
 def _async_on(values: dict) -> bool:
     return values.get("mode") is TrainMode.ASYNC
+
+
+def _dist_on(values: dict) -> bool:
+    return values.get("mode") is TrainMode.DIST
 
 
 def _agent_on(values: dict) -> bool:
@@ -233,8 +261,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "start a fresh run in a run directory that is not empty (deletes its checkpoints "
                                  "and metrics; without it such a run is refused)", group="run")
     progress: bool = opt(True, "show a progress bar", group="run")
-    mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train) or async (concurrent; its "
-                          "settings are the async group)", group="run")
+    mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train), async (concurrent; its "
+                          "settings are the async group) or dist (rollout workers on Ray; the dist group)", group="run")
     # sampling
     max_new_tokens: int = opt(12, "generation length limit", group="sampling")
     temperature: float = opt(1.0, "sampling temperature (> 0)", group="sampling")
@@ -289,6 +317,8 @@ class TrainConfig:
     budget: BudgetConfig = section(BudgetConfig, "the mismatch budget", prefix="budget_", group="mismatch budget")
     async_: AsyncConfig | None = section(AsyncConfig, "the async loop", switch=_async_on, needs="mode 'async'",
                                          group="async (mode async)")
+    dist: DistConfig | None = section(DistConfig, "the distributed driver", switch=_dist_on, needs="mode 'dist'",
+                                      group="dist (mode dist)")
     agent: AgentConfig | None = section(AgentConfig, "multi-turn episodes", switch=_agent_on, needs="env",
                                         group="agent (with env)")
 
@@ -302,8 +332,14 @@ class TrainConfig:
         coerce_fields(self)
         if self.mode is TrainMode.ASYNC and self.async_ is None:
             self.async_ = AsyncConfig()
-        if self.mode is TrainMode.SYNC and self.async_ is not None:
+        if self.mode is not TrainMode.ASYNC and self.async_ is not None:
             raise ValueError("config section 'async_' (AsyncConfig) needs mode 'async'")
+        if self.mode is TrainMode.DIST and self.dist is None:
+            self.dist = DistConfig()
+        if self.mode is not TrainMode.DIST and self.dist is not None:
+            raise ValueError("config section 'dist' (DistConfig) needs mode 'dist'")
+        if self.mode is TrainMode.DIST and (self.env is not None or self.engine is not EngineKind.TORCH):
+            raise ValueError("mode 'dist' runs single-turn tasks on the torch engine for now (no env, engine torch)")
         if self.env is not None and self.agent is None:
             self.agent = AgentConfig()
         if self.env is None and self.agent is not None:
