@@ -91,5 +91,26 @@ class Episodes:
         first = adv_EK[:, 0]
         return first, broadcast_turns(adv_EK, ep.rollout)
 
-    def metrics(self, ep: EpisodeBatch, step: int) -> dict[str, Any]:
-        return ep.metrics()
+    def metrics(self, ep: EpisodeBatch, step: int, model: torch.nn.Module, logp_BT: Tensor | None
+                ) -> dict[str, Any]:
+        """The batch's episode metrics; the mismatch of each source and each turn (``logp_BT``: the trainer's
+        log-probs, None when the step computed none); every ``drift_every`` steps the tokenisation drift."""
+        from tether.agent.drift import (
+            drift_metrics,
+            mismatch_by_source,
+            mismatch_by_turn,
+            model_logprob_fn,
+            transcripts,
+        )
+
+        out: dict[str, Any] = ep.metrics()
+        r = ep.rollout
+        if logp_BT is not None:
+            out.update(mismatch_by_source(r, logp_BT, r.logp_mu_BT))
+            out.update(mismatch_by_turn(r, logp_BT, r.logp_mu_BT))
+        every = self.a.drift_every
+        ts = transcripts(ep) if every and step % every == 0 else []
+        if ts:
+            with torch.no_grad():
+                out.update(drift_metrics(ts, self.renderer.rerender, model_logprob_fn(model, self.policy.engine.pad_id)))
+        return out

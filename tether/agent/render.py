@@ -70,6 +70,17 @@ class PlainRenderer:
             ids = ids[:-1]
         return self.tokenizer.decode(ids)
 
+    def rerender(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """What a framework that keeps messages would train on: every message's text encoded again, an EOS
+        after each assistant message (no template, so no generation prompt). For this tokenizer it equals the
+        sampled row whenever each action's ids are its text's encoding (the drift meter's reference)."""
+        ids: list[int] = []
+        for m in messages:
+            ids += self.tokenizer.encode(m["content"])
+            if m["role"] == "assistant":
+                ids.append(self.eos_ids[0])
+        return ids
+
 
 _PROBE_USER, _PROBE_ACTION = "hi", "ok"
 _SENTINEL = "@@tether-reply@@"
@@ -205,6 +216,12 @@ class ChatRenderer:
         if self.closed(ids):
             ids = ids[:-1]
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def rerender(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """The chat template over the whole conversation: what a framework that keeps messages trains on."""
+        msgs = [{**m, "role": self._roles.get(m["role"], m["role"])} if m["role"] != "assistant" else m
+                for m in messages]
+        return _ids(self.hf.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=True))
 
 
 class TextEnvAdapter:

@@ -333,7 +333,7 @@ class Run:
             "async/version_min": (int(rollout_m.version_BT[rollout_m.loss_mask_BT].min())
                                   if rollout_m.loss_mask_BT.any() else s),
             **self.experts.metrics,
-            **(self.episodes.metrics(batch.episodes, s) if batch.episodes is not None else {}),
+            **(self.episodes.metrics(batch.episodes, s, model, current_BT) if batch.episodes is not None else {}),
         })
         return metrics
 
