@@ -135,22 +135,24 @@ class RewardLoadError(ValueError):
     """A reward spec that cannot be resolved; the message says which part is wrong."""
 
 
-def _import_module(module_name: str, spec: str):
+def _import_module(module_name: str, spec: str, what: str = "reward"):
+    """Import ``module_name`` (a dotted module or a ``.py`` file) for the reference ``spec``; a failure
+    raises RewardLoadError, its message naming the ``what`` (``reward``, ``environment``) and the spec."""
     if module_name.endswith(".py"):
         path = Path(module_name)
         if not path.is_file():
-            raise RewardLoadError(f"reward {spec!r}: file {str(path)!r} not found")
+            raise RewardLoadError(f"{what} {spec!r}: file {str(path)!r} not found")
         mod_name = f"tether_user_reward_{abs(hash(str(path.resolve())))}"
         file_spec = importlib.util.spec_from_file_location(mod_name, path)
         if file_spec is None or file_spec.loader is None:
-            raise RewardLoadError(f"reward {spec!r}: cannot import file {str(path)!r}")
+            raise RewardLoadError(f"{what} {spec!r}: cannot import file {str(path)!r}")
         module = importlib.util.module_from_spec(file_spec)
         sys.modules[mod_name] = module
         try:
             file_spec.loader.exec_module(module)
         except Exception as e:
             sys.modules.pop(mod_name, None)
-            raise RewardLoadError(f"reward {spec!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+            raise RewardLoadError(f"{what} {spec!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
         return module
     try:
         return importlib.import_module(module_name)
@@ -158,17 +160,39 @@ def _import_module(module_name: str, spec: str):
         missing = e.name or ""
         if missing == module_name or module_name.startswith(missing + "."):
             raise RewardLoadError(
-                f"reward {spec!r}: module {module_name!r} not found (is its directory on PYTHONPATH? "
+                f"{what} {spec!r}: module {module_name!r} not found (is its directory on PYTHONPATH? "
                 f"the current directory is {str(Path.cwd())!r}; a file path like 'my_rewards.py:fn' also works)"
             ) from e
         raise RewardLoadError(
-            f"reward {spec!r}: importing module {module_name!r} failed because it imports the missing "
+            f"{what} {spec!r}: importing module {module_name!r} failed because it imports the missing "
             f"module {missing!r}"
         ) from e
     except Exception as e:
         raise RewardLoadError(
-            f"reward {spec!r}: importing module {module_name!r} failed: {type(e).__name__}: {e}"
+            f"{what} {spec!r}: importing module {module_name!r} failed: {type(e).__name__}: {e}"
         ) from e
+
+
+def load_reference(spec: str, what: str = "reward"):
+    """The object named by ``package.module:attr`` (the attribute may be dotted, ``module:Class.method``)
+    or ``path/to/file.py:attr``, imported. Raises ``RewardLoadError`` naming the ``what`` (``reward``,
+    ``environment``), the spec and the bad part: format, module, attribute."""
+    module_name, _, attr_path = spec.rpartition(":")
+    if not module_name or not attr_path:
+        raise RewardLoadError(f"{what} {spec!r}: expected 'module:name' with both parts non-empty")
+    if not module_name.endswith(".py") and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name):
+        raise RewardLoadError(f"{what} {spec!r}: {module_name!r} is not a valid module name")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr_path):
+        raise RewardLoadError(f"{what} {spec!r}: {attr_path!r} is not a valid attribute name")
+    obj = _import_module(module_name, spec, what)
+    for i, part in enumerate(attr_path.split(".")):
+        if not hasattr(obj, part):
+            where = module_name if i == 0 else ".".join(attr_path.split(".")[:i])
+            public = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
+            hint = f"; callables there: {', '.join(public[:20])}" if public else ""
+            raise RewardLoadError(f"{what} {spec!r}: {where!r} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+    return obj
 
 
 def load_reward_fn(spec: str) -> RewardFn:
@@ -189,22 +213,8 @@ def load_reward_fn(spec: str) -> RewardFn:
             f"reward {spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) nor of the "
             "form 'module:function' or 'file.py:function'"
         )
-    module_name, _, attr_path = spec.rpartition(":")
-    if not module_name or not attr_path:
-        raise RewardLoadError(f"reward {spec!r}: expected 'module:function' with both parts non-empty")
-    if not module_name.endswith(".py") and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name):
-        raise RewardLoadError(f"reward {spec!r}: {module_name!r} is not a valid module name")
-    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", attr_path):
-        raise RewardLoadError(f"reward {spec!r}: {attr_path!r} is not a valid attribute name")
-
-    obj = _import_module(module_name, spec)
-    for i, part in enumerate(attr_path.split(".")):
-        if not hasattr(obj, part):
-            where = module_name if i == 0 else ".".join(attr_path.split(".")[:i])
-            public = sorted(n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None)))
-            hint = f"; callables there: {', '.join(public[:20])}" if public else ""
-            raise RewardLoadError(f"reward {spec!r}: {where!r} has no attribute {part!r}{hint}")
-        obj = getattr(obj, part)
+    obj = load_reference(spec)
+    attr_path = spec.rpartition(":")[2]
     if not callable(obj):
         raise RewardLoadError(f"reward {spec!r}: {attr_path!r} is a {type(obj).__name__}, not callable")
     try:
