@@ -1,7 +1,7 @@
 """Environments by name: the built-ins (``ENVS``) and a user's own, ``module:Factory`` or ``file.py:Factory``.
 
 ``make_env_factory(spec)`` returns a callable that makes a fresh environment per episode (its keyword
-arguments are the run's ``env_options``). Built-ins (docs/agents-envs.md):
+arguments are the run's ``env_options``). Built-ins (docs/agents.md):
 
 * ``frozenlake``: deterministic 4x4 FrozenLake, one-letter moves (``tether.agent.envs.frozenlake``);
 * ``calculator``: ``a*b+c`` with a calculator tool ``C:<expr>``, answer ``A:<n>``;

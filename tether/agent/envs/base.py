@@ -1,6 +1,6 @@
 """Bookkeeping shared by the built-in text environments: turns, the end of an episode, option checks.
 
-Conventions every built-in follows (docs/agents-envs.md):
+Conventions every built-in follows (docs/agents.md):
 
 * ``reset(seed)`` draws the episode from ``random.Random(seed)`` only, so a seed and a list of actions
   always give the same observations and rewards.
