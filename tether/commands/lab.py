@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 NAME = "lab"
@@ -34,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="sequences per Monte Carlo / training batch")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (docs/lab.md)")
     p.add_argument("--out", type=Path, default=None, help="write results.json and bias.png here")
+    p.add_argument("--credit", action="store_true", help="instead: the exact expected gradient of every turn-level "
+                   "credit estimator on an enumerable 2-turn MDP (docs/agents-credit.md)")
+    p.add_argument("--group-size", type=int, default=3, help="--credit: episodes per GRPO group (2..5)")
+    p.add_argument("--credit-baseline", default="std,mean,loo",
+                   help="--credit: baselines to compare, comma-separated (std, mean, loo)")
 
 
 def markdown_table(result: dict) -> str:
@@ -56,7 +62,36 @@ def markdown_table(result: dict) -> str:
     return out
 
 
+def run_credit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.lab.credit import CreditLabConfig, markdown_table, run_credit_lab
+
+    cfg = CreditLabConfig(group_size=args.group_size,
+                          baselines=[b.strip() for b in args.credit_baseline.split(",") if b.strip()])
+    result = run_credit_lab(cfg)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "credit.json").write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        print(markdown_table(result), end="")
+        return 0
+    table = Table(title=f"turn-level credit, exact expectation over groups of {cfg.group_size} "
+                        f"(J={result['J']:.4f}, |grad J|={result['grad_norm']:.4f}; * default)")
+    for col in ("estimator", "baseline", "cosine", "scale", "rel. error", "direction error", "variance"):
+        table.add_column(col)
+    for r in result["results"]:
+        table.add_row(r["estimator"], r["baseline"] + ("*" if r["default"] else ""), f"{r['cosine']:.6f}",
+                      f"{r['scale']:.4f}", f"{r['rel_error']:.4f}", f"{r['direction_error']:.4f}",
+                      f"{r['variance']:.4f}")
+    Console().print(table)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "credit", False):
+        return run_credit(args)
     from rich.console import Console
     from rich.table import Table
 
