@@ -99,3 +99,10 @@ def test_single_turn_settings_that_do_not_apply_are_refused():
         from tether.train.sync import train
 
         train(TrainConfig.from_flat(**{**SMALL, "objective": "calibrl", "steps": 1}))
+
+
+@pytest.mark.parametrize("credit", ["turn", "turn_unbiased", "gigpo", "discounted"])
+def test_every_credit_trains_with_gamma_and_omega(tmp_path, credit):
+    _, rows = _train(tmp_path, credit, credit=credit, gamma=0.9, gigpo_omega=0.5, steps=1, drift_every=0)
+    assert rows and "agent/retokenize_mismatch_frac" not in rows[0]  # drift_every 0: never measured
+    assert all(abs(r["adv/mean"]) < 10 for r in rows) if "adv/mean" in rows[0] else rows
