@@ -45,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:  # a full disk, no intact checkpoint: what is intact and what to do
         print(f"tether train: error: {e}", file=sys.stderr)
         return 1
-    print_summary(summary)
+    if not cfg.quiet:
+        print_summary(summary)
     return 0

@@ -33,7 +33,7 @@ from tether.distill.models import (
 from tether.objectives import LossInputs, get_preset
 from tether.objectives.advantages import get_advantage
 from tether.train.metrics_log import MetricsLog
-from tether.train.progress import StepProgress
+from tether.train.progress import Reporter
 from tether.train.seeds import step_seed
 
 DISTILL_SALT = 17
@@ -103,16 +103,17 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     run_dir = Path(cfg.out or f"runs/distill-{cfg.algorithm.value}-{cfg.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    reporter = Reporter.for_run(cfg, run_dir)
 
     if cfg.algorithm is Algorithm.CAOPD:  # the student states a confidence before CaOPD calibrates it
         from tether.distill.caopd import StatedConfidence
 
         task = StatedConfidence(task, cfg.confidence_label)
-    model, tokenizer = build_student(cfg, task)
+    model, tokenizer = build_student(cfg, task, reporter)
     if cfg.init is not None:
         model.load_state_dict(torch.load(cfg.init, map_location="cpu", weights_only=True))
     algo = make_algorithm(cfg, tokenizer, model, rows)
-    teacher = build_teacher(cfg, task, vocab) if algo.needs_teacher else None
+    teacher = build_teacher(cfg, task, vocab, reporter) if algo.needs_teacher else None
     ctx = Context(cfg, task, tokenizer, model, TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids,
                                                            pad_id=tokenizer.pad_id))
     if teacher is not None:
@@ -122,11 +123,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(cfg.warmup_steps, 1)))
     teacher_accuracy = evaluate(teacher, tokenizer, task, cfg) if teacher is not None else None
     accuracy_before = evaluate(model, tokenizer, task, cfg)
+    reporter.note(f"eval before distillation: student accuracy {accuracy_before:.1%}"
+                  + (f", teacher {teacher_accuracy:.1%}" if teacher_accuracy is not None else ""))
     calibration = _calibration(cfg, ctx, task)
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     t0, teacher_tokens, step = time.perf_counter(), 0, 0
-    with StepProgress(total=cfg.steps, enabled=cfg.progress, description=f"distill/{cfg.algorithm.value}") as bar:
+    with reporter.phase(f"distill/{cfg.algorithm.value}", cfg.steps) as bar:
         while step < cfg.steps and (cfg.teacher_token_budget is None or teacher_tokens < cfg.teacher_token_budget):
             batch = algo.batch(ctx, step, step_seed(cfg.seed, step, DISTILL_SALT))
             teacher_tokens += batch.teacher_tokens
@@ -142,10 +145,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
             bar.advance(metrics)
             step += 1
     torch.save(model.state_dict(), run_dir / "student.pt")
+    accuracy_after = evaluate(model, tokenizer, task, cfg)
+    reporter.note(f"eval after distillation: student accuracy {accuracy_after:.1%}")
     summary = {
         "run_dir": str(run_dir), "algorithm": cfg.algorithm.value, "objective": cfg.preset_name, "steps": step,
         "teacher_tokens": teacher_tokens, "eval/teacher_accuracy": teacher_accuracy,
-        "eval/accuracy_before": accuracy_before, "eval/accuracy_after": evaluate(model, tokenizer, task, cfg),
+        "eval/accuracy_before": accuracy_before, "eval/accuracy_after": accuracy_after,
         "time/total_s": time.perf_counter() - t0,
         "student_params": sum(p.numel() for p in model.parameters()),
         "teacher_params": None if teacher is None else sum(p.numel() for p in teacher.parameters()),

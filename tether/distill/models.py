@@ -50,21 +50,23 @@ def check_shared_vocab(teacher_vocab: int, student_vocab: int) -> None:
             "with another tokenizer)")
 
 
-def build_student(cfg, task):
+def build_student(cfg, task, progress=None):
     from tether.models import builtin
     from tether.models.tokenizer import CharTokenizer
 
     conf = student_config(cfg, CharTokenizer().vocab_size)
-    return builtin.warm_started_tiny(task, seed=cfg.student_seed, steps=cfg.student_warmstart_steps, config=conf)
+    return builtin.warm_started_tiny(task, seed=cfg.student_seed, steps=cfg.student_warmstart_steps, config=conf,
+                                     progress=progress, label="student warm start")
 
 
-def build_teacher(cfg, task, vocab_size: int) -> torch.nn.Module:
+def build_teacher(cfg, task, vocab_size: int, progress=None) -> torch.nn.Module:
     """The frozen teacher: the built-in tiny model with a longer warm start, or a transformers LM."""
     if cfg.teacher == "builtin":
         from tether.models import builtin
 
         model, _ = builtin.warm_started_tiny(task, seed=cfg.teacher_seed, steps=cfg.teacher_warmstart_steps,
-                                             config=teacher_config(cfg, vocab_size))
+                                             config=teacher_config(cfg, vocab_size), progress=progress,
+                                             label="teacher warm start")
     else:
         from transformers import AutoModelForCausalLM
 

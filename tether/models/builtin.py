@@ -24,9 +24,11 @@ def tiny_model(seed: int, config: TinyConfig | None = None) -> tuple[TinyLM, Cha
 
 
 def warm_started_tiny(task, *, seed: int, steps: int, config: TinyConfig | None = None,
-                      cache_dir: str | Path | None = None, max_turns: int = 8) -> tuple[TinyLM, CharTokenizer]:
+                      cache_dir: str | Path | None = None, max_turns: int = 8, progress=None,
+                      label: str = "warm start") -> tuple[TinyLM, CharTokenizer]:
     """Tiny model + tokenizer, SFT-warm-started on ``task`` for ``steps`` steps (cached on disk); an
-    environment's warm start plays at most ``max_turns`` expert turns per episode."""
+    environment's warm start plays at most ``max_turns`` expert turns per episode. ``progress``: a
+    ``tether.train.progress.Reporter`` that shows the SFT steps."""
     model, tokenizer = tiny_model(seed, config)
     batch_fn = None
     if hasattr(task, "warmstart_batch"):  # an environment (tether.agent.task): SFT on its expert episodes
@@ -38,6 +40,6 @@ def warm_started_tiny(task, *, seed: int, steps: int, config: TinyConfig | None 
             return task.warmstart_batch(rng, batch_size, tokenizer, renderer, max_turns=max_turns,
                                         max_tokens=model.config.max_len, pad_id=tokenizer.pad_id)
     info: WarmStartInfo = warm_start(model, tokenizer, task, steps=steps, seed=seed, cache_dir=cache_dir,
-                                     batch_fn=batch_fn)
+                                     batch_fn=batch_fn, progress=progress, label=label)
     model.warmstart_info = info
     return model, tokenizer

@@ -19,6 +19,7 @@ import os
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
@@ -98,10 +99,11 @@ def sft_loss(model: torch.nn.Module, tokens_BT: torch.Tensor, target_mask_BT: to
 
 def warm_start(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int,
                cache_dir: str | Path | None = None, batch_size: int = 64, lr: float = 2e-3,
-               warmup: int = 20, batch_fn=None) -> WarmStartInfo:
+               warmup: int = 20, batch_fn=None, progress=None, label: str = "warm start") -> WarmStartInfo:
     """SFT ``model`` in place for ``steps`` steps on ``task.sample`` examples, or load the cached result.
     ``batch_fn(rng, batch_size) -> (tokens_BT, target_mask)`` replaces the examples where a task's data are
-    not prompt/solution pairs (an environment's expert episodes, ``tether.agent.task``)."""
+    not prompt/solution pairs (an environment's expert episodes, ``tether.agent.task``). ``progress`` (a
+    ``tether.train.progress.Reporter``) shows the SFT steps, or a line saying the cache was used."""
     if steps < 0:
         raise ValueError(f"warm_start: steps must be >= 0, got {steps}")
     if batch_size < 1:
@@ -113,6 +115,8 @@ def warm_start(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int
     if path.exists():
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state_dict"])
+        if progress is not None:
+            progress.note(f"{label}: {steps} SFT steps loaded from the cache ({path})")
         return WarmStartInfo(cache_path=path, from_cache=True, seconds=time.perf_counter() - t0)
 
     rng = random.Random(seed)
@@ -127,16 +131,19 @@ def warm_start(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
     losses = []
-    for _ in range(steps):
-        tokens, mask = (batch_fn(rng, batch_size) if batch_fn is not None
-                        else _batch([task.sample(rng) for _ in range(batch_size)], tokenizer, pad_id))
-        loss = sft_loss(model, tokens, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    with (progress.phase(label, steps) if progress is not None and steps > 0 else nullcontext()) as bar:
+        for _ in range(steps):
+            tokens, mask = (batch_fn(rng, batch_size) if batch_fn is not None
+                            else _batch([task.sample(rng) for _ in range(batch_size)], tokenizer, pad_id))
+            loss = sft_loss(model, tokens, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.advance({"sft/loss": losses[-1]})
     model.eval()
 
     root.mkdir(parents=True, exist_ok=True)

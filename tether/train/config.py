@@ -260,7 +260,12 @@ class TrainConfig:
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint", group="run")
     overwrite: bool = opt(False, "start a fresh run in a run directory that is not empty (deletes its checkpoints "
                                  "and metrics; without it such a run is refused)", group="run")
-    progress: bool = opt(True, "show a progress bar", group="run")
+    progress: bool = opt(True, "show progress: a bar in a terminal, plain lines on stdout otherwise (RUN/progress.log "
+                               "is written either way)", group="run")
+    log_every: int | None = opt(None, "steps between plain progress lines when stdout is not a terminal (none: about "
+                                      "10 lines per phase)", group="run")
+    quiet: bool = opt(False, "print nothing but errors: no progress and no end-of-run table (summary.json and "
+                             "RUN/progress.log are still written)", group="run")
     mode: TrainMode = opt(TrainMode.SYNC, "execution mode: sync (generate, then train), async (concurrent; its "
                           "settings are the async group) or dist (rollout workers on Ray; the dist group)", group="run")
     # sampling
@@ -381,7 +386,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(self.reward_workers is None or self.reward_workers >= 0, "reward_workers", "must be >= 0 or none",
                self.reward_workers)
-        for name in ("micro_batch_size", "threads", "top_k"):
+        for name in ("micro_batch_size", "threads", "top_k", "log_every"):
             v = getattr(self, name)
             _check(v is None or v >= 1, name, "must be >= 1 or none", v)
         _check(self.lr > 0, "lr", "must be finite and > 0", self.lr)

@@ -45,7 +45,7 @@ from tether.train.loggers import open_loggers
 from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource
-from tether.train.progress import StepProgress, Stopwatch
+from tether.train.progress import Reporter, StepProgress, Stopwatch
 from tether.train.requirements import check_requirements
 from tether.train.run_dir import open_run_dir
 from tether.train.scoring import Scorer
@@ -119,6 +119,8 @@ class Run:
         self.dir = self._stack.enter_context(open_run_dir(cfg, f"runs/{name or Path(cfg.task).stem}"))
         self.run_dir = self.dir.path
         self.interrupt = self._stack.enter_context(StopOnSignal(self.run_dir))
+        self.reporter = Reporter(enabled=cfg.progress and not cfg.quiet, log_every=cfg.log_every,
+                                 log_path=self.run_dir / "progress.log")
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
         self.advantage_fn = get_advantage(cfg.advantage or self.preset.advantage)  # --advantage overrides the preset
@@ -127,7 +129,7 @@ class Run:
 
         self.task = setup.build_task(cfg)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
-        self.policy = setup.build_policy(cfg, self.task)  # model, tokenizer, engine (its own copy of the weights)
+        self.policy = setup.build_policy(cfg, self.task, self.reporter)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
         self._stack.callback(self.engine.close)  # on every exit path (a vLLM server stops with the run)
         self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op
@@ -171,28 +173,34 @@ class Run:
         self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
                                                               resume_after_step=self.state.step - 1 if ckpt else None))
         if self.state.accuracy_before is None:
-            self.state.accuracy_before = self.evaluate()
+            self.state.accuracy_before = self.evaluate("before training")
         self.t_start = time.perf_counter()
         return ckpt
 
     def progress(self, description: str = "RL") -> StepProgress:
-        return StepProgress(total=self.cfg.steps, start=self.state.step, enabled=self.cfg.progress,
-                            description=description)
+        return self.reporter.phase(description, self.cfg.steps, start=self.state.step)
 
     def finish(self) -> dict[str, Any]:
         """Flush the trackers, evaluate the final weights, write summary.json and the plots."""
         self.log.close()  # flush TensorBoard / W&B / MLflow
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
-        accuracy_after = self.evaluate()
+        accuracy_after = self.evaluate("after training")
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
                              self.tokens_total, time.perf_counter() - self.t_start)
 
-    def evaluate(self) -> float:
-        """Greedy accuracy on the held-out split, or an environment's greedy success rate on its eval seeds."""
+    def evaluate(self, when: str) -> float:
+        """Greedy accuracy on the held-out split, or an environment's greedy success rate on its eval seeds;
+        ``when`` names the evaluation in the progress line that reports it."""
+        t0 = time.perf_counter()
         if self.episodes is not None:
-            return self.episodes.evaluate()
-        return setup.evaluate(self.policy, self.rewards, self.cfg)
+            value, what = self.episodes.evaluate(), f"success rate on {self.cfg.eval_size} held-out episodes"
+        else:
+            value = setup.evaluate(self.policy, self.rewards, self.cfg)
+            n = min(self.cfg.eval_size, len(self.task.eval_examples()))
+            what = f"accuracy on {n} held-out problems"
+        self.reporter.note(f"eval {when}: {what} {value:.1%} ({time.perf_counter() - t0:.1f} s)")
+        return value
 
     # -- the stages a driver schedules ---------------------------------------------------------------
     def sample(self, step: int, salt: int = 0, n: int | None = None) -> list[Example]:

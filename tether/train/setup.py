@@ -54,8 +54,9 @@ def builtin_text_check(model: str):
     return CharTokenizer().check
 
 
-def build_policy(cfg: TrainConfig, task: Task) -> Policy:
-    policy = _build_policy(cfg, task)
+def build_policy(cfg: TrainConfig, task: Task, progress=None) -> Policy:
+    """Model, tokenizer and engine; ``progress`` (a ``Reporter``) shows the built-in model's warm start."""
+    policy = _build_policy(cfg, task, progress)
     if cfg.engine is EngineKind.VLLM:  # a vLLM server in its own environment replaces the torch engine
         from tether.engine.vllm_engine import VLLMOptions, build_vllm_engine
 
@@ -66,7 +67,7 @@ def build_policy(cfg: TrainConfig, task: Task) -> Policy:
     return policy
 
 
-def _build_policy(cfg: TrainConfig, task: Task) -> Policy:
+def _build_policy(cfg: TrainConfig, task: Task, progress=None) -> Policy:
     from tether.models import builtin
 
     if cfg.model != "tiny":  # a Hugging Face folder, a .gguf file or an alias (tether.models.hf)
@@ -74,7 +75,8 @@ def _build_policy(cfg: TrainConfig, task: Task) -> Policy:
 
         return Policy(*build_hf_policy(cfg))
     model, tokenizer = builtin.warm_started_tiny(task, seed=cfg.seed, steps=cfg.warmstart_steps,
-                                                 max_turns=cfg.agent.max_turns if cfg.agent else 8)
+                                                 max_turns=cfg.agent.max_turns if cfg.agent else 8,
+                                                 progress=progress)
     from tether.engine.torch_engine import TorchEngine
 
     engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
