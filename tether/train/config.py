@@ -232,8 +232,8 @@ class TrainConfig:
         None, 'JSON dict of task config fields, e.g. {"max_digits": 3, "ops": "+-"} (none: the default job\'s '
         'arithmetic is 1-2 digit addition, which the warm start brings to about 30 % so RL has room)', group="task")
     env: str | None = opt(None, "multi-turn episodes in an environment instead of a task: frozenlake, calculator, "
-                                "countdown, guess, or module:Factory / file.py:Factory (its settings are the agent "
-                                "group; docs/agents.md)", group="task")
+                                "countdown, guess, gym:ID (gymnasium toy_text), textarena:ID, or module:Factory / "
+                                "file.py:Factory (its settings are the agent group; docs/agents.md)", group="task")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing",
                               group="task")
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function", group="rewards")
