@@ -48,8 +48,14 @@ def _textarena():
     if importlib.util.find_spec("textarena") is None:
         raise ValueError("textarena:* environments need textarena: pip install -e '.[textarena]' (not in the "
                          "agents extra: it pulls openai, nltk and a chess engine; docs/agents.md)")
-    import textarena
+    import numpy as np
 
+    outer = random.getstate(), np.random.get_state()
+    try:
+        import textarena  # its first import draws from the global generator: put it back
+    finally:
+        random.setstate(outer[0])
+        np.random.set_state(outer[1])
     return textarena
 
 
@@ -84,14 +90,14 @@ class TextArenaGame:
         if max_turns is not None and (isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 1):
             raise ValueError(f"textarena:{env_id}: max_turns must be an int >= 1 or none, got {max_turns!r}")
         self.env_id, self.prompt, self.max_turns = env_id, prompt, max_turns
-        try:
-            game = ta.make(env_id, **game_kwargs)
+        self._rng: tuple | None = None
+        try:  # a game module's first import may draw from the global generators: isolated too
+            game = self._isolated(lambda: ta.make(env_id, **game_kwargs))
         except TypeError as exc:
             raise ValueError(f"textarena:{env_id}: env_options {game_kwargs} do not fit the game: {exc}") from exc
         while isinstance(game, ta.Wrapper):  # play the raw game: its own messages, nothing re-rendered
             game = game.env
         self.game, self._types = game, ta.ObservationType
-        self._rng: tuple | None = None
         self.done = True
 
     def _isolated(self, fn: Callable, *args: Any) -> Any:
