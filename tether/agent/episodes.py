@@ -123,7 +123,8 @@ def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object
     try:
         hash(key)
     except TypeError:
-        raise ValueError(f"environment {type(env).__name__} ({where}): its state id {key[1]!r} is not hashable; "
+        name = type(getattr(env, "env", env)).__name__  # a text environment's own name, not its adapter's
+        raise ValueError(f"environment {name} ({where}): its state id {key[1]!r} is not hashable; "
                          "give info['state'] / state_id() as a tuple, string or number") from None
     return key
 
