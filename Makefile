@@ -6,7 +6,7 @@ demo:
 	.venv/bin/tether train
 
 test:
-	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench,trl
+	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench,trl,agents
 	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests
 
 lint:

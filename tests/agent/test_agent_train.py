@@ -105,4 +105,68 @@ def test_single_turn_settings_that_do_not_apply_are_refused():
 def test_every_credit_trains_with_gamma_and_omega(tmp_path, credit):
     _, rows = _train(tmp_path, credit, credit=credit, gamma=0.9, gigpo_omega=0.5, steps=1, drift_every=0)
     assert rows and "agent/retokenize_mismatch_frac" not in rows[0]  # drift_every 0: never measured
-    assert all(abs(r["adv/mean"]) < 10 for r in rows) if "adv/mean" in rows[0] else rows
+    r = rows[0]
+    assert r["advantage/std"] > 0 and abs(r["advantage/mean"]) < 10 and r["loss"] == r["loss"]
+
+
+def _weights(tmp_path, name, step):
+    return load_checkpoint_dir(tmp_path / name / "checkpoints" / f"step_{step:06d}").state["model"]
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+# Step 1's episodes come from the same warm start and seeds in every run below, so the first logged row's
+# advantage statistics (of each episode's first-turn advantage) differ only by the credit settings.
+
+def test_credit_baseline_reaches_the_estimator(tmp_path):
+    rows, weights = {}, {}
+    for b in (None, "std", "mean", "loo"):
+        name = f"b-{b}"
+        _, got = _train(tmp_path, name, credit="turn", credit_baseline=b, steps=1, drift_every=0)
+        rows[b], weights[b] = got[0], _weights(tmp_path, name, 1)
+    assert rows[None]["advantage/std"] == rows["std"]["advantage/std"]  # none: turn's default, std
+    assert _same_weights(weights[None], weights["std"])
+    # turn 0's cell is the whole group (4 episodes): A_loo = A_mean * 4/3 exactly; both centred (mean 0)
+    assert rows["loo"]["advantage/std"] == pytest.approx(rows["mean"]["advantage/std"] * 4 / 3, rel=1e-5)
+    assert abs(rows["mean"]["advantage/mean"]) < 1e-6 and abs(rows["loo"]["advantage/mean"]) < 1e-6
+    assert rows["mean"]["advantage/std"] > 0
+    assert rows["std"]["advantage/std"] != pytest.approx(rows["mean"]["advantage/std"], rel=1e-3)
+    assert not _same_weights(weights["std"], weights["mean"]) and not _same_weights(weights["mean"], weights["loo"])
+
+
+def test_credit_baseline_is_validated():
+    with pytest.raises(ValueError, match="credit_baseline.*one of std, mean, loo"):
+        TrainConfig.from_flat(env=ENV, credit="turn", credit_baseline="median")
+    with pytest.raises(ValueError, match="credit_baseline.*--advantage"):
+        TrainConfig.from_flat(env=ENV, credit_baseline="loo")  # credit episode: the preset's estimator
+    from tether.agent.credit import BASELINES
+    from tether.train.config import CREDIT_BASELINES
+
+    assert CREDIT_BASELINES == BASELINES
+
+
+def test_gamma_changes_the_turn_credit(tmp_path):
+    # Copy pays 0.5 per right letter: G_0 = r_0 + gamma r_1, so gamma reweights turn 0's return
+    rows, weights = {}, {}
+    for g in (1.0, 0.5):
+        name = f"g-{g}"
+        _, got = _train(tmp_path, name, credit="turn", credit_baseline="mean", gamma=g, steps=1, drift_every=0)
+        rows[g], weights[g] = got[0], _weights(tmp_path, name, 1)
+    assert rows[1.0]["advantage/std"] > 0
+    assert rows[1.0]["advantage/std"] != pytest.approx(rows[0.5]["advantage/std"], rel=1e-3)
+    assert not _same_weights(weights[1.0], weights[0.5])
+
+
+def test_gigpo_omega_changes_the_credit_and_zero_is_episode_grpo(tmp_path):
+    rows, weights = {}, {}
+    for name, kw in {"w0": dict(credit="gigpo", gigpo_omega=0.0), "w1": dict(credit="gigpo", gigpo_omega=1.0),
+                     "episode": dict(credit="episode")}.items():
+        _, got = _train(tmp_path, name, steps=1, drift_every=0, **kw)
+        rows[name], weights[name] = got[0], _weights(tmp_path, name, 1)
+    # omega 0 leaves GiGPO's episode term: the grpo advantage of the returns, as credit 'episode' with grpo
+    assert rows["w0"]["advantage/std"] == pytest.approx(rows["episode"]["advantage/std"], rel=1e-5)
+    # every group's first turns share the reset observation's anchor, so omega adds a step term on turn 0
+    assert rows["w1"]["advantage/std"] > rows["w0"]["advantage/std"] * 1.01
+    assert not _same_weights(weights["w0"], weights["w1"])

@@ -169,3 +169,90 @@ def test_broadcast_turns_puts_each_turns_value_on_its_action_only():
         for k, (a, b) in enumerate(batch.action_spans[e]):
             assert (out[e, a:b] == vals[e, k]).all()
         assert (out[e][~batch.rollout.loss_mask_BT[e]] == 0).all()
+
+
+class NoStateEnv(EchoEnv):
+    """EchoEnv without ``info["state"]`` or ``state_id()``: anchors fall back to the observation's tokens."""
+
+    def step(self, action: list[int]) -> StepResult:
+        out = super().step(action)
+        return StepResult(out.observation, out.reward, out.done, {})
+
+
+class Walk(EchoEnv):
+    """Position 0 or 1: an action of even length stays, odd length moves to the other one; ``state_id()`` and
+    ``info["state"]`` give the position, so turn 0 (position 0, from ``state_id``) is revisited later."""
+
+    def reset(self, seed: int) -> Observation:
+        self.pos = 0
+        return super().reset(seed)
+
+    def state_id(self):
+        return ("pos", self.pos)
+
+    def step(self, action: list[int]) -> StepResult:
+        out = super().step(action)
+        self.pos = (self.pos + len(action)) % 2
+        return StepResult(out.observation, out.reward, out.done, {"state": ("pos", self.pos)})
+
+
+def _anchor_run(envs, seeds):
+    _, engine = _engine()
+    return _run(engine, envs, seeds, params=SamplingParams(max_new_tokens=4, top_k=20))
+
+
+def test_first_turns_of_a_group_share_the_reset_observations_anchor():
+    # groups are [0, 1], [2, 3], [4, 5]: one seed per group; seeds 1 and 5 give prompts of different lengths
+    batch = _anchor_run([NoStateEnv() for _ in range(6)], [1, 1, 5, 5, 2, 2])
+    s0 = batch.state_EK[:, 0].tolist()
+    assert s0[0] == s0[1] and s0[2] == s0[3] and s0[4] == s0[5]
+    assert len({s0[0], s0[2], s0[4]}) == 3  # different reset observations, different anchors
+    with_state = _anchor_run([EchoEnv() for _ in range(2)], [3, 3])  # info["state"] later, tokens at reset
+    assert with_state.state_EK[0, 0] == with_state.state_EK[1, 0]
+
+
+def test_without_info_state_the_anchor_is_the_observation_tokens():
+    batch = _anchor_run([NoStateEnv(turns=3) for _ in range(6)], [0, 0, 1, 1, 2, 2])
+    r = batch.rollout
+    seen: dict[tuple, int] = {}
+    for e in range(6):
+        spans = batch.action_spans[e]
+        for k in range(1, len(spans)):  # turn k answers the reply between action k-1 and action k
+            reply = tuple(r.tokens_BT[e, spans[k - 1][1]:spans[k][0]].tolist())
+            sid = int(batch.state_EK[e, k])
+            assert seen.setdefault(reply, sid) == sid  # equal replies, equal anchors
+            assert sid != batch.state_EK[e, 0]  # a reply never matches a reset observation here
+    assert len(set(seen.values())) == len(seen) >= 2  # different replies, different anchors
+
+
+def test_state_id_anchors_the_reset_state_and_its_revisits():
+    batch = _anchor_run([Walk(turns=4) for _ in range(6)], [0, 0, 1, 1, 2, 2])
+    start = int(batch.state_EK[0, 0])
+    assert (batch.state_EK[:, 0] == start).all()  # ("pos", 0) for every episode, from state_id()
+    revisits = 0
+    for e in range(6):
+        pos = 0
+        for k, (a, b) in enumerate(batch.action_spans[e]):
+            assert (int(batch.state_EK[e, k]) == start) == (pos == 0)
+            revisits += k > 0 and pos == 0
+            pos = (pos + b - a) % 2
+    assert revisits > 0  # some later turn is back at the start and shares turn 0's anchor
+
+
+def test_text_env_state_id_is_forwarded_and_an_unhashable_state_is_refused():
+    from tether.agent.envs import FrozenLake
+    from tether.agent.render import PlainRenderer, TextEnvAdapter
+    from tether.models.tokenizer import CharTokenizer
+
+    env = TextEnvAdapter(FrozenLake(), PlainRenderer(CharTokenizer()))
+    env.reset(0)
+    start = env.state_id()
+    step = env.env.step("U")  # off the top edge: stays at the start
+    assert step.info["state"] == start and env.state_id() == start
+
+    class Listy(EchoEnv):
+        def state_id(self):
+            return [self.k]
+
+    with pytest.raises(ValueError, match=r"Listy \(reset\(seed=0\)\).*not hashable"):
+        _anchor_run([Listy()], [0])

@@ -19,6 +19,12 @@ Both kinds must be deterministic under ``reset(seed)``: the same seed and the sa
 observations and rewards. ``reward`` may be given at every step (step rewards); the episode's return is
 their sum. ``info`` is free-form; ``info["success"]`` (bool), when an environment sets it on the last step,
 is what evaluation reports as success (default: return > 0).
+
+Anchor states (GiGPO's step groups, ``tether.agent.credit.gigpo``): ``info["state"]`` (hashable) names the
+decision point the step leads to, and an optional method ``state_id()`` returns the current one at any time;
+the episode runner asks ``state_id()`` after ``reset`` (and after a step whose ``info`` has no ``state``), so
+a state revisited later shares the first turn's anchor. Without either, the anchor is the observation's
+tokens (``tether.agent.episodes.EpisodeBatch.state_EK``).
 """
 
 from __future__ import annotations

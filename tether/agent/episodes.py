@@ -51,8 +51,10 @@ class EpisodeBatch:
     turn_mask_EK: Tensor
     """True on the turns that happened (a prefix of each row)."""
     state_EK: Tensor
-    """Id of the state each turn acted in (equal ids: the same observation; GiGPO's anchor states): the
-    environment's ``info["state"]`` of the previous step when it gives one, else the observation's tokens."""
+    """Id of the state each turn acted in (equal ids: the same decision point; GiGPO's anchor states), dense
+    over the batch: the environment's ``info["state"]`` of the previous step when it gives one, else its
+    ``state_id()`` when it has one (turn 0: after ``reset``), else the tokens of the observation the turn
+    answers (turn 0: the reset observation, so a group's first turns, reset with one seed, share an anchor)."""
     outcomes: list[str]
     success_E: Tensor
     """``info["success"]`` of the last step where the environment sets it, else return > 0."""
@@ -108,8 +110,23 @@ class _Episode:
         self.kept += list(kept) if kept is not None else [vocab_size] * n
 
 
-def _state_key(obs: Observation) -> object:
-    return ("tokens", tuple(obs.tokens))
+def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object:
+    """The anchor-state key of the decision point after ``obs``: ``info["state"]`` of the step that showed it,
+    else the environment's ``state_id()`` (optional; the only source for the reset observation), else the
+    observation's tokens. Keys from ids and from tokens never collide (tagged ``"state"`` / ``"tokens"``)."""
+    if info is not None and "state" in info:
+        key = ("state", info["state"])
+    elif callable(getattr(env, "state_id", None)):
+        key = ("state", env.state_id())
+    else:
+        return ("tokens", tuple(obs.tokens))
+    try:
+        hash(key)
+    except TypeError:
+        name = type(getattr(env, "env", env)).__name__  # a text environment's own name, not its adapter's
+        raise ValueError(f"environment {name} ({where}): its state id {key[1]!r} is not hashable; "
+                         "give info['state'] / state_id() as a tuple, string or number") from None
+    return key
 
 
 def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[int], params: SamplingParams, *,
@@ -135,7 +152,8 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
                 raise ValueError("reset returned an empty observation")
         except Exception as exc:  # counted, never silent; an empty prompt row cannot be trained on
             raise ValueError(f"environment {type(env).__name__}.reset(seed={seed}) failed: {exc}") from exc
-        ep = _Episode(tokens=[], prompt_len=len(obs.tokens), last_state=_state_key(obs))
+        ep = _Episode(tokens=[], prompt_len=len(obs.tokens),
+                      last_state=_anchor(env, None, obs, f"reset(seed={seed})"))
         ep.append(obs.tokens, Source.PROMPT, -1, vocab_size=V)
         if len(obs.tokens) + N > max_episode_tokens:
             raise ValueError(f"environment {type(env).__name__}.reset(seed={seed}): the first observation has "
@@ -190,7 +208,7 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
                 ep.outcome = "budget"
                 continue
             ep.append(obs.tokens, obs.source, k, vocab_size=V)
-            ep.last_state = ("state", step.info["state"]) if "state" in step.info else _state_key(obs)
+            ep.last_state = _anchor(envs[e], step.info, obs, f"episode seed {episode_seeds[e]}, turn {k}")
     for ep in eps:
         if ep.outcome is None:
             ep.outcome = "max_turns"

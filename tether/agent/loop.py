@@ -87,7 +87,7 @@ class Episodes:
         extra = rewards_B - ep.returns_E.to(rewards_B.dtype)
         rewards_EK[torch.arange(len(last_E)), last_E] += extra.to(rewards_EK.dtype)
         adv_EK = self.credit_fn(rewards_EK, ep.turn_mask_EK, group_B, ep.state_EK, gamma=self.a.gamma,
-                                omega=self.a.gigpo_omega)
+                                omega=self.a.gigpo_omega, baseline=self.a.credit_baseline)
         first = adv_EK[:, 0]
         return first, broadcast_turns(adv_EK, ep.rollout)
 

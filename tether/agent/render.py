@@ -237,6 +237,8 @@ class TextEnvAdapter:
         self.env, self.renderer = env, renderer
         self.max_turns = getattr(env, "max_turns", None)
         self.messages: list[dict] = []
+        if callable(getattr(env, "state_id", None)):  # the optional anchor-state hook (tether.agent.env)
+            self.state_id = env.state_id
 
     def reset(self, seed: int) -> Observation:
         text = self.env.reset(seed)

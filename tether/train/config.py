@@ -165,6 +165,8 @@ def _agent_on(values: dict) -> bool:
 
 CREDITS = ("episode", "turn", "turn_unbiased", "gigpo", "discounted")
 """Turn-level credit estimators of multi-turn episodes (``tether.agent.credit``)."""
+CREDIT_BASELINES = ("std", "mean", "loo")
+"""How a turn-level credit estimator centres a value against its cell (``tether.agent.credit.BASELINES``)."""
 
 
 @dataclass
@@ -177,6 +179,10 @@ class AgentConfig:
                                                "with outcome 'budget'")
     credit: str = opt("episode", "turn-level credit: episode (the preset's advantage of the episode return on every "
                                  "turn), turn (per-turn-index GRPO), turn_unbiased, gigpo, discounted")
+    credit_baseline: str | None = opt(None, "how turn-level credit centres each value against its cell: std (GRPO), "
+                                            "mean (Dr. GRPO), loo (leave-one-episode-out); none: the estimator's "
+                                            "default (mean for turn_unbiased, else std). Episode credit: use "
+                                            "--advantage")
     gamma: float = opt(1.0, "discount of step returns (turn, turn_unbiased, gigpo, discounted credit)")
     gigpo_omega: float = opt(1.0, "gigpo credit: weight of the step-level (anchor-state) advantage")
     drift_every: int = opt(1, "measure tokenisation drift every N steps (re-render the chat and compare; 0: never)")
@@ -187,6 +193,12 @@ class AgentConfig:
         _check(self.max_episode_tokens is None or self.max_episode_tokens >= 2, "max_episode_tokens",
                "must be >= 2 or none", self.max_episode_tokens)
         _check(self.credit in CREDITS, "credit", f"must be one of {', '.join(CREDITS)}", repr(self.credit))
+        _check(self.credit_baseline is None or self.credit_baseline in CREDIT_BASELINES, "credit_baseline",
+               f"must be one of {', '.join(CREDIT_BASELINES)} or none", repr(self.credit_baseline))
+        _check(self.credit_baseline is None or self.credit != "episode", "credit_baseline",
+               "applies to turn-level credit (turn, turn_unbiased, gigpo, discounted); with credit 'episode' the "
+               "preset's advantage estimator centres the returns (--advantage grpo / dr_grpo / rloo)",
+               repr(self.credit_baseline))
         _check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]", self.gamma)
         _check(self.gigpo_omega >= 0, "gigpo_omega", "must be >= 0", self.gigpo_omega)
         _check(self.drift_every >= 0, "drift_every", "must be >= 0", self.drift_every)
@@ -220,8 +232,8 @@ class TrainConfig:
         None, 'JSON dict of task config fields, e.g. {"max_digits": 3, "ops": "+-"} (none: the default job\'s '
         'arithmetic is 1-2 digit addition, which the warm start brings to about 30 % so RL has room)', group="task")
     env: str | None = opt(None, "multi-turn episodes in an environment instead of a task: frozenlake, calculator, "
-                                "countdown, guess, or module:Factory / file.py:Factory (its settings are the agent "
-                                "group; docs/agents.md)", group="task")
+                                "countdown, guess, gym:ID (gymnasium toy_text), textarena:ID, or module:Factory / "
+                                "file.py:Factory (its settings are the agent group; docs/agents.md)", group="task")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing",
                               group="task")
     reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function", group="rewards")

@@ -7,6 +7,11 @@ arguments are the run's ``env_options``). Built-ins (docs/agents.md):
 * ``calculator``: ``a*b+c`` with a calculator tool ``C:<expr>``, answer ``A:<n>``;
 * ``countdown``: reach a target from given numbers, tool ``C:<expr>``, answer ``A:<expr>``;
 * ``guess``: guess a number in 1..32 from ``<`` / ``>`` feedback.
+
+Optional adapters (``ADAPTERS``; the spec's prefix is reserved, so a user module named ``gym`` or ``textarena``
+cannot be given as ``module:Factory``): ``gym:ID`` a gymnasium toy_text environment
+(``tether.agent.envs.gym_text``; the ``agents`` extra) and ``textarena:ID`` an offline single-player textarena
+game (``tether.agent.envs.textarena_games``; the ``textarena`` extra).
 """
 
 from __future__ import annotations
@@ -34,6 +39,32 @@ class EnvLoadError(ValueError):
     """An environment spec that cannot be resolved; the message names the spec and what is wrong."""
 
 
+def _gym_factory(env_id: str) -> Callable[..., Any]:
+    from tether.agent.envs.gym_text import GymText, family_of
+
+    family_of(env_id)  # unknown id, missing gymnasium: refused here, before anything is built
+
+    def factory(**options: Any) -> GymText:
+        return GymText(env_id, **options)
+
+    return factory
+
+
+def _textarena_factory(env_id: str) -> Callable[..., Any]:
+    from tether.agent.envs.textarena_games import TextArenaGame, check_game
+
+    check_game(env_id)
+
+    def factory(**options: Any) -> TextArenaGame:
+        return TextArenaGame(env_id, **options)
+
+    return factory
+
+
+ADAPTERS: dict[str, Callable[[str], Callable[..., Any]]] = {"gym": _gym_factory, "textarena": _textarena_factory}
+"""Spec prefix -> the factory maker of an optional adapter (``gym:FrozenLake-v1``, ``textarena:GuessTheNumber-v0``)."""
+
+
 def _is_reference(spec: str) -> bool:
     """``module:Factory`` or ``file.py:Factory`` (a Windows drive letter ``C:\\`` is not a separator)."""
     rest = spec[2:] if len(spec) > 2 and spec[1] == ":" and spec[2] in "\\/" else spec
@@ -51,6 +82,14 @@ def make_env_factory(spec: str) -> Callable[..., Any]:
     spec = spec.strip()
     if spec in ENVS:
         return ENVS[spec]
+    prefix, _, env_id = spec.partition(":")
+    if prefix in ADAPTERS and env_id:
+        try:
+            factory = ADAPTERS[prefix](env_id)
+        except ValueError as e:
+            raise EnvLoadError(str(e)) from e
+        factory.__name__ = factory.__qualname__ = spec
+        return factory
     if not _is_reference(spec):
         hint = _did_you_mean(spec.lower(), sorted(ENVS), {})
         raise EnvLoadError(f"environment {spec!r} is not a built-in{hint}; built-ins: {', '.join(sorted(ENVS))}; "

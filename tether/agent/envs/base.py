@@ -57,6 +57,10 @@ class TurnEnv:
     def _state(self) -> tuple:
         raise NotImplementedError
 
+    def state_id(self) -> tuple:
+        """The current decision point's id, as ``info["state"]`` gives it (the reset state's anchor)."""
+        return self._state()
+
     def _reply(self, text: str, source: Source = Source.ENV, **info: Any) -> TextStep:
         """The episode goes on: ``text`` is shown next, no reward."""
         return TextStep(text, 0.0, False, {"success": False, "state": self._state(), **info}, source)
