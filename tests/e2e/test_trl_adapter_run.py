@@ -61,3 +61,50 @@ def test_the_documented_trl_script_trains_and_logs_tether_metrics(tmp_path, monk
     assert report["meter/total/n_tokens"] == sum(sum(r["mask"]) for r in rows)
     stale = [r for r in rows if r["logp_old"] != r["logp_behave_old"]]
     assert stale and report["meter/decomp/staleness/var"] > 0
+
+
+def test_a_stock_grpo_trainer_dumps_with_one_line_and_matches_tether(tmp_path, monkeypatch, capsys):
+    """TRL's own GRPOTrainer plus ``LogProbDump(path).attach(trainer)`` writes the dump ``tether meter`` reads.
+    With ``beta > 0`` and ``num_iterations=2`` its rows equal those of ``TetherGRPOTrainer(objective="grpo")``
+    run with the same config and seed: the two losses are equal (KL included), so the two runs take the same
+    steps and see the same log-probs. The KL enters the tether run's logs once the policy has moved."""
+    import sys
+
+    import torch
+
+    from tests.engine.trl_helpers import make_trainer, reward_digits
+    from tether.adapters.trl_dump import LogProbDump
+    from tether.cli import main
+
+    torch.set_num_threads(1)
+    # 3 steps: the KL's gradient is 0 at the reference (step 1), so only the logps of step 3 show step 2's KL
+    config = dict(max_steps=3, num_iterations=2, beta=0.5, learning_rate=5e-2, max_completion_length=8)
+    prompts = ["2+2=", "3+5=", "7+1=", "4+4="]
+    dumps = {}
+    for stock in (True, False):
+        path = tmp_path / f"{'stock' if stock else 'tether'}.jsonl"
+        trainer = make_trainer(tmp_path, stock=stock, reward=reward_digits, prompts=prompts,
+                               output_dir=str(tmp_path / f"out-{stock}"), **config)
+        LogProbDump(path).attach(trainer)  # the one line a TRL user adds
+        trainer.train()
+        dumps[stock] = [json.loads(line) for line in path.read_text().splitlines()]
+        if not stock:
+            history = [row for row in trainer.state.log_history if "loss" in row]
+    stock_rows, tether_rows = dumps[True], dumps[False]
+    assert len(stock_rows) == len(tether_rows) == 3 * 4
+    assert [r["mask"] for r in stock_rows] == [r["mask"] for r in tether_rows]
+    for col in ("logp_mu", "logp_old", "logp_behave_old", "entropy"):
+        ours = torch.tensor([v for r in stock_rows for v in r[col]])
+        theirs = torch.tensor([v for r in tether_rows for v in r[col]])
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=col)
+    # the second pass over the batch is one update stale: the dump sees it
+    assert stock_rows[0]["logp_old"] == stock_rows[0]["logp_behave_old"]
+    assert any(r["logp_old"] != r["logp_behave_old"] for r in stock_rows[4:8])
+    assert history[0]["tether/kl/mean"] == 0.0 and history[1]["tether/kl/mean"] > 0  # the policy left the reference
+
+    monkeypatch.setattr(sys, "argv", ["tether"])
+    capsys.readouterr()  # TRL's own log lines
+    assert main(["meter", str(tmp_path / "stock.jsonl"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["meter/total/n_tokens"] == sum(sum(r["mask"]) for r in stock_rows)
+    assert report["meter/decomp/staleness/var"] > 0

@@ -92,6 +92,37 @@ def test_tether_preset_equals_trl_loss_and_gradient(trainer, monkeypatch, loss_t
     torch.testing.assert_close(our_grad, trl_grad, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("loss_type", list(PARITY))
+def test_kl_beta_equals_trl_loss_and_gradient(trainer, monkeypatch, loss_type, accumulation, bias_correction):
+    """GRPOConfig ``beta``: TRL's k3 penalty to ``ref_per_token_logps`` (times ``pi_theta/pi_old`` with
+    ``use_bias_correction_kl``), aggregated like each loss type, equals the adapter's KL term."""
+    configure(trainer, monkeypatch, loss_type, accumulation)
+    monkeypatch.setattr(trainer, "beta", 0.3)
+    monkeypatch.setattr(trainer.args, "use_bias_correction_kl", bias_correction)
+    inputs, logp = batch(3, accumulation)
+    g = torch.Generator().manual_seed(4)
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] + torch.randn(B, T, generator=g,
+                                                                                dtype=torch.float64) * 0.7
+    trl_loss, trl_grad = loss_and_grad(lambda m, i: GRPOTrainer._compute_loss(trainer, m, i), trainer, inputs, logp,
+                                       monkeypatch)
+    trainer._metrics["train"].clear()
+    ours, our_grad = loss_and_grad(trainer._compute_loss, trainer, inputs, logp, monkeypatch)
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL, rel=TOL)
+    torch.testing.assert_close(our_grad, trl_grad, atol=TOL, rtol=TOL)
+    # the KL moves the loss by far more than the tolerance (a dropped or mis-aggregated term would show)
+    monkeypatch.setattr(trainer, "beta", 0.0)
+    without, _ = loss_and_grad(trainer._compute_loss, trainer, inputs, logp, monkeypatch)
+    assert abs(without.item() - trl_loss.item()) > 1e-3
+    z = (logp.detach() - inputs["ref_per_token_logps"])
+    k3 = torch.exp(-z) - 1 + z
+    if bias_correction:
+        k3 = k3 * torch.exp(logp.detach() - inputs["old_per_token_logps"])
+    m = inputs["completion_mask"].bool()
+    assert trainer._metrics["train"]["tether/kl/mean"][0] == pytest.approx(k3[m].mean().item(), rel=1e-9)
+
+
 def test_parity_tolerance_sees_a_wrong_convention(trainer, monkeypatch):
     """The parity test can fail: tether's grpo with its own row count (non-empty rows only) is not TRL's
     grpo on a batch with an empty row, by far more than the tolerance."""
@@ -164,8 +195,8 @@ def test_refused_settings_exist_with_the_accepted_defaults():
 
 
 def test_a_refused_setting_fails_at_construction(tmp_path):
-    with pytest.raises(ValueError, match="beta=0.04"):
-        make_trainer(tmp_path, beta=0.04)
+    with pytest.raises(ValueError, match="delta=2.0"):
+        make_trainer(tmp_path, delta=2.0)
 
 
 def test_presets_trl_cannot_feed_are_refused_by_name():
@@ -173,3 +204,14 @@ def test_presets_trl_cannot_feed_are_refused_by_name():
         Objective.resolve("opd", None, provides=PROVIDES, framework="TRL")
     with pytest.raises(ValueError, match="has no hyper-parameter 'capp'"):
         Objective.resolve("tis", {"capp": 2.0}, provides=PROVIDES, framework="TRL")
+
+
+def test_a_dump_nothing_feeds_is_an_error_when_training_begins(tmp_path):
+    """``LogProbDump`` in ``callbacks=`` of TRL's own GRPOTrainer, without ``attach``, would write nothing:
+    training refuses to start and says to call ``attach``."""
+    from tether.adapters.trl_dump import LogProbDump
+
+    trainer = make_trainer(tmp_path, stock=True, callbacks=[LogProbDump(tmp_path / "d.jsonl")])
+    with pytest.raises(ValueError, match=r"LogProbDump\(path\).attach\(trainer\)"):
+        trainer.train()
+    assert not (tmp_path / "d.jsonl").exists()

@@ -21,12 +21,15 @@ How TRL's ``inputs`` map onto ``LossInputs`` (docs/adapters.md, "Conventions"):
   the adapter), ``horizon`` = ``max_completion_length``. Each micro-batch's loss is then its share of
   the window's loss (TRL's ``loss_is_scaled_for_ga``: the Trainer does not divide again).
 
+KL (``beta != 0``): TRL's own penalty, ``beta * k3(log pi_theta - log pi_ref)`` on every loss token
+(times ``pi_theta/pi_old`` with ``use_bias_correction_kl``), added to the preset's loss and aggregated
+like it (``common.kl_to_reference_term``), so the loss equals TRL's with the same ``beta``.
+
 TRL's own mismatch correction (``vllm_importance_sampling_correction``) is not applied: the tether
 objective is the correction. TRL's advantages are used as they are (``scale_rewards`` etc.); a
-preset's advantage estimator does not apply. Features whose maths lives in TRL's loss (KL ``beta``,
-entropy masks and bonus, off-policy masks, ``delta``, sequence-level ``importance_sampling_level``)
-are refused at construction rather than silently dropped: tether presets cover them (``gspo``,
-``mis``, ...).
+preset's advantage estimator does not apply. Features whose maths lives in TRL's loss (entropy masks
+and bonus, off-policy masks, ``delta``, sequence-level ``importance_sampling_level``) are refused at
+construction rather than silently dropped: tether presets cover them (``gspo``, ``mis``, ...).
 
 Metrics: every objective metric and meter statistic, under ``tether/`` in TRL's ``_metrics``
 (averaged over processes), so they appear in TRL's logs and trackers beside ``sampling/*``.
@@ -42,7 +45,7 @@ import torch
 from torch import Tensor
 from trl import GRPOTrainer
 
-from tether.adapters.common import Objective, objective_and_meter_metrics, prefixed
+from tether.adapters.common import Objective, kl_to_reference_term, objective_and_meter_metrics, prefixed
 from tether.objectives import LossInputs
 
 FORWARD_ARGS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
@@ -64,7 +67,6 @@ def _forwarded_keys() -> tuple[str, ...]:
 
 
 UNSUPPORTED = (
-    ("beta", 0.0, "a KL penalty to the reference"),
     ("top_entropy_quantile", 1.0, "an entropy mask"),
     ("off_policy_mask_threshold", None, "an off-policy sequence mask (tether preset 'mis')"),
     ("entropy_coef", 0.0, "an entropy bonus"),
@@ -103,6 +105,8 @@ class TetherGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         check_config(self.args)
         self.tether_dumps = [c for c in self.callback_handler.callbacks if hasattr(c, "record_batch")]
+        for dump in self.tether_dumps:
+            dump.fed_by = type(self).__name__
 
     def tether_counts(self, inputs: Mapping[str, Any], rows: int) -> tuple[Tensor, float]:
         """``(num_tokens, num_seqs)`` of the accumulation window, per process (module docstring)."""
@@ -138,6 +142,11 @@ class TetherGRPOTrainer(GRPOTrainer):
             compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in self._tether_forwarded})
         li = self.tether_loss_inputs(inputs, logp_BT)
         loss, metrics = self.tether_objective(li)
+        if self.beta != 0.0:
+            kl_term, kl_metrics = kl_to_reference_term(li, coef=self.beta, agg=self.tether_objective.args["agg"],
+                                                       ratio_weighted=self.args.use_bias_correction_kl)
+            loss = loss + kl_term
+            metrics = {**metrics, **kl_metrics}
         mode = "train" if self.model.training else "eval"
         if self.aux_loss_enabled:
             window = self.current_gradient_accumulation_steps if mode == "train" else 1
