@@ -60,8 +60,8 @@ def batch(seed: int, accumulation: int):
     return inputs, logp
 
 
-def loss_and_grad(compute, trainer, inputs, logp, monkeypatch):
-    entropy = torch.zeros_like(logp.detach())
+def loss_and_grad(compute, trainer, inputs, logp, monkeypatch, entropy=None):
+    entropy = torch.zeros_like(logp.detach()) if entropy is None else entropy
     monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", lambda *a, **k: (logp, entropy, None))
     loss = compute(trainer.model, inputs)
     (grad,) = torch.autograd.grad(loss, logp)
@@ -121,6 +121,30 @@ def test_kl_beta_equals_trl_loss_and_gradient(trainer, monkeypatch, loss_type, a
         k3 = k3 * torch.exp(logp.detach() - inputs["old_per_token_logps"])
     m = inputs["completion_mask"].bool()
     assert trainer._metrics["train"]["tether/kl/mean"][0] == pytest.approx(k3[m].mean().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("loss_type", list(PARITY))
+def test_entropy_mask_equals_trl_loss_and_gradient(trainer, monkeypatch, loss_type, accumulation):
+    """GRPOConfig ``top_entropy_quantile``: TRL's mask of high-entropy tokens on the policy loss (the KL and the
+    normalisers keep every token) equals the adapter's zeroed advantages, with ``beta > 0`` as well."""
+    configure(trainer, monkeypatch, loss_type, accumulation)
+    monkeypatch.setattr(trainer, "top_entropy_quantile", 0.4)
+    monkeypatch.setattr(trainer, "beta", 0.2)
+    inputs, logp = batch(5, accumulation)
+    g = torch.Generator().manual_seed(6)
+    inputs["ref_per_token_logps"] = inputs["old_per_token_logps"] + torch.randn(B, T, generator=g,
+                                                                                dtype=torch.float64) * 0.5
+    entropy = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    trl_loss, trl_grad = loss_and_grad(lambda m, i: GRPOTrainer._compute_loss(trainer, m, i), trainer, inputs, logp,
+                                       monkeypatch, entropy)
+    ours, our_grad = loss_and_grad(trainer._compute_loss, trainer, inputs, logp, monkeypatch, entropy)
+    assert ours.item() == pytest.approx(trl_loss.item(), abs=TOL, rel=TOL)
+    torch.testing.assert_close(our_grad, trl_grad, atol=TOL, rtol=TOL)
+    monkeypatch.setattr(trainer, "top_entropy_quantile", 1.0)  # the mask changes TRL's loss: the test can fail
+    unmasked, _ = loss_and_grad(lambda m, i: GRPOTrainer._compute_loss(trainer, m, i), trainer, inputs, logp,
+                                monkeypatch, entropy)
+    assert abs(unmasked.item() - trl_loss.item()) > 1e-3
 
 
 def test_parity_tolerance_sees_a_wrong_convention(trainer, monkeypatch):
@@ -192,6 +216,21 @@ def test_refused_settings_exist_with_the_accepted_defaults():
     defaults = GRPOConfig(output_dir="unused", report_to="none", use_cpu=True)
     for name, accepted, _ in UNSUPPORTED:
         assert getattr(defaults, name) == accepted, name
+    # what the KL and the entropy mask rely on
+    assert defaults.beta == 0.0 and defaults.top_entropy_quantile == 1.0 and defaults.use_bias_correction_kl is True
+    params = list(inspect.signature(GRPOTrainer.get_high_entropy_mask).parameters)
+    assert params == ["self", "entropies", "mask", "threshold"]
+
+
+def test_entropy_mask_trains_and_is_refused_for_a_preset_it_does_not_fit(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, top_entropy_quantile=0.5)
+    calls = []
+    mask_fn = trainer.get_high_entropy_mask
+    monkeypatch.setattr(trainer, "get_high_entropy_mask", lambda *a: calls.append(a[2]) or mask_fn(*a))
+    trainer.train()
+    assert calls == [0.5] and math.isfinite(trainer.state.log_history[0]["loss"])
+    with pytest.raises(ValueError, match="top_entropy_quantile=0.5 .* objective 'sft'"):
+        make_trainer(tmp_path, top_entropy_quantile=0.5, objective="sft")
 
 
 def test_a_refused_setting_fails_at_construction(tmp_path):

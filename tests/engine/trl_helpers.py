@@ -22,8 +22,8 @@ def reward_digits(completions, **kwargs):
 
 
 def make_trainer(folder: Path, *, stock: bool = False, reward=None, callbacks=None, prompts=("1+1=",) * 4,
-                 **config):
-    """A ``TetherGRPOTrainer`` (objective ``grpo``), or TRL's own ``GRPOTrainer`` with ``stock``, over a
+                 objective: str = "grpo", **config):
+    """A ``TetherGRPOTrainer`` (``objective``), or TRL's own ``GRPOTrainer`` with ``stock``, over a
     4-prompt dataset, on CPU, logging every step; ``reward`` defaults to 0 for every completion."""
     pytest.importorskip("trl")
     from datasets import Dataset
@@ -41,4 +41,4 @@ def make_trainer(folder: Path, *, stock: bool = False, reward=None, callbacks=No
     kwargs = dict(model=str(model_dir), reward_funcs=reward or (lambda completions, **_: [0.0] * len(completions)),
                   args=GRPOConfig(**settings), train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
                   callbacks=callbacks)
-    return GRPOTrainer(**kwargs) if stock else TetherGRPOTrainer(**kwargs, objective="grpo")
+    return GRPOTrainer(**kwargs) if stock else TetherGRPOTrainer(**kwargs, objective=objective)

@@ -17,6 +17,13 @@ from tether.objectives.kl import IMPORTANCE_CORRECTED, kl_penalty_in_loss
 PREFIX = "tether/"
 """Every metric an adapter logs into its framework's logs starts with this."""
 
+ADVANTAGE_MASKABLE = ("reinforce", "ppo", "grpo", "dr_grpo", "dapo", "tis", "icepop", "mis", "auto", "dppo", "sapo",
+                      "vespo", "rejection", "opsm", "roll_infer", "gspo", "ctpo", "ctpo_geomean", "cispo", "topr")
+"""Presets whose loss, with the advantage zeroed on some tokens, is their loss with those tokens' per-token
+loss zeroed and nothing else changed (every token's term is its advantage times a function of that token,
+with the normalisers given): how an adapter applies a framework's token mask on the policy loss alone
+(TRL's entropy mask). Checked for each in tests/unit/test_adapter_terms.py."""
+
 
 @dataclass(frozen=True)
 class Objective:

@@ -1,5 +1,7 @@
-"""``tether.adapters.common.kl_to_reference_term`` (TRL's ``beta`` KL) against a slow loop written the obvious
-way: value and gradient, every aggregation mode, with and without the ratio weight, global normalisers."""
+"""What the adapters add to a preset's loss: ``kl_to_reference_term`` (TRL's ``beta`` KL) against a slow loop
+written the obvious way (value and gradient, every aggregation mode, with and without the ratio weight, global
+normalisers); and ``ADVANTAGE_MASKABLE``, the presets on which zeroing a token's advantage zeroes exactly that
+token's loss (TRL's entropy mask)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import math
 import pytest
 import torch
 
-from tether.adapters.common import kl_to_reference_term
-from tether.objectives import LossInputs
+from tether.adapters.common import ADVANTAGE_MASKABLE, kl_to_reference_term
+from tether.objectives import LossInputs, get_preset
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +80,42 @@ def test_kl_term_without_reference_logprobs_is_an_error():
     li = LossInputs(logp_theta_BT=theta, logp_old_BT=old, advantages_BT=torch.zeros_like(old), mask_BT=mask)
     with pytest.raises(ValueError, match="logp_ref_BT"):
         kl_to_reference_term(li, coef=0.1, ratio_weighted=False, agg="token-mean")
+
+
+def masked_loss(preset: str, adv_BT, seed: int):
+    """(loss, d loss / d logp_theta) of ``preset`` on a fixed batch with mu, ragged rows and global normalisers."""
+    theta, old, _, mask = case()
+    g = torch.Generator().manual_seed(seed)
+    mu = old + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    li = LossInputs(logp_theta_BT=theta, logp_old_BT=old, advantages_BT=adv_BT, mask_BT=mask, logp_mu_BT=mu, **NORMS)
+    loss, _ = get_preset(preset)(li)
+    (grad,) = torch.autograd.grad(loss, theta, allow_unused=True)
+    return loss.detach(), torch.zeros_like(theta) if grad is None else grad
+
+
+def maskable(preset: str, seed: int) -> bool:
+    """Zeroing the advantage off ``keep`` leaves each kept token's gradient, zeroes the others', and the two
+    halves of the loss add up to the whole (and a zero advantage gives a zero loss)."""
+    _, _, _, mask = case()
+    g = torch.Generator().manual_seed(seed)
+    adv_BT = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
+    keep = (torch.rand(B, T, generator=g) < 0.5) & mask
+    whole, g_whole = masked_loss(preset, adv_BT, seed)
+    kept, g_kept = masked_loss(preset, adv_BT * keep, seed)
+    dropped, _ = masked_loss(preset, adv_BT * ~keep, seed)
+    zero, _ = masked_loss(preset, adv_BT * 0, seed)
+    return (math.isclose(float(kept + dropped), float(whole), rel_tol=1e-12, abs_tol=1e-12) and float(zero) == 0
+            and float(g_kept[~keep].abs().max()) == 0
+            and torch.allclose(g_kept[keep], g_whole[keep], rtol=1e-12, atol=1e-12))
+
+
+@pytest.mark.parametrize("preset", ADVANTAGE_MASKABLE)
+def test_zeroing_a_tokens_advantage_zeroes_exactly_its_loss(preset):
+    assert all(maskable(preset, seed) for seed in (1, 2, 3))
+
+
+@pytest.mark.parametrize("preset", ["sft", "geo_mean", "luspo"])
+def test_the_maskable_check_sees_presets_it_does_not_fit(preset):
+    """The check can fail: SFT ignores the advantage, geo_mean and luspo couple a sequence's tokens."""
+    assert preset not in ADVANTAGE_MASKABLE
+    assert not all(maskable(preset, seed) for seed in (1, 2, 3))
