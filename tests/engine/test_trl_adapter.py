@@ -254,3 +254,29 @@ def test_a_dump_nothing_feeds_is_an_error_when_training_begins(tmp_path):
     with pytest.raises(ValueError, match=r"LogProbDump\(path\).attach\(trainer\)"):
         trainer.train()
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_dump_columns_map_trl_inputs_like_the_trainer(tmp_path):
+    """``dump_columns`` (the stock-trainer dump): mask = completion x tool mask, mu = vLLM's log-probs with NaN
+    tokens taking the behaviour log-probs, the current ones when TRL skipped ``old_per_token_logps``; and
+    ``attach`` on a ``TetherGRPOTrainer`` only registers the dump (that trainer feeds it itself)."""
+    from tether.adapters.trl_dump import LogProbDump, dump_columns
+
+    inputs, logp = batch(7, 1)
+    tool = torch.ones_like(inputs["completion_mask"])
+    tool[0, 1:3] = 0
+    mu = inputs["old_per_token_logps"] - 0.25
+    mu[1, 0] = math.nan
+    cols = dump_columns({**inputs, "tool_mask": tool, "sampling_per_token_logps": mu}, logp, None)
+    assert torch.equal(cols["mask_BT"], inputs["completion_mask"] * tool) and cols["mask_BT"][0, 1] == 0
+    assert cols["logp_mu_BT"][1, 0] == inputs["old_per_token_logps"][1, 0] and cols["logp_mu_BT"][0, 0] == mu[0, 0]
+    assert not cols["logp_current_BT"].requires_grad
+    on_policy = {k: v for k, v in inputs.items() if k != "old_per_token_logps"}
+    cols = dump_columns({**on_policy, "sampling_per_token_logps": mu}, logp, None)
+    assert cols["logp_behave_old_BT"] is None and cols["logp_mu_BT"][1, 0] == logp[1, 0]
+    assert dump_columns(inputs, logp, None)["logp_mu_BT"] is None
+
+    trainer = make_trainer(tmp_path)
+    dump = LogProbDump(tmp_path / "d.jsonl").attach(trainer)
+    assert trainer.tether_dumps == [dump] and dump.fed_by == "TetherGRPOTrainer"
+    assert "_compute_loss" not in vars(trainer)  # not wrapped: TetherGRPOTrainer's own loss feeds it
