@@ -280,3 +280,32 @@ def test_dump_columns_map_trl_inputs_like_the_trainer(tmp_path):
     dump = LogProbDump(tmp_path / "d.jsonl").attach(trainer)
     assert trainer.tether_dumps == [dump] and dump.fed_by == "TetherGRPOTrainer"
     assert "_compute_loss" not in vars(trainer)  # not wrapped: TetherGRPOTrainer's own loss feeds it
+
+
+def test_attach_refuses_a_loss_that_does_not_make_exactly_one_forward(tmp_path):
+    """The stock-trainer wrapper reads the one log-prob forward of TRL's loss; a TRL whose loss makes two (or
+    none) would dump the wrong tensors, so it is an error that names the reason."""
+    from types import SimpleNamespace
+
+    from tether.adapters.trl_dump import feed_from_trl_loss
+
+    inputs, logp = batch(8, 1)
+
+    class Fake(SimpleNamespace):
+        def _get_per_token_logps_and_entropies(self, *a, **k):
+            return logp, None, None
+
+        def _compute_loss(self, model, inputs):
+            for _ in range(self.forwards):
+                self._get_per_token_logps_and_entropies(model)
+            return logp.sum()
+
+    fake = Fake(forwards=2, model=SimpleNamespace(training=True), state=SimpleNamespace(global_step=0))
+    feed_from_trl_loss(fake)
+    with pytest.raises(RuntimeError, match="made 2 log-prob forwards, expected one"):
+        fake._compute_loss(None, inputs)
+    fake.forwards = 1
+    rows = []
+    fake.tether_dumps.append(SimpleNamespace(record_batch=lambda **cols: rows.append(cols)))
+    assert fake._compute_loss(None, inputs) == logp.sum()
+    assert len(rows) == 1 and rows[0]["step"] == 0 and torch.equal(rows[0]["logp_current_BT"], logp.detach())

@@ -33,7 +33,8 @@ like it (``common.kl_to_reference_term``), so the loss equals TRL's with the sam
 
 TRL's own mismatch correction (``vllm_importance_sampling_correction``) is not applied: the tether
 objective is the correction. TRL's advantages are used as they are (``scale_rewards`` etc.); a
-preset's advantage estimator does not apply. Features whose maths lives in TRL's loss (entropy bonus, off-policy masks, ``delta``, sequence-level ``importance_sampling_level``) are refused at
+preset's advantage estimator does not apply. The other features whose maths lives in TRL's loss (entropy
+bonus, off-policy masks, ``delta``, sequence-level ``importance_sampling_level``) are refused at
 construction rather than silently dropped: tether presets cover them (``gspo``, ``mis``, ...).
 
 Metrics: every objective metric and meter statistic, under ``tether/`` in TRL's ``_metrics``

@@ -143,12 +143,14 @@ def feed_from_trl_loss(trainer: Any) -> None:
             loss = compute_loss(model, inputs)
         finally:
             recording[0] = False
-        if len(seen) != 1:
-            raise RuntimeError(f"LogProbDump: TRL's _compute_loss made {len(seen)} log-prob forwards, expected one; "
+        forwards, n = (seen[0] if seen else None), len(seen)
+        seen.clear()  # hold no graph past this call
+        if n != 1:
+            raise RuntimeError(f"LogProbDump: TRL's _compute_loss made {n} log-prob forwards, expected one; "
                                "this TRL version is not supported by LogProbDump.attach")
         if trainer.model.training:
             for dump in trainer.tether_dumps:
-                dump.record_batch(step=trainer.state.global_step, **dump_columns(inputs, *seen[0]))
+                dump.record_batch(step=trainer.state.global_step, **dump_columns(inputs, *forwards))
         return loss
 
     trainer.tether_dumps = []
