@@ -143,3 +143,18 @@ def test_adapters_import_no_framework_until_asked():
             "print(bad); sys.exit(1 if bad else 0)")
     r = run_child([sys.executable, "-c", code])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_missing_verl_skips_a_plain_run_and_fails_where_the_target_installed_it(monkeypatch):
+    """tests/unit/test_verl_parity.py imports verl through ``import_verl``: without TETHER_REQUIRE_VERL a
+    missing verl skips the file; with TETHER_REQUIRE_VERL=1 (make test, make test-verl) it is an error."""
+    from tests.unit.verl_required import REQUIRE, import_verl
+
+    absent = "tether_no_such_peer.core_algos"
+    monkeypatch.delenv(REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not importable"):
+        import_verl(absent)
+    monkeypatch.setenv(REQUIRE, "1")
+    with pytest.raises(ImportError, match=f"{REQUIRE}=1 but {absent} is not importable"):
+        import_verl(absent)
+    assert import_verl("json") is json  # a module that imports is returned either way

@@ -11,10 +11,18 @@ from typing import Any
 from torch import Tensor
 
 from tether.meter.measure import measure, to_floats
-from tether.objectives import LossInputs, Preset, get_preset
+from tether.objectives import LossInputs, Preset, aggregate, get_preset, masked_mean
+from tether.objectives.kl import IMPORTANCE_CORRECTED, kl_penalty_in_loss
 
 PREFIX = "tether/"
 """Every metric an adapter logs into its framework's logs starts with this."""
+
+ADVANTAGE_MASKABLE = ("reinforce", "ppo", "grpo", "dr_grpo", "dapo", "tis", "icepop", "mis", "auto", "dppo", "sapo",
+                      "vespo", "rejection", "opsm", "roll_infer", "gspo", "ctpo", "ctpo_geomean", "cispo", "topr")
+"""Presets whose loss, with the advantage zeroed on some tokens, is their loss with those tokens' per-token
+loss zeroed and nothing else changed (every token's term is its advantage times a function of that token,
+with the normalisers given): how an adapter applies a framework's token mask on the policy loss alone
+(TRL's entropy mask). Checked for each in tests/unit/test_adapter_terms.py."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,30 @@ class Objective:
 
     def __call__(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         return self.preset(inputs, **self.args)
+
+
+def kl_to_reference_term(inputs: LossInputs, *, coef: float, ratio_weighted: bool, agg: str
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+    """A KL penalty to ``inputs.logp_ref_BT`` added to a preset's loss, aggregated like the preset's own loss
+    (same mask, mode and global normalisers), as a framework that adds it to the per-token loss does (TRL's
+    ``beta``). With ``z_t = log pi_theta(y_t) - log pi_ref(y_t)`` and ``r_t = pi_theta(y_t) / pi_old(y_t)``::
+
+        k_t  = exp(-z_t) - 1 + z_t                 (k3; ratio_weighted: r_t * k3, r_t differentiated)
+        term = coef * aggregate(k_t, mask, agg, num_tokens, num_seqs, horizon)
+
+    ``ratio_weighted`` is TRL's ``use_bias_correction_kl`` (``importance_corrected_kl`` with pi_old as the
+    sampling policy). Values are clamped as in ``tether.objectives.kl`` (``|z| <= 20``, k3's exponent
+    ``<= 10``); within those bounds the value and gradient are exact. Metrics: ``kl/loss`` (the term) and
+    ``kl/mean`` (the token mean of ``k_t``, TRL's ``kl``).
+    """
+    if inputs.logp_ref_BT is None:
+        raise ValueError("a KL penalty to the reference needs LossInputs.logp_ref_BT (the reference log-probs)")
+    estimator = IMPORTANCE_CORRECTED if ratio_weighted else "k3"
+    k_BT = kl_penalty_in_loss(inputs.logp_theta_BT, inputs.logp_ref_BT, inputs.mask_BT, estimator=estimator,
+                              logp_mu_BT=inputs.logp_old_BT)
+    term = coef * aggregate(k_BT, inputs.mask_BT, agg, num_tokens=inputs.num_tokens, num_seqs=inputs.num_seqs,
+                            horizon=inputs.horizon)
+    return term, {"kl/loss": term.detach(), "kl/mean": masked_mean(k_BT.detach(), inputs.mask_BT)}
 
 
 def prefixed(metrics: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, float]:

@@ -21,12 +21,21 @@ How TRL's ``inputs`` map onto ``LossInputs`` (docs/adapters.md, "Conventions"):
   the adapter), ``horizon`` = ``max_completion_length``. Each micro-batch's loss is then its share of
   the window's loss (TRL's ``loss_is_scaled_for_ga``: the Trainer does not divide again).
 
+Entropy mask (``top_entropy_quantile < 1``): TRL's own ``get_high_entropy_mask`` (the quantile over every
+process's loss tokens) zeroes the advantage of the low-entropy tokens, so their per-token loss is 0 while
+the aggregation still counts them, as in TRL (which multiplies the per-token policy loss by the mask). That
+is TRL's maths exactly for presets whose per-token loss is its advantage times a function of that token
+(``ADVANTAGE_MASKABLE``, checked in tests/unit/test_adapter_terms.py); other presets are refused.
+
+KL (``beta != 0``): TRL's own penalty, ``beta * k3(log pi_theta - log pi_ref)`` on every loss token
+(times ``pi_theta/pi_old`` with ``use_bias_correction_kl``), added to the preset's loss and aggregated
+like it (``common.kl_to_reference_term``), so the loss equals TRL's with the same ``beta``.
+
 TRL's own mismatch correction (``vllm_importance_sampling_correction``) is not applied: the tether
 objective is the correction. TRL's advantages are used as they are (``scale_rewards`` etc.); a
-preset's advantage estimator does not apply. Features whose maths lives in TRL's loss (KL ``beta``,
-entropy masks and bonus, off-policy masks, ``delta``, sequence-level ``importance_sampling_level``)
-are refused at construction rather than silently dropped: tether presets cover them (``gspo``,
-``mis``, ...).
+preset's advantage estimator does not apply. The other features whose maths lives in TRL's loss (entropy
+bonus, off-policy masks, ``delta``, sequence-level ``importance_sampling_level``) are refused at
+construction rather than silently dropped: tether presets cover them (``gspo``, ``mis``, ...).
 
 Metrics: every objective metric and meter statistic, under ``tether/`` in TRL's ``_metrics``
 (averaged over processes), so they appear in TRL's logs and trackers beside ``sampling/*``.
@@ -36,13 +45,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from trl import GRPOTrainer
 
-from tether.adapters.common import Objective, objective_and_meter_metrics, prefixed
+from tether.adapters.common import (
+    ADVANTAGE_MASKABLE,
+    Objective,
+    kl_to_reference_term,
+    objective_and_meter_metrics,
+    prefixed,
+)
 from tether.objectives import LossInputs
 
 FORWARD_ARGS = ("model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
@@ -64,8 +80,6 @@ def _forwarded_keys() -> tuple[str, ...]:
 
 
 UNSUPPORTED = (
-    ("beta", 0.0, "a KL penalty to the reference"),
-    ("top_entropy_quantile", 1.0, "an entropy mask"),
     ("off_policy_mask_threshold", None, "an off-policy sequence mask (tether preset 'mis')"),
     ("entropy_coef", 0.0, "an entropy bonus"),
     ("use_adaptive_entropy", False, "an adaptive entropy bonus"),
@@ -75,13 +89,18 @@ UNSUPPORTED = (
 """``(GRPOConfig field, the only value the adapter accepts, what the field would add to TRL's loss)``."""
 
 
-def check_config(args: Any) -> None:
-    """Refuse every ``GRPOConfig`` setting whose maths lives in TRL's own loss (``UNSUPPORTED``)."""
+def check_config(args: Any, objective: str) -> None:
+    """Refuse every ``GRPOConfig`` setting whose maths lives in TRL's own loss (``UNSUPPORTED``), and TRL's
+    entropy mask with a preset outside ``ADVANTAGE_MASKABLE``."""
     bad = [f"{name}={getattr(args, name)!r} ({what})" for name, ok, what in UNSUPPORTED
            if hasattr(args, name) and getattr(args, name) != ok]
     if bad:
         raise ValueError("TetherGRPOTrainer computes the loss with a tether objective, so these GRPOConfig settings "
                          f"would be ignored: {'; '.join(bad)}. Leave them at their defaults.")
+    if args.top_entropy_quantile < 1.0 and objective not in ADVANTAGE_MASKABLE:
+        raise ValueError(f"GRPOConfig top_entropy_quantile={args.top_entropy_quantile!r} (TRL's entropy mask) is not "
+                         f"supported with objective '{objective}', whose loss is not its advantage times a per-token "
+                         f"term; presets that support it: {', '.join(ADVANTAGE_MASKABLE)}")
 
 
 class TetherGRPOTrainer(GRPOTrainer):
@@ -101,8 +120,10 @@ class TetherGRPOTrainer(GRPOTrainer):
         self.tether_dumps: list[Any] = []
         """Callbacks given the per-token log-probs of each training micro-batch (``trl_dump.LogProbDump``)."""
         super().__init__(*args, **kwargs)
-        check_config(self.args)
+        check_config(self.args, self.tether_objective.name)
         self.tether_dumps = [c for c in self.callback_handler.callbacks if hasattr(c, "record_batch")]
+        for dump in self.tether_dumps:
+            dump.fed_by = type(self).__name__
 
     def tether_counts(self, inputs: Mapping[str, Any], rows: int) -> tuple[Tensor, float]:
         """``(num_tokens, num_seqs)`` of the accumulation window, per process (module docstring)."""
@@ -129,6 +150,14 @@ class TetherGRPOTrainer(GRPOTrainer):
                           logp_ref_BT=inputs.get("ref_per_token_logps"), num_tokens=num_tokens, num_seqs=num_seqs,
                           horizon=self.max_completion_length)
 
+    def tether_entropy_masked(self, li: LossInputs, entropy_BT: Tensor) -> LossInputs:
+        """``li`` with the advantage zeroed off TRL's high-entropy mask (module docstring); ``li`` itself when
+        ``top_entropy_quantile`` is 1. The KL term and the meter keep every loss token."""
+        if self.top_entropy_quantile >= 1.0:
+            return li
+        keep_BT = self.get_high_entropy_mask(entropy_BT, li.mask_BT, 1 - self.top_entropy_quantile)
+        return replace(li, advantages_BT=li.advantages_BT * keep_BT.to(li.advantages_BT.dtype))
+
     def _compute_loss(self, model, inputs):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -137,7 +166,12 @@ class TetherGRPOTrainer(GRPOTrainer):
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in self._tether_forwarded})
         li = self.tether_loss_inputs(inputs, logp_BT)
-        loss, metrics = self.tether_objective(li)
+        loss, metrics = self.tether_objective(self.tether_entropy_masked(li, entropy_BT))
+        if self.beta != 0.0:
+            kl_term, kl_metrics = kl_to_reference_term(li, coef=self.beta, agg=self.tether_objective.args["agg"],
+                                                       ratio_weighted=self.args.use_bias_correction_kl)
+            loss = loss + kl_term
+            metrics = {**metrics, **kl_metrics}
         mode = "train" if self.model.training else "eval"
         if self.aux_loss_enabled:
             window = self.current_gradient_accumulation_steps if mode == "train" else 1
