@@ -107,7 +107,7 @@ def sequence_log_bounds(
     prefix: str,
     names: tuple[str, str] = ("low", "high"),
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Per-row log bounds ``(log low(T_i), log high(T_i))`` of a length-calibrated sequence band, ``[B, 1]``
+    """Per-row log bounds ``(log low(T_i), log high(T_i))`` of a length-calibrated sequence band, ``[B]``
     float64, and their range metrics ``{prefix}/calib_log_{name}_min|max`` for each finite bound
     (``length_calibration.calibrated_log_bound`` at ``T_i = sum_t m_t``)."""
     len_B = mask_BT.detach().to(torch.float64).sum(-1)
@@ -119,7 +119,7 @@ def sequence_log_bounds(
         b_B = calibrated_log_bound(log_b, len_B, **kw)
         if math.isfinite(log_b):
             metrics.update(bound_range_metrics(b_B, len_B > 0, f"{prefix}/calib_log_{name}"))
-        out.append(b_B[:, None])
+        out.append(b_B)
     return out[0], out[1], metrics
 
 
@@ -240,34 +240,56 @@ def truncated_is_weights(
     level = ISLevel.parse(level)
     cal = check_length_calibration(length_calibration, ref_len, length_drift, level=level.value)
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    # delta is already 0 on padding, which is what level_log_ratio returns at token level
-    log_w = delta if level is ISLevel.TOKEN else level_log_ratio(delta, mask_BT, level)
     valid = mask_BT.bool()
-    calib: dict[str, Tensor] = {}
     if cal is LengthCalibration.NONE:
-        log_cap, log_floor = log_bound(cap), log_bound(floor)
+        # delta is already 0 on padding, which is what level_log_ratio returns at token level
+        log_w = delta if level is ISLevel.TOKEN else level_log_ratio(delta, mask_BT, level)
         # exp of a log-ratio clamped to +-20 is finite, so multiplying by the 0/1 mask zeroes padding exactly
         w = torch.exp(log_w).clamp(min=floor, max=cap) * float_mask(valid, log_w.dtype)
+        # an infinite bound (cap = inf, floor = 0) clips nothing: its fraction is 0 without a pass over the tokens
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        flags = {f"{prefix}/clipfrac_high": zero, f"{prefix}/clipfrac_low": zero.clone()}
+        bounded = {}
+        if cap < math.inf:
+            bounded[f"{prefix}/clipfrac_high"] = indicator(torch.gt, log_w, log_bound(cap))
+        if floor > 0:
+            bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_bound(floor))
+        flags.update(masked_means(bounded, valid, dtype=w.dtype))
     else:
-        lo_B, hi_B, calib = sequence_log_bounds(mask_BT, floor, cap, length_calibration=cal, ref_len=ref_len,
-                                                length_drift=length_drift, prefix=prefix, names=("floor", "cap"))
-        log_floor, log_cap = lo_B.to(log_w.dtype), hi_B.to(log_w.dtype)
-        w = torch.exp(torch.clamp(log_w, min=log_floor, max=log_cap)) * float_mask(valid, log_w.dtype)
-    # an infinite bound (cap = inf, floor = 0) clips nothing: its fraction is 0 without a pass over the tokens
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    flags = {f"{prefix}/clipfrac_high": zero, f"{prefix}/clipfrac_low": zero.clone()}
-    bounded = {}
-    if cap < math.inf:
-        bounded[f"{prefix}/clipfrac_high"] = indicator(torch.gt, log_w, log_cap)
-    if floor > 0:
-        bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_floor)
-    flags.update(masked_means(bounded, valid, dtype=w.dtype))
+        w, flags = _calibrated_sequence_tis(delta, valid, cap, floor, cal, ref_len, length_drift, prefix)
     wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
     metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
     metrics.update(flags)
-    metrics.update({k: v.to(w.dtype) for k, v in calib.items()})
     metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
     return w, metrics
+
+
+def _calibrated_sequence_tis(
+    delta_BT: Tensor, valid_BT: Tensor, cap: float, floor: float, cal: LengthCalibration, ref_len: float | None,
+    length_drift: float, prefix: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sequence TIS with per-row bounds, decided on ``[B]`` rows and broadcast once:
+    ``w_i = exp(clamp(clamp(S_i, +-20), log floor(T_i), log cap(T_i)))``; the clip fractions are
+    ``sum_i T_i 1[S_i > log cap(T_i)] / N`` (and ``< log floor``), plus the bound range metrics."""
+    m = float_mask(valid_BT, delta_BT.dtype)
+    dt = delta_BT.dtype
+    lo_B, hi_B, metrics = sequence_log_bounds(m, floor, cap, length_calibration=cal, ref_len=ref_len,
+                                              length_drift=length_drift, prefix=prefix, names=("floor", "cap"))
+    log_s_B = sequence_log_ratio(delta_BT, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lo_B, hi_B = lo_B.to(dt), hi_B.to(dt)
+    w = torch.exp(torch.clamp(log_s_B, min=lo_B, max=hi_B))[:, None] * m
+    len_B = m.sum(-1)
+    n = len_B.sum().clamp(min=1.0)
+    zero = torch.zeros((), dtype=dt, device=delta_BT.device)
+    metrics = {k: v.to(dt) for k, v in metrics.items()}
+    metrics[f"{prefix}/clipfrac_high"] = _dot1(len_B, log_s_B > hi_B) / n if cap < math.inf else zero
+    metrics[f"{prefix}/clipfrac_low"] = _dot1(len_B, log_s_B < lo_B) / n if floor > 0 else zero.clone()
+    return w, metrics
+
+
+def _dot1(len_B: Tensor, flag_B: Tensor) -> Tensor:
+    """``sum_i len_i 1[flag_i]``."""
+    return torch.dot(len_B, flag_B.to(len_B.dtype))
 
 
 def self_normalised_weights(
@@ -353,30 +375,53 @@ def icepop_weights(
     cal = check_length_calibration(length_calibration, ref_len, length_drift, level=level.value)
     valid = mask_BT.bool()
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    calib: dict[str, Tensor] = {}
     if level is ISLevel.TOKEN:
-        x, log_w = delta, delta
-        lo, hi = log_bound(low), log_bound(high)
+        below = indicator(torch.lt, delta, log_bound(low))
+        above = indicator(torch.gt, delta, log_bound(high))
+        # keep = m (1 - below) (1 - above); exp(delta) is finite (|delta| <= 20), so the 0/1 products
+        # zero the dropped tokens and the padding exactly
+        w = torch.exp(delta).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
+        flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid,
+                             dtype=w.dtype)
     else:
-        m = float_mask(valid, delta.dtype)
-        x_B = geometric_log_ratio(delta, m) if level is ISLevel.GEOMETRIC else sequence_log_ratio(delta, m)
-        x, log_w = x_B[:, None].expand_as(delta), level_log_ratio(delta, m, level)
-        lo, hi = log_bound(low), log_bound(high)
-        if cal is not LengthCalibration.NONE:
-            lo_B, hi_B, calib = sequence_log_bounds(m, low, high, length_calibration=cal, ref_len=ref_len,
-                                                    length_drift=length_drift, prefix=prefix)
-            lo, hi = lo_B.to(delta.dtype), hi_B.to(delta.dtype)
-    below = indicator(torch.lt, x, lo)
-    above = indicator(torch.gt, x, hi)
-    # keep = m (1 - below) (1 - above); exp(log w) is finite (|log w| <= 20), so the 0/1 products
-    # zero the dropped tokens and the padding exactly
-    w = torch.exp(log_w).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
-    flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid, dtype=w.dtype)
+        w, flags = _sequence_icepop(delta, valid, low, high, level, cal, ref_len, length_drift, prefix)
     wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
     metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
     metrics.update(flags)
-    metrics.update({k: v.to(w.dtype) for k, v in calib.items()})
     metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
+    return w, metrics
+
+
+def _sequence_icepop(
+    delta_BT: Tensor, valid_BT: Tensor, low: float, high: float, level: ISLevel, cal: LengthCalibration,
+    ref_len: float | None, length_drift: float, prefix: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """IcePop on the row ratio, decided on ``[B]`` rows and broadcast once: ``x_i`` = the unclamped sum
+    (sequence) or mean (geometric) of ``delta``; ``w_i = exp(x_i) 1[log low(T_i) <= x_i <= log high(T_i)]``
+    (the sum clamped to +-20 inside ``exp``); ``maskfrac_low|high = sum_i T_i 1[x_i < lo | > hi] / N``, plus
+    the bound range metrics when calibrated."""
+    dt = delta_BT.dtype
+    m = float_mask(valid_BT, dt)
+    if level is ISLevel.GEOMETRIC:
+        x_B = geometric_log_ratio(delta_BT, m)
+        log_w_B = x_B
+    else:
+        x_B = sequence_log_ratio(delta_BT, m)
+        log_w_B = x_B.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    metrics: dict[str, Tensor] = {}
+    lo: float | Tensor = log_bound(low)
+    hi: float | Tensor = log_bound(high)
+    if cal is not LengthCalibration.NONE:
+        lo_B, hi_B, calib = sequence_log_bounds(m, low, high, length_calibration=cal, ref_len=ref_len,
+                                                length_drift=length_drift, prefix=prefix)
+        lo, hi = lo_B.to(dt), hi_B.to(dt)
+        metrics.update({k: v.to(dt) for k, v in calib.items()})
+    below_B, above_B = x_B < lo, x_B > hi
+    w = torch.where(below_B | above_B, 0.0, torch.exp(log_w_B))[:, None] * m
+    len_B = m.sum(-1)
+    n = len_B.sum().clamp(min=1.0)
+    metrics[f"{prefix}/maskfrac_low"] = _dot1(len_B, below_B) / n
+    metrics[f"{prefix}/maskfrac_high"] = _dot1(len_B, above_B) / n
     return w, metrics
 
 
@@ -655,7 +700,7 @@ def masked_is_weights(
             lo_B, hi_B, calib = sequence_log_bounds(m, low, high, length_calibration=cal, ref_len=ref_len,
                                                     length_drift=length_drift, prefix=prefix)
             log_s = sequence_log_ratio(delta, m).to(torch.float64)
-            band_B = (log_s >= lo_B[:, 0]) & (log_s <= hi_B[:, 0])
+            band_B = (log_s >= lo_B) & (log_s <= hi_B)
         keep_B = band_B if vetoed_B is None else band_B & vetoed_B
         if weighted:
             if level is ISLevel.SEQUENCE:
