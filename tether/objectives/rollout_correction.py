@@ -23,6 +23,9 @@ padding, weights are ``0`` on padding):
   ``rollout_is_batch_normalize``, slime ``tis_batch_normalize``).
 - ``opsm_mask``: DeepSeek-V3.2 off-policy sequence masking (TRL ``get_off_policy_mask``, slime
   ``compute_opsm_mask``).
+- ``sequence_log_bounds``: per-row bounds of a sequence cap or band meant at a reference length
+  (``length_calibration``: ``geo`` / ``sqrt``), read by ``truncated_is_weights``, ``masked_is_weights`` and
+  ``icepop_weights`` at sequence level (docs/objectives_notes/length_calibration.md).
 
 Presets: ``tis``, ``icepop``, ``mis`` (PPO clip on ``r = pi_theta / pi_old`` times a detached
 correction of ``pi_old / mu``). Masked tokens contribute zero to the loss; the aggregation
