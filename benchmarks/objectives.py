@@ -19,6 +19,10 @@ Memory, two measures (CPU allocations are not tracked by ``torch.cuda``):
 - peak: the highest total of bytes allocated and not yet freed during loss + backward, from the
   profiler's allocator events (transient intermediates, metrics and the gradient included).
 
+Besides every preset at its defaults, ``VARIANTS`` measures options that change the computation (the
+length-calibrated sequence thresholds of ``tis``, ``mis`` and ``icepop``, meant at ``ref_len = T / 2``), each
+as ``preset[option]``.
+
 Printed as ratios to REINFORCE; the goal is every preset <= 3x in time and in both memories.
 The goal is judged on the median; the best round ("best", the least disturbed run of each preset)
 is printed beside it because on a loaded machine it is the steadier estimate of the work done.
@@ -29,6 +33,7 @@ is printed beside it because on a loaded machine it is the steadier estimate of 
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
@@ -39,6 +44,19 @@ from torch.profiler import ProfilerActivity, profile
 from tether.objectives import LossInputs, presets
 
 GOAL = 3.0
+
+
+def variants(T: int) -> dict[str, tuple[str, dict]]:
+    """Preset options measured as rows of their own: label -> (preset, overrides)."""
+    ref = {"ref_len": T / 2}
+    return {
+        "tis[sequence,sqrt]": ("tis", {"level": "sequence", "length_calibration": "sqrt", **ref}),
+        "tis[sequence,geo]": ("tis", {"level": "sequence", "length_calibration": "geo", **ref}),
+        "mis[sqrt+drift]": ("mis", {"length_calibration": "sqrt", "length_drift": -0.01, **ref}),
+        "mis[geo]": ("mis", {"length_calibration": "geo", **ref}),
+        "icepop[sequence]": ("icepop", {"level": "sequence"}),
+        "icepop[sequence,sqrt]": ("icepop", {"level": "sequence", "length_calibration": "sqrt", **ref}),
+    }
 
 
 def make_inputs(B: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -132,6 +150,8 @@ def main() -> None:
     t = make_inputs(args.B, args.T)
     # presets over the vocabulary (distill_*) need [B, T, V] student and teacher log-probs: not measured here
     items = {n: p for n, p in presets().items() if not any(r.endswith("_BTV") for r in p.requires)}
+    for label, (name, overrides) in variants(args.T).items():
+        items[label] = functools.partial(items[name], **overrides)
     names = sorted(items)
     order = random.Random(args.seed)
     times: dict[str, list[float]] = {n: [] for n in names}

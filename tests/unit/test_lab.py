@@ -271,3 +271,50 @@ def test_run_lab_writes_json_and_png_and_rejects_unknown_names(tmp_path):
         run_lab(LabConfig(objectives=["nope"]))
     with pytest.raises(ValueError, match="valid: staleness"):
         run_lab(LabConfig(mismatch="nope"))
+
+
+def test_objective_specs_parse_and_reach_the_preset():
+    from tether.lab.run import measure, parse_objective
+
+    assert parse_objective("mis") == ("mis", {})
+    assert parse_objective("mis:veto=null:ref_len=4:length_calibration=sqrt:weighted=false") == (
+        "mis", {"veto": None, "ref_len": 4, "length_calibration": "sqrt", "weighted": False})
+    # an unbounded band, weighted, without the veto is plain sequence IS: the overrides reach the preset
+    cfg = LabConfig(mismatch="staleness", strengths=[0.3], vocab=2, horizon=6, old="pi",
+                    objectives=["sequence_is", "mis:veto=null:low=0:high=Infinity", "mis:veto=null"])
+    seq, wide, band = measure(cfg)["results"]
+    assert wide["objective"] == "mis:veto=null:low=0:high=Infinity"
+    assert wide["bias"] == pytest.approx(seq["bias"], abs=1e-12)
+    assert wide["variance"] == pytest.approx(seq["variance"], rel=1e-10)
+    assert wide["dropped"] == 0.0
+    assert band["bias"] > 0.01 and band["dropped"] > 0.01  # the [0.5, 2] band drops sequences, and biases
+
+
+def test_dropped_mass_is_mu_mass_outside_the_band():
+    """Moments.dropped of mis (no veto) = sum_y mu(y) 1[S(y) outside [log 0.5, log 2]], S = sum_t log pi/mu,
+    computed here directly; the geo rule with ref_len 1 widens the band to T log 2 and drops less."""
+    from tether.lab.run import measure
+
+    space, theta, rewards, logp, adv, _ = _setup(V=2, T=6)
+    logp_mu = token_logp_from_probs(behaviour_probs(theta, "noise", 0.5, seed=0), space)
+    S = (logp - logp_mu).sum(-1)
+    mu = seq_probs(logp_mu)
+    log2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    want = float((mu * (S.abs() > log2)).sum())
+    want_geo = float((mu * (S.abs() > 6 * log2)).sum())
+    cfg = LabConfig(mismatch="noise", strengths=[0.5], vocab=2, horizon=6, old="pi",
+                    objectives=["mis:veto=null", "mis:veto=null:length_calibration=geo:ref_len=1"])
+    fixed, geo = measure(cfg)["results"]
+    assert fixed["dropped"] == pytest.approx(want, rel=1e-9) and want > 0.05
+    assert geo["dropped"] == pytest.approx(want_geo, rel=1e-9, abs=1e-15) and want_geo < want
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("sequence_is:cap=2", "raw estimator 'sequence_is' has no hyper-parameters"),
+    ("mis:veto", "'veto' is not key=value"),
+    ("mis:nope=1", "has no hyper-parameter 'nope'"),
+    ("mis:length_calibration=sqrt", "needs ref_len"),
+])
+def test_bad_objective_specs_are_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        LabConfig(objectives=[spec]).validate()

@@ -44,6 +44,7 @@ from tether.adapters.common import Objective, objective_and_meter_metrics, prefi
 from tether.objectives import AggMode, LossInputs, presets
 from tether.objectives.policy_gradient import ppo
 from tether.objectives.rollout_correction import (
+    LENGTH_DEFAULTS,
     icepop_weights,
     masked_is_weights,
     self_normalised_weights,
@@ -58,16 +59,23 @@ PREFIX = "tether_"
 """Registered names are ``tether_<preset>``."""
 
 
+def _length(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The length-calibration arguments of a preset's resolved hyper-parameters."""
+    return {k: args[k] for k in LENGTH_DEFAULTS}
+
+
 def _tis(old: Tensor, mu: Tensor, mask: Tensor, args: Mapping[str, Any]) -> Tensor:
-    w, _ = truncated_is_weights(old, mu, mask, level=args["level"], cap=args["cap"], floor=args["floor"])
+    w, _ = truncated_is_weights(old, mu, mask, level=args["level"], cap=args["cap"], floor=args["floor"],
+                                **_length(args))
     return self_normalised_weights(w, mask, level=args["level"])[0] if args["self_normalise"] else w
 
 
 WEIGHTS: dict[str, Callable[[Tensor, Tensor, Tensor, Mapping[str, Any]], Tensor]] = {
     "tis": _tis,
-    "icepop": lambda old, mu, mask, a: icepop_weights(old, mu, mask, low=a["low"], high=a["high"])[0],
+    "icepop": lambda old, mu, mask, a: icepop_weights(old, mu, mask, low=a["low"], high=a["high"], level=a["level"],
+                                                      **_length(a))[0],
     "mis": lambda old, mu, mask, a: masked_is_weights(old, mu, mask, level=a["level"], low=a["low"], high=a["high"],
-                                                      weighted=a["weighted"], veto=a["veto"])[0],
+                                                      weighted=a["weighted"], veto=a["veto"], **_length(a))[0],
 }
 """Presets whose correction of ``pi_old/mu`` is a detached per-token weight on the PPO loss: the weight."""
 

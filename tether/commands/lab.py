@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mismatch", default="precision", help="staleness|precision|noise|temperature|truncation|teacher")
     p.add_argument("--strength", type=_floats, default=[0.0, 0.1, 0.3, 1.0], help="comma-separated strengths")
     p.add_argument("--objectives", default=None, help="presets or raw estimators (on_policy, token_is, "
-                   "sequence_is, cumulative_is), comma-separated; default: grpo,tis,ctpo,gspo,p3o (those "
+                   "sequence_is, cumulative_is), comma-separated; a preset with overrides is NAME:key=value:key=value "
+                   "(e.g. mis:length_calibration=sqrt:ref_len=4); default: grpo,tis,ctpo,gspo,p3o (those "
                    "registered) and the three raw IS estimators")
     p.add_argument("--vocab", type=int, default=4)
     p.add_argument("--horizon", type=int, default=6)

@@ -19,7 +19,9 @@ Token-normalised losses (``token-mean``, ``seq-mean-token-mean``, ``seq-mean-tok
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +56,9 @@ class Moments:
     bias_se: float = 0.0
     """Monte Carlo standard error of ``bias`` (0 when exact)."""
     exact: bool = True
+    dropped: float = 0.0
+    """``sum_y mu(y) 1[c_t(y) = 0 for every t]``: the ``mu``-mass of sequences the estimator drops whole (a
+    sequence mask's rejection rate; exact moments only, 0 under Monte Carlo)."""
 
     def as_dict(self) -> dict[str, float | bool]:
         return asdict(self)
@@ -112,27 +117,29 @@ def preset_inputs(logp_theta_BT: Tensor, logp_pi_BT: Tensor, logp_mu_BT: Tensor,
     )
 
 
-def preset_coefficients(name: str, logp_pi_NT: Tensor, logp_mu_NT: Tensor, adv_N: Tensor, *, old: str = "pi") -> Tensor:
-    """Per-sequence coefficients ``c_NT`` of preset ``name`` (scaled by ``agg_scale``), via autograd."""
+def preset_coefficients(name: str, logp_pi_NT: Tensor, logp_mu_NT: Tensor, adv_N: Tensor, *, old: str = "pi",
+                        args: Mapping[str, Any] | None = None) -> Tensor:
+    """Per-sequence coefficients ``c_NT`` of preset ``name`` with hyper-parameter overrides ``args`` (scaled by
+    ``agg_scale``), via autograd."""
     preset = get_preset(name)
     x = logp_pi_NT.detach().clone().requires_grad_(True)
-    loss, _ = preset(preset_inputs(x, logp_pi_NT.detach(), logp_mu_NT, adv_N, old=old))
+    loss, _ = preset(preset_inputs(x, logp_pi_NT.detach(), logp_mu_NT, adv_N, old=old), **(args or {}))
     (grad,) = torch.autograd.grad(loss, x)
-    scale = agg_scale(preset.defaults.get("agg", "token-mean"), logp_pi_NT.shape[1])
+    scale = agg_scale(preset.resolve(args).get("agg", "token-mean"), logp_pi_NT.shape[1])
     return -grad * logp_pi_NT.shape[0] * scale
 
 
 def is_separable(name: str, logp_pi_NT: Tensor, logp_mu_NT: Tensor, adv_N: Tensor, *, old: str = "pi",
-                 subset: int = 64, seed: int = 0) -> bool:
+                 subset: int = 64, seed: int = 0, args: Mapping[str, Any] | None = None) -> bool:
     """Whether preset ``name`` is per-sequence separable here: the coefficients read off a random
     ``subset`` of sequences equal those read off the whole batch (false for batch statistics such
     as P3O's ESS or self-normalised weights whenever those are not constant)."""
     if name in NON_SEPARABLE:
         return False
-    full = preset_coefficients(name, logp_pi_NT, logp_mu_NT, adv_N, old=old)
+    full = preset_coefficients(name, logp_pi_NT, logp_mu_NT, adv_N, old=old, args=args)
     g = torch.Generator().manual_seed(seed)
     rows = torch.randperm(logp_pi_NT.shape[0], generator=g)[:subset]
-    sub = preset_coefficients(name, logp_pi_NT[rows], logp_mu_NT[rows], adv_N[rows], old=old)
+    sub = preset_coefficients(name, logp_pi_NT[rows], logp_mu_NT[rows], adv_N[rows], old=old, args=args)
     return bool(torch.allclose(full[rows], sub, rtol=1e-9, atol=1e-12))
 
 
@@ -147,16 +154,18 @@ def exact_moments(logits_PV: Tensor, space: Space, c_NT: Tensor, mu_N: Tensor, g
     p_y = torch.exp(logp.detach())
     sq_N = (c * c * (1 - 2 * p_y + (p_t * p_t).sum(-1))).sum(-1)
     var = float((mu_N * sq_N).sum() - (mean * mean).sum())
-    return _summarise(mean, grad_J, max(var, 0.0))
+    dropped = float((mu_N * (c == 0).all(-1)).sum())
+    return _summarise(mean, grad_J, max(var, 0.0), dropped=dropped)
 
 
-def _summarise(mean: Tensor, grad_J: Tensor, var: float, bias_se: float = 0.0, exact: bool = True) -> Moments:
+def _summarise(mean: Tensor, grad_J: Tensor, var: float, bias_se: float = 0.0, exact: bool = True,
+               dropped: float = 0.0) -> Moments:
     err = mean - grad_J
     gn = float(grad_J.norm())
     cos = float((mean * grad_J).sum() / (mean.norm() * grad_J.norm()).clamp(min=1e-300))
     return Moments(
         bias=float(err.norm()) / gn, variance=var, mse=float((err * err).sum()) + var, cosine=cos,
-        bias_se=bias_se, exact=exact,
+        bias_se=bias_se, exact=exact, dropped=dropped,
     )
 
 
@@ -193,6 +202,7 @@ def monte_carlo_moments(
     num_batches: int = 256,
     old: str = "pi",
     seed: int = 0,
+    args: Mapping[str, Any] | None = None,
 ) -> Moments:
     """Monte Carlo moments for a non-separable preset: ``num_batches`` batches of ``batch`` sequences
     drawn from ``mu``; the batch gradient's mean estimates ``E g_hat``; per-sequence variance is
@@ -200,12 +210,13 @@ def monte_carlo_moments(
     mu_N = seq_probs(logp_mu_NT)
     idx = sample_batches(mu_N / mu_N.sum(), num_batches, batch, seed=seed)
     preset = get_preset(name)
-    scale = agg_scale(preset.defaults.get("agg", "token-mean"), space.horizon)
+    scale = agg_scale(preset.resolve(args).get("agg", "token-mean"), space.horizon)
     cs = []
     for b in range(num_batches):
         rows = idx[b]
         x = logp_pi_NT[rows].detach().clone().requires_grad_(True)
-        loss, _ = preset(preset_inputs(x, logp_pi_NT[rows].detach(), logp_mu_NT[rows], adv_N[rows], old=old))
+        loss, _ = preset(preset_inputs(x, logp_pi_NT[rows].detach(), logp_mu_NT[rows], adv_N[rows], old=old),
+                         **(args or {}))
         (grad,) = torch.autograd.grad(loss, x)
         cs.append(-grad * scale)
     G = dense_gradients(logits_PV, space, idx, torch.stack(cs)).view(num_batches, -1)

@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +37,24 @@ from tether.objectives import get_preset, presets
 DEFAULT_OBJECTIVES = ("grpo", "tis", "ctpo", "gspo", "p3o", "sequence_is", "cumulative_is", "token_is")
 
 
+def parse_objective(spec: str) -> tuple[str, dict[str, Any]]:
+    """An objective spec ``NAME`` or ``NAME:key=value:key=value`` -> ``(NAME, overrides)``: a preset with some
+    hyper-parameters overridden (each value read as a JSON literal, ``2``, ``true``, ``null``, else as a string),
+    so one lab run can compare a preset with its variants (``mis``, ``mis:length_calibration=sqrt:ref_len=4``)."""
+    name, *pairs = spec.split(":")
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, text = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"lab: objective '{spec}': '{pair}' is not key=value (NAME:key=value:key=value)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        args[key.strip()] = value
+    return name.strip(), args
+
+
 def default_objectives() -> list[str]:
     """The default set, less presets not registered in this build (names given explicitly are strict)."""
     known = presets()
@@ -63,9 +82,14 @@ class LabConfig:
         if self.mismatch not in MISMATCHES:
             raise ValueError(f"lab: unknown mismatch '{self.mismatch}'; valid: {', '.join(MISMATCHES)}")
         valid = sorted(set(presets()) | set(RAW_ESTIMATORS))
-        for name in self.objectives:
+        for spec in self.objectives:
+            name, args = parse_objective(spec)
             if name not in valid:
                 raise ValueError(f"lab: unknown objective '{name}'; valid: {', '.join(valid)}")
+            if args and name in RAW_ESTIMATORS:
+                raise ValueError(f"lab: objective '{spec}': the raw estimator '{name}' has no hyper-parameters")
+            if args:
+                get_preset(name).resolve(args)  # unknown names and bad values fail before any compute
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"lab: optimizer must be 'adam' or 'sgd', got '{self.optimizer}'")
         if self.old not in ("pi", "mu"):
@@ -86,31 +110,33 @@ def measure(cfg: LabConfig) -> dict:
     for s in cfg.strengths:
         logp_mu = token_logp_from_probs(behaviour_probs(theta, cfg.mismatch, s, seed=cfg.seed), space)
         mu_N = seq_probs(logp_mu)
-        for name in cfg.objectives:
-            row = {"objective": name, "strength": s}
+        for spec in cfg.objectives:
+            name, args = parse_objective(spec)
+            row = {"objective": spec, "strength": s}
             reason = None if name in RAW_ESTIMATORS else skip_reason(name)
             if reason:
                 rows.append({**row, "skipped": reason})
                 continue
             if name in RAW_ESTIMATORS:
                 m = exact_moments(theta, space, raw_coefficients(name, logp_pi, logp_mu, adv), mu_N, grad_J)
-            elif not is_separable(name, logp_pi, logp_mu, adv, old=cfg.old, seed=cfg.seed):
+            elif not is_separable(name, logp_pi, logp_mu, adv, old=cfg.old, seed=cfg.seed, args=args):
                 m = monte_carlo_moments(
                     name, theta, space, logp_pi, logp_mu, adv, grad_J,
-                    batch=cfg.mc_batch, num_batches=cfg.mc_batches, old=cfg.old, seed=cfg.seed,
+                    batch=cfg.mc_batch, num_batches=cfg.mc_batches, old=cfg.old, seed=cfg.seed, args=args,
                 )
             else:
-                c = preset_coefficients(name, logp_pi, logp_mu, adv, old=cfg.old)
+                c = preset_coefficients(name, logp_pi, logp_mu, adv, old=cfg.old, args=args)
                 m = exact_moments(theta, space, c, mu_N, grad_J)
             rows.append({**row, **m.as_dict()})
     return {"config": cfg.__dict__, "J": J, "grad_norm": float(grad_J.norm()), "results": rows}
 
 
-def train_steps(cfg: LabConfig, name: str, strength: float) -> dict:
+def train_steps(cfg: LabConfig, spec: str, strength: float) -> dict:
     """``cfg.steps`` optimiser steps of objective ``name`` from the same start: each step draws a batch
     of ``cfg.mc_batch`` sequences from ``mu`` (the mismatch model applied to the current ``theta``),
     ``A = R - J(theta)`` (exact baseline), ``theta_old = theta``. Diverged: ``J`` not finite, or
     ``J`` below half its start."""
+    name, args = parse_objective(spec)
     space = make_space(cfg.vocab, cfg.horizon)
     theta = init_logits(space, scale=cfg.logit_scale, seed=cfg.seed).requires_grad_(True)
     rewards = make_reward(space, cfg.reward, seed=cfg.seed)
@@ -133,14 +159,15 @@ def train_steps(cfg: LabConfig, name: str, strength: float) -> dict:
             c = raw_coefficients(name, logp_theta.detach(), logp_mu_all[idx], adv).nan_to_num(0.0, 0.0, 0.0)
             loss = -(c * logp_theta).sum() / cfg.mc_batch
         else:
-            loss, _ = get_preset(name)(preset_inputs(logp_theta, logp_all[idx], logp_mu_all[idx], adv, old=cfg.old))
+            loss, _ = get_preset(name)(preset_inputs(logp_theta, logp_all[idx], logp_mu_all[idx], adv, old=cfg.old),
+                                       **args)
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
             Js.append(float(expected_reward(theta, space, rewards)))
     diverged = any(not math.isfinite(j) for j in Js) or min(Js) < 0.5 * J0
-    return {"objective": name, "strength": strength, "J": Js, "diverged": diverged}
+    return {"objective": spec, "strength": strength, "J": Js, "diverged": diverged}
 
 
 def run_lab(cfg: LabConfig, out: Path | None = None) -> dict:
@@ -148,10 +175,10 @@ def run_lab(cfg: LabConfig, out: Path | None = None) -> dict:
     result = measure(cfg)
     if cfg.steps > 0:
         result["steps"] = [
-            train_steps(cfg, name, s)
+            train_steps(cfg, spec, s)
             for s in cfg.strengths
-            for name in cfg.objectives
-            if name in RAW_ESTIMATORS or skip_reason(name) is None
+            for spec in cfg.objectives
+            if (name := parse_objective(spec)[0]) in RAW_ESTIMATORS or skip_reason(name) is None
         ]
     result["seconds"] = time.perf_counter() - t0
     if out is not None:

@@ -84,6 +84,10 @@ class Preset:
     """How the mismatch control may tighten this preset's correction hyper-parameters: name -> rule of
     ``TIGHTEN_RULES``. ``None``: the ``DEFAULT_TIGHTEN`` names among its defaults."""
 
+    check: Callable[[Mapping[str, Any]], None] | None = None
+    """Checks the resolved hyper-parameters' values (``ValueError`` naming the bad one), at ``resolve`` time, so a
+    run refuses a bad combination at start-up rather than at the first loss. ``None``: the loss checks its own."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         rules = self.tighten if self.tighten is not None else {
@@ -101,6 +105,11 @@ class Preset:
                 valid = ", ".join(sorted(params)) or "(none)"
                 raise ValueError(f"objective '{self.name}' has no hyper-parameter '{key}'; valid: {valid}")
             params[key] = value
+        if self.check is not None:
+            try:
+                self.check(params)
+            except ValueError as e:
+                raise ValueError(f"objective '{self.name}': {e}") from None
         return params
 
     def __call__(self, inputs: LossInputs, **overrides: Any) -> tuple[Tensor, dict[str, Tensor]]:

@@ -23,6 +23,9 @@ padding, weights are ``0`` on padding):
   ``rollout_is_batch_normalize``, slime ``tis_batch_normalize``).
 - ``opsm_mask``: DeepSeek-V3.2 off-policy sequence masking (TRL ``get_off_policy_mask``, slime
   ``compute_opsm_mask``).
+- ``sequence_log_bounds``: per-row bounds of a sequence cap or band meant at a reference length
+  (``length_calibration``: ``geo`` / ``sqrt``), read by ``truncated_is_weights``, ``masked_is_weights`` and
+  ``icepop_weights`` at sequence level (docs/objectives_notes/length_calibration.md).
 
 Presets: ``tis``, ``icepop``, ``mis`` (PPO clip on ``r = pi_theta / pi_old`` times a detached
 correction of ``pi_old / mu``). Masked tokens contribute zero to the loss; the aggregation
@@ -33,13 +36,21 @@ AReaL. See docs/objectives_notes/corrections.md for the choices and deviations f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from tether.objectives.aggregation import aggregate, parse_choice
 from tether.objectives.inputs import LossInputs, float_mask, indicator, masked_means, max_or_zero
+from tether.objectives.length_calibration import (
+    LengthCalibration,
+    bound_range_metrics,
+    calibrated_log_bound,
+    check_length_calibration,
+)
 from tether.objectives.policy_gradient import _ppo_clip, policy_metrics
 from tether.objectives.ratios import LOG_RATIO_CLAMP, geometric_log_ratio, sequence_log_ratio, token_log_ratio
 from tether.objectives.registry import Preset, register
@@ -86,6 +97,33 @@ def log_bound(x: float) -> float:
     if x == 0:
         return -math.inf
     return math.log(x)
+
+
+def sequence_log_bounds(
+    mask_BT: Tensor,
+    low: float,
+    high: float,
+    *,
+    length_calibration: LengthCalibration,
+    ref_len: float | None,
+    length_drift: float,
+    prefix: str,
+    names: tuple[str, str] = ("low", "high"),
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Per-row log bounds ``(log low(T_i), log high(T_i))`` of a length-calibrated sequence band, ``[B]``
+    float64, and their range metrics ``{prefix}/calib_log_{name}_min|max`` for each finite bound
+    (``length_calibration.calibrated_log_bound`` at ``T_i = sum_t m_t``)."""
+    len_B = mask_BT.detach().to(torch.float64).sum(-1)
+    kw = {"length_calibration": length_calibration, "ref_len": ref_len, "length_drift": length_drift}
+    metrics: dict[str, Tensor] = {}
+    out = []
+    for bound, name in zip((low, high), names):
+        log_b = log_bound(bound)
+        b_B = calibrated_log_bound(log_b, len_B, **kw)
+        if math.isfinite(log_b):
+            metrics.update(bound_range_metrics(b_B, len_B > 0, f"{prefix}/calib_log_{name}"))
+        out.append(b_B)
+    return out[0], out[1], metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,6 +219,9 @@ def truncated_is_weights(
     cap: float = 2.0,
     floor: float = 0.0,
     prefix: str = "tis",
+    length_calibration: str | LengthCalibration = LengthCalibration.NONE,
+    ref_len: float | None = None,
+    length_drift: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Truncated importance-sampling weights of ``pi_old / mu`` (TIS), detached.
 
@@ -192,31 +233,66 @@ def truncated_is_weights(
     plain IS. Weights are 0 on padding.
     Metrics: weight mean/std/max and ``clipfrac_high`` / ``clipfrac_low`` (loss-token fractions
     whose raw weight was above ``cap`` / below ``floor``).
+    Length calibration (``level="sequence"`` only; ``length_calibration`` module): the bounds are meant at
+    length ``ref_len`` and move to each row's length, ``w_i = exp(clamp(log s_i, log floor(T_i), log cap(T_i)))``
+    with ``log s_i`` the +-20-clamped sum; extra metrics ``calib_log_cap_min|max`` (and ``calib_log_floor_*``
+    for ``floor > 0``), the range of the per-row log cap.
     """
     if not cap >= floor:
         raise ValueError(f"truncated_is_weights: cap ({cap}) must be >= floor ({floor})")
     level = ISLevel.parse(level)
+    cal = check_length_calibration(length_calibration, ref_len, length_drift, level=level.value)
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    # delta is already 0 on padding, which is what level_log_ratio returns at token level
-    log_w = delta if level is ISLevel.TOKEN else level_log_ratio(delta, mask_BT, level)
     valid = mask_BT.bool()
-    # exp of a log-ratio clamped to +-20 is finite, so multiplying by the 0/1 mask zeroes padding exactly
-    w = torch.exp(log_w).clamp(min=floor, max=cap) * float_mask(valid, log_w.dtype)
-    log_cap, log_floor = log_bound(cap), log_bound(floor)
-    # an infinite bound (cap = inf, floor = 0) clips nothing: its fraction is 0 without a pass over the tokens
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    flags = {f"{prefix}/clipfrac_high": zero, f"{prefix}/clipfrac_low": zero.clone()}
-    bounded = {}
-    if log_cap < math.inf:
-        bounded[f"{prefix}/clipfrac_high"] = indicator(torch.gt, log_w, log_cap)
-    if log_floor > -math.inf:
-        bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_floor)
-    flags.update(masked_means(bounded, valid, dtype=w.dtype))
+    if cal is LengthCalibration.NONE:
+        # delta is already 0 on padding, which is what level_log_ratio returns at token level
+        log_w = delta if level is ISLevel.TOKEN else level_log_ratio(delta, mask_BT, level)
+        # exp of a log-ratio clamped to +-20 is finite, so multiplying by the 0/1 mask zeroes padding exactly
+        w = torch.exp(log_w).clamp(min=floor, max=cap) * float_mask(valid, log_w.dtype)
+        # an infinite bound (cap = inf, floor = 0) clips nothing: its fraction is 0 without a pass over the tokens
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        flags = {f"{prefix}/clipfrac_high": zero, f"{prefix}/clipfrac_low": zero.clone()}
+        bounded = {}
+        if cap < math.inf:
+            bounded[f"{prefix}/clipfrac_high"] = indicator(torch.gt, log_w, log_bound(cap))
+        if floor > 0:
+            bounded[f"{prefix}/clipfrac_low"] = indicator(torch.lt, log_w, log_bound(floor))
+        flags.update(masked_means(bounded, valid, dtype=w.dtype))
+    else:
+        w, flags = _calibrated_sequence_tis(delta, valid, cap, floor, cal, ref_len, length_drift, prefix)
     wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
     metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
     metrics.update(flags)
     metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
     return w, metrics
+
+
+def _calibrated_sequence_tis(
+    delta_BT: Tensor, valid_BT: Tensor, cap: float, floor: float, cal: LengthCalibration, ref_len: float | None,
+    length_drift: float, prefix: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sequence TIS with per-row bounds, decided on ``[B]`` rows and broadcast once:
+    ``w_i = exp(clamp(clamp(S_i, +-20), log floor(T_i), log cap(T_i)))``; the clip fractions are
+    ``sum_i T_i 1[S_i > log cap(T_i)] / N`` (and ``< log floor``), plus the bound range metrics."""
+    m = float_mask(valid_BT, delta_BT.dtype)
+    dt = delta_BT.dtype
+    lo_B, hi_B, metrics = sequence_log_bounds(m, floor, cap, length_calibration=cal, ref_len=ref_len,
+                                              length_drift=length_drift, prefix=prefix, names=("floor", "cap"))
+    log_s_B = sequence_log_ratio(delta_BT, m).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    lo_B, hi_B = lo_B.to(dt), hi_B.to(dt)
+    w = torch.exp(torch.clamp(log_s_B, min=lo_B, max=hi_B))[:, None] * m
+    len_B = m.sum(-1)
+    n = len_B.sum().clamp(min=1.0)
+    zero = torch.zeros((), dtype=dt, device=delta_BT.device)
+    metrics = {k: v.to(dt) for k, v in metrics.items()}
+    metrics[f"{prefix}/clipfrac_high"] = _dot1(len_B, log_s_B > hi_B) / n if cap < math.inf else zero
+    metrics[f"{prefix}/clipfrac_low"] = _dot1(len_B, log_s_B < lo_B) / n if floor > 0 else zero.clone()
+    return w, metrics
+
+
+def _dot1(len_B: Tensor, flag_B: Tensor) -> Tensor:
+    """``sum_i len_i 1[flag_i]``."""
+    return torch.dot(len_B, flag_B.to(len_B.dtype))
 
 
 def self_normalised_weights(
@@ -280,27 +356,75 @@ def icepop_weights(
     low: float = 0.5,
     high: float = 5.0,
     prefix: str = "icepop",
+    level: str | ISLevel = ISLevel.TOKEN,
+    length_calibration: str | LengthCalibration = LengthCalibration.NONE,
+    ref_len: float | None = None,
+    length_drift: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """IcePop weights ``w_t = rho_t * 1[low <= rho_t <= high]``, detached (0 on padding).
 
     This is IcePop's ``M(rho) = rho`` inside the band and ``0`` outside (slime ``icepop_function``,
     verl ``"lower_upper"`` rollout_is threshold): the in-band tokens keep their IS correction.
-    Metrics: weight stats, ``maskfrac_low`` / ``maskfrac_high`` (tokens below / above the band).
+    ``level="sequence"`` / ``"geometric"``: the same rule on the sequence ratio ``exp(sum_t m delta_t)`` (band
+    test unclamped, weight from the +-20-clamped sum) or its geometric mean, broadcast over the row (verl
+    ``rollout_is`` at sequence level with a ``lower_upper`` threshold). At sequence level the band can be
+    length-calibrated (``length_calibration`` module): ``[low(T_i), high(T_i)]`` per row, with metrics
+    ``calib_log_low|high_min|max``.
+    Metrics: weight stats, ``maskfrac_low`` / ``maskfrac_high`` (loss tokens below / above the band).
     """
     if not high >= low:
         raise ValueError(f"icepop_mask: high ({high}) must be >= low ({low})")
+    level = ISLevel.parse(level)
+    cal = check_length_calibration(length_calibration, ref_len, length_drift, level=level.value)
     valid = mask_BT.bool()
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)
-    below = indicator(torch.lt, delta, log_bound(low))
-    above = indicator(torch.gt, delta, log_bound(high))
-    # keep = m (1 - below) (1 - above); exp(delta) is finite (|delta| <= 20), so the 0/1 products
-    # zero the dropped tokens and the padding exactly
-    w = torch.exp(delta).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
-    flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid, dtype=w.dtype)
+    if level is ISLevel.TOKEN:
+        below = indicator(torch.lt, delta, log_bound(low))
+        above = indicator(torch.gt, delta, log_bound(high))
+        # keep = m (1 - below) (1 - above); exp(delta) is finite (|delta| <= 20), so the 0/1 products
+        # zero the dropped tokens and the padding exactly
+        w = torch.exp(delta).mul_(1.0 - below).mul_(1.0 - above).mul_(float_mask(valid, delta.dtype))
+        flags = masked_means({f"{prefix}/maskfrac_low": below, f"{prefix}/maskfrac_high": above}, valid,
+                             dtype=w.dtype)
+    else:
+        w, flags = _sequence_icepop(delta, valid, low, high, level, cal, ref_len, length_drift, prefix)
     wm = _weight_and_mismatch_metrics(w, delta, valid, prefix)
     metrics = {k: wm[k] for k in (f"{prefix}/weight_mean", f"{prefix}/weight_std", f"{prefix}/weight_max")}
     metrics.update(flags)
     metrics.update({k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")})
+    return w, metrics
+
+
+def _sequence_icepop(
+    delta_BT: Tensor, valid_BT: Tensor, low: float, high: float, level: ISLevel, cal: LengthCalibration,
+    ref_len: float | None, length_drift: float, prefix: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """IcePop on the row ratio, decided on ``[B]`` rows and broadcast once: ``x_i`` = the unclamped sum
+    (sequence) or mean (geometric) of ``delta``; ``w_i = exp(x_i) 1[log low(T_i) <= x_i <= log high(T_i)]``
+    (the sum clamped to +-20 inside ``exp``); ``maskfrac_low|high = sum_i T_i 1[x_i < lo | > hi] / N``, plus
+    the bound range metrics when calibrated."""
+    dt = delta_BT.dtype
+    m = float_mask(valid_BT, dt)
+    if level is ISLevel.GEOMETRIC:
+        x_B = geometric_log_ratio(delta_BT, m)
+        log_w_B = x_B
+    else:
+        x_B = sequence_log_ratio(delta_BT, m)
+        log_w_B = x_B.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    metrics: dict[str, Tensor] = {}
+    lo: float | Tensor = log_bound(low)
+    hi: float | Tensor = log_bound(high)
+    if cal is not LengthCalibration.NONE:
+        lo_B, hi_B, calib = sequence_log_bounds(m, low, high, length_calibration=cal, ref_len=ref_len,
+                                                length_drift=length_drift, prefix=prefix)
+        lo, hi = lo_B.to(dt), hi_B.to(dt)
+        metrics.update({k: v.to(dt) for k, v in calib.items()})
+    below_B, above_B = x_B < lo, x_B > hi
+    w = torch.where(below_B | above_B, 0.0, torch.exp(log_w_B))[:, None] * m
+    len_B = m.sum(-1)
+    n = len_B.sum().clamp(min=1.0)
+    metrics[f"{prefix}/maskfrac_low"] = _dot1(len_B, below_B) / n
+    metrics[f"{prefix}/maskfrac_high"] = _dot1(len_B, above_B) / n
     return w, metrics
 
 
@@ -475,14 +599,21 @@ def tis(
     cap: float,
     floor: float,
     self_normalise: bool,
+    length_calibration: str = "none",
+    ref_len: float | None = None,
+    length_drift: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clip on ``r = pi_theta/pi_old`` times truncated IS weights of ``pi_old/mu``.
 
     ``l_t = w_t * l^PPO_t`` with ``w`` from ``truncated_is_weights`` (optionally self-normalised).
-    Gradient: ``w_t * grad l^PPO_t``.
+    Gradient: ``w_t * grad l^PPO_t``. ``length_calibration`` (``none`` | ``geo`` | ``sqrt``, with ``level`` sequence
+    and ``ref_len``): the cap and floor are meant at length ``ref_len`` and scale with each row's length
+    (docs/objectives_notes/length_calibration.md).
     """
     mu = _require_mu(inputs, "tis")
-    w, metrics = truncated_is_weights(inputs.logp_old_BT, mu, inputs.mask_BT, level=level, cap=cap, floor=floor)
+    w, metrics = truncated_is_weights(inputs.logp_old_BT, mu, inputs.mask_BT, level=level, cap=cap, floor=floor,
+                                      length_calibration=length_calibration, ref_len=ref_len,
+                                      length_drift=length_drift)
     if self_normalise:
         w, norm = self_normalised_weights(w, inputs.mask_BT, level=level)
         metrics["tis/batch_norm_factor"] = norm
@@ -500,10 +631,19 @@ def icepop(
     dual_clip_c: float | None,
     low: float,
     high: float,
+    level: str = "token",
+    length_calibration: str = "none",
+    ref_len: float | None = None,
+    length_drift: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clip on ``r = pi_theta/pi_old`` times IcePop weights ``rho_t 1[low <= rho_t <= high]``."""
+    """PPO clip on ``r = pi_theta/pi_old`` times IcePop weights ``rho_t 1[low <= rho_t <= high]``.
+
+    ``level`` sequence / geometric: the band and the weight on the row's product / geometric-mean ratio;
+    ``length_calibration`` (sequence level, with ``ref_len``): the band is meant at length ``ref_len`` and scales
+    with each row's length (docs/objectives_notes/length_calibration.md)."""
     mu = _require_mu(inputs, "icepop")
-    w, metrics = icepop_weights(inputs.logp_old_BT, mu, inputs.mask_BT, low=low, high=high)
+    w, metrics = icepop_weights(inputs.logp_old_BT, mu, inputs.mask_BT, low=low, high=high, level=level,
+                                length_calibration=length_calibration, ref_len=ref_len, length_drift=length_drift)
     loss, pg = weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
     return loss, {**pg, **metrics}
 
@@ -519,6 +659,9 @@ def masked_is_weights(
     weighted: bool = True,
     veto: float | None = CATASTROPHIC_RATIO,
     prefix: str = "mis",
+    length_calibration: str | LengthCalibration = LengthCalibration.NONE,
+    ref_len: float | None = None,
+    length_drift: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Masked importance sampling (MIS): ``w = rho_L * 1[low <= rho_L <= high] * 1[no veto]``.
 
@@ -529,14 +672,18 @@ def masked_is_weights(
     disables it). Detached; 0 on padding and dropped tokens.
     Metrics: weight stats, ``maskfrac_band`` (outside the band), ``maskfrac_veto`` (vetoed) and
     ``maskfrac`` (dropped for any reason), as loss-token fractions.
+    Length calibration (``level="sequence"`` only; ``length_calibration`` module): the band is meant at length
+    ``ref_len`` and becomes ``[low(T_i), high(T_i)]`` per row; extra metrics ``calib_log_low|high_min|max``.
     """
     level = ISLevel.parse(level)
+    cal = check_length_calibration(length_calibration, ref_len, length_drift, level=level.value)
     if not high >= low:
         raise ValueError(f"masked_is_weights: high ({high}) must be >= low ({low})")
     valid = mask_BT.bool()
     delta = behaviour_log_ratio(logp_old_BT, logp_mu_BT, mask_BT)  # computed once, every criterion reads it
     m = float_mask(valid, delta.dtype)
     dt = delta.dtype
+    calib: dict[str, Tensor] = {}
     vetoed_B = None if veto is None else _veto_keep_B(delta, valid, veto)
     len_B = m.sum(-1).to(torch.float64)
     n = len_B.sum().clamp(min=1.0)
@@ -550,7 +697,13 @@ def masked_is_weights(
         frac_band, frac_any = dropped["band"], dropped["any"]
     else:
         # every criterion is per sequence: decide on [B] rows, then broadcast once
-        band_B = _sequence_keep_B(delta, m, low, high, geometric=level is ISLevel.GEOMETRIC)
+        if cal is LengthCalibration.NONE:
+            band_B = _sequence_keep_B(delta, m, low, high, geometric=level is ISLevel.GEOMETRIC)
+        else:
+            lo_B, hi_B, calib = sequence_log_bounds(m, low, high, length_calibration=cal, ref_len=ref_len,
+                                                    length_drift=length_drift, prefix=prefix)
+            log_s = sequence_log_ratio(delta, m).to(torch.float64)
+            band_B = (log_s >= lo_B) & (log_s <= hi_B)
         keep_B = band_B if vetoed_B is None else band_B & vetoed_B
         if weighted:
             if level is ISLevel.SEQUENCE:
@@ -573,6 +726,7 @@ def masked_is_weights(
         f"{prefix}/maskfrac_band": frac_band.to(dt),
         f"{prefix}/maskfrac_veto": frac_veto.to(dt),
         f"{prefix}/maskfrac": frac_any.to(dt),
+        **{k: v.to(dt) for k, v in calib.items()},
         **{k: wm[k] for k in ("mismatch/kl_k1", "mismatch/kl_k3")},
     }
     return w, metrics
@@ -590,23 +744,45 @@ def mis(
     high: float,
     weighted: bool,
     veto: float | None,
+    length_calibration: str = "none",
+    ref_len: float | None = None,
+    length_drift: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clip on ``r = pi_theta/pi_old`` times masked IS weights of ``pi_old/mu``."""
+    """PPO clip on ``r = pi_theta/pi_old`` times masked IS weights of ``pi_old/mu``.
+
+    ``length_calibration`` (``none`` | ``geo`` | ``sqrt``, with ``level`` sequence and ``ref_len``): the band is meant
+    at length ``ref_len`` and scales with each row's length (docs/objectives_notes/length_calibration.md)."""
     mu = _require_mu(inputs, "mis")
     w, metrics = masked_is_weights(
-        inputs.logp_old_BT, mu, inputs.mask_BT, level=level, low=low, high=high, weighted=weighted, veto=veto
+        inputs.logp_old_BT, mu, inputs.mask_BT, level=level, low=low, high=high, weighted=weighted, veto=veto,
+        length_calibration=length_calibration, ref_len=ref_len, length_drift=length_drift,
     )
     loss, pg = weighted_ppo(inputs, w, agg, eps_low, eps_high, dual_clip_c)
     return loss, {**pg, **metrics}
 
 
 _PPO_DEFAULTS = {"agg": "token-mean", "eps_low": 0.2, "eps_high": 0.2, "dual_clip_c": 3.0}
+LENGTH_DEFAULTS = {"length_calibration": "none", "ref_len": None, "length_drift": 0.0}
+"""The length-calibration hyper-parameters of ``tis``, ``mis`` and ``icepop`` (off by default)."""
+LENGTH_EQUATION = (
+    "; length_calibration geo|sqrt (level sequence; bound B meant at T0 = ref_len, row length T): "
+    "log B(T) = (T/T0) log B | m T + sqrt(T/T0) (log B - m T0), m = length_drift"
+)
+
+
+def check_length_args(args: Mapping[str, Any]) -> None:
+    """Start-up check of a preset's length-calibration hyper-parameters (``Preset.check``)."""
+    check_length_calibration(args["length_calibration"], args["ref_len"], args["length_drift"],
+                             level=ISLevel.parse(args["level"]).value)
+
 
 register(Preset(
     name="tis",
     description="PPO clip times truncated IS weights min(pi_old/mu, C) (C=2, token level).",
     fn=tis,
-    defaults={**_PPO_DEFAULTS, "level": "token", "cap": 2.0, "floor": 0.0, "self_normalise": False},
+    defaults={**_PPO_DEFAULTS, "level": "token", "cap": 2.0, "floor": 0.0, "self_normalise": False,
+              **LENGTH_DEFAULTS},
+    check=check_length_args,
     advantage="grpo",
     source=(
         "Yao et al. 2025 (Your efficient RL framework secretly brings you off-policy RL training, TIS); "
@@ -616,13 +792,15 @@ register(Preset(
     equation=(
         "w_t = min(exp(log pi_old - log mu), C) (sequence: exp(sum_t log pi_old/mu) broadcast), sg; "
         "l_t = w_t * max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)); A<0: min(., -A c)"
+        f"{LENGTH_EQUATION}"
     ),
 ))
 register(Preset(
     name="icepop",
     description="PPO clip times IcePop weights: pi_old/mu kept inside [0.5, 5], tokens outside masked.",
     fn=icepop,
-    defaults={**_PPO_DEFAULTS, "low": 0.5, "high": 5.0},
+    defaults={**_PPO_DEFAULTS, "low": 0.5, "high": 5.0, "level": "token", **LENGTH_DEFAULTS},
+    check=check_length_args,
     advantage="grpo",
     source=(
         "Ling team 2025 (Every Step Evolves: Ring-1T, IcePop); slime icepop_function; "
@@ -630,13 +808,16 @@ register(Preset(
         "AReaL RejectionSamplingConfig(action=mask, metric=ratio)"
     ),
     requires=("logp_mu_BT",),
-    equation="rho_t = pi_old/mu; w_t = rho_t 1[low <= rho_t <= high], sg; l_t = w_t * l^PPO_t",
+    equation=("rho_t = pi_old/mu (level sequence: exp(sum_t m log pi_old/mu) broadcast); "
+              f"w_t = rho_t 1[low <= rho_t <= high], sg; l_t = w_t * l^PPO_t{LENGTH_EQUATION}"),
 ))
 register(Preset(
     name="mis",
     description="PPO clip times masked IS: sequences with pi_old/mu outside [0.5, 2] (or a 1e-4 token) dropped.",
     fn=mis,
-    defaults={**_PPO_DEFAULTS, "level": "sequence", "low": 0.5, "high": 2.0, "weighted": True, "veto": 1e-4},
+    defaults={**_PPO_DEFAULTS, "level": "sequence", "low": 0.5, "high": 2.0, "weighted": True, "veto": 1e-4,
+              **LENGTH_DEFAULTS},
+    check=check_length_args,
     advantage="grpo",
     source=(
         "Liu, Li et al. 2025 (When Speed Kills Stability: seq-MIS); methods.md §0 MIS; "
@@ -647,5 +828,6 @@ register(Preset(
     equation=(
         "rho_i = exp(sum_t m (log pi_old - log mu)); w_i = rho_i 1[low <= rho_i <= high] "
         "1[min_t pi_old/mu >= veto], sg; l_t = w_i * l^PPO_t"
+        f"{LENGTH_EQUATION}"
     ),
 ))
