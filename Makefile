@@ -9,7 +9,7 @@ demo:
 # packages never sit on the path of the main run).
 test:
 	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench,trl,agents
-	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=300 tests
+	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=300 -n auto --dist loadfile tests
 	$(MAKE) --no-print-directory test-verl
 
 lint:
