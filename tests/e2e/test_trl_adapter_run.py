@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.doc_blocks import exec_block
 from tests.processes import run as run_child
 from tests.processes import tether_command, tether_env
 
@@ -35,14 +36,9 @@ def run_snippet(which: str, tmp_path, monkeypatch) -> dict:
 
     torch.set_num_threads(1)
     model_dir = tiny_hf_model(tmp_path / "model")
-    code = trl_snippet(which)
-    assert 'MODEL = "Qwen/Qwen2.5-0.5B-Instruct"' in code
-    code = code.replace('MODEL = "Qwen/Qwen2.5-0.5B-Instruct"', f"MODEL = {str(model_dir)!r}")
-    code = code.replace('report_to="none")', 'report_to="none", use_cpu=True, disable_tqdm=True)')
-    monkeypatch.chdir(tmp_path)
-    scope: dict = {}
-    exec(compile(code, str(DOC), "exec"), scope)
-    return scope
+    return exec_block(trl_snippet(which), DOC, tmp_path, monkeypatch, {
+        'MODEL = "Qwen/Qwen2.5-0.5B-Instruct"': f"MODEL = {str(model_dir)!r}",
+        'report_to="none")': 'report_to="none", use_cpu=True, disable_tqdm=True)'})
 
 
 def test_the_documented_trl_script_trains_and_logs_tether_metrics(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from tether.dist.worker import RolloutWorker
 from tether.rollout import Rollout, concat_rows
 from tether.train.config import TrainConfig
 from tether.train.progress import Stopwatch
-from tether.train.run import Batch, Run
+from tether.train.run import Batch, Given, Run
 from tether.train.seeds import step_seed
 
 PROBE_SALT = 4
@@ -34,8 +34,9 @@ KILL_ENV = "TETHER_DIST_TEST_KILL"
 """Test hook (issue 16 T4): ``WORKER,STEP,AFTER_GROUPS`` kills that worker's first incarnation mid-batch."""
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    with Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-dist-{cfg.seed}") as run:
+def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end; ``given``: objects in place of names (``tether.Trainer``)."""
+    with Run(cfg, given=given, name=f"{cfg.task_stem}-{cfg.objective}-dist-{cfg.seed}") as run:
         return _drive(run)
 
 

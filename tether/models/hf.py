@@ -233,11 +233,27 @@ def build_hf_policy(cfg) -> tuple[torch.nn.Module, HFTokenizer, Any]:
     the engine's copy runs in bfloat16 (the trainer keeps float32 weights under bf16 autocast), a real
     precision mismatch that the meter reports.
     """
+    model, tokenizer = load_hf(cfg.model, chat=cfg.chat_template)
+    return hf_policy(cfg, model, tokenizer)
+
+
+def wrap_tokenizer(model: torch.nn.Module, tokenizer: Any, *, chat: bool | None = None) -> HFTokenizer:
+    """A transformers tokenizer as tether's ``HFTokenizer`` (already one: unchanged), checked against ``model``."""
+    if not isinstance(tokenizer, HFTokenizer):
+        if not callable(getattr(tokenizer, "encode", None)) or not hasattr(tokenizer, "eos_token_id"):
+            raise ValueError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+        tokenizer = HFTokenizer(tokenizer, chat=chat, eos_id=generation_eos(model, tokenizer))
+    check_vocab(tokenizer, model)
+    return tokenizer
+
+
+def hf_policy(cfg, model: torch.nn.Module, tokenizer: HFTokenizer) -> tuple[torch.nn.Module, HFTokenizer, Any]:
+    """Trainer model, tokenizer and engine from a loaded transformers model (``build_hf_policy``'s second half:
+    LoRA, gradient checkpointing, the engine's copy)."""
     import copy
 
     from tether.engine.torch_engine import TorchEngine
 
-    model, tokenizer = load_hf(cfg.model, chat=cfg.chat_template)
     if cfg.lora_r is not None:
         from tether.models.lora import add_lora
 

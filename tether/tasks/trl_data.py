@@ -214,6 +214,12 @@ class TRLDatasetTask(DatasetExperts):
     def n_skipped(self) -> int:
         return len(self.skipped)
 
+    def use_eval_examples(self, examples: list[TRLExample]) -> None:
+        """Evaluate on ``examples`` (a separate eval dataset) instead of the rows held out by hash."""
+        if not examples:
+            raise ValueError(f"{self.source}: the eval dataset has no rows")
+        self._eval = list(examples)
+
     def sample(self, rng: random.Random) -> TRLExample:
         return self._train[rng.randrange(len(self._train))]
 

@@ -28,7 +28,7 @@ from tether.rollout import concat_rows
 from tether.train.config import StalenessPolicy, TrainConfig
 from tether.train.old_logits import clone_state
 from tether.train.progress import Stopwatch
-from tether.train.run import Batch, Run
+from tether.train.run import Batch, Given, Run
 from tether.train.seeds import step_seed
 from tether.train.staleness import apply_staleness, drop_bias_metrics
 from tether.train.weight_board import BoardClosed, EngineLease, WeightBoard
@@ -124,8 +124,9 @@ def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock:
     return out
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    with Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-async-{cfg.seed}") as run:
+def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end; ``given``: objects in place of names (``tether.Trainer``)."""
+    with Run(cfg, given=given, name=f"{cfg.task_stem}-{cfg.objective}-async-{cfg.seed}") as run:
         return _drive(run)
 
 

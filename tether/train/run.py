@@ -67,6 +67,23 @@ class RunState:
 
 
 @dataclass
+class Given:
+    """Objects a Python caller hands a run instead of names in its config (``tether.Trainer``): a task (a dataset
+    already parsed, with its rewards), a transformers model with its tokenizer, callbacks. ``callbacks`` are
+    objects with any of ``on_step_end(metrics)``, ``on_evaluate(when, value)``, ``on_save(step, path)``."""
+    task: Any = None
+    model: torch.nn.Module | None = None
+    tokenizer: Any = None
+    callbacks: list[Any] = field(default_factory=list)
+
+    def notify(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(*args)
+
+
+@dataclass
 class Batch:
     """One step's scored rollouts, as a driver hands them to :meth:`Run.learn`."""
     step: int
@@ -95,8 +112,9 @@ class Run:
     or when it holds another run and neither resume nor overwrite is set; config.json written first) and turns
     SIGINT / SIGTERM into a clean stop at the next step boundary (signals.py); leaving it releases both."""
 
-    def __init__(self, cfg: TrainConfig, *, name: str | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, *, name: str | None = None, given: Given | None = None) -> None:
         self.cfg = cfg
+        self.given = given or Given()
         self._stack = ExitStack()
         try:
             self._build(name)
@@ -127,9 +145,9 @@ class Run:
         if cfg.kl is not None:
             check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
-        self.task = setup.build_task(cfg)
+        self.task = self.given.task if self.given.task is not None else setup.build_task(cfg)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
-        self.policy = setup.build_policy(cfg, self.task, self.reporter)  # model, tokenizer, engine (its own copy of the weights)
+        self.policy = setup.build_policy(cfg, self.task, self.reporter, self.given.model, self.given.tokenizer)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
         self._stack.callback(self.engine.close)  # on every exit path (a vLLM server stops with the run)
         self.experts = expert_rows_for(self.preset, cfg, self.task, self.policy)  # CalibRL / RL-PLUS; else a no-op
@@ -185,6 +203,7 @@ class Run:
         self.log.close()  # flush TensorBoard / W&B / MLflow
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
         accuracy_after = self.evaluate("after training")
+        self.given.notify("on_run_end", self.policy)
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
                              self.tokens_total, time.perf_counter() - self.t_start)
@@ -200,6 +219,7 @@ class Run:
             n = min(self.cfg.eval_size, len(self.task.eval_examples()))
             what = f"accuracy on {n} held-out problems"
         self.reporter.note(f"eval {when}: {what} {value:.1%} ({time.perf_counter() - t0:.1f} s)")
+        self.given.notify("on_evaluate", when, value)
         return value
 
     # -- the stages a driver schedules ---------------------------------------------------------------
@@ -395,6 +415,7 @@ class Run:
                         "perf/tokens_per_s": n_tokens / dt, "lr": self.scheduler.get_last_lr()[0]})
         self.log.write(metrics)
         progress.advance(metrics)
+        self.given.notify("on_step_end", metrics)
 
     def checkpoint_if_due(self, extra: dict[str, Any] | None = None) -> None:
         """Write a checkpoint every ``checkpoint_every`` steps, at the end and when a stop signal came during the
@@ -405,7 +426,7 @@ class Run:
         self.interrupt.check(step)
 
     def _save(self, step: int, extra: dict[str, Any] | None) -> None:
-        self.dir.save_checkpoint(step, {
+        path = self.dir.save_checkpoint(step, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "run_state": self.state.__dict__,
             "old_logits": self.old_logits.state_dict(),
@@ -413,3 +434,4 @@ class Run:
             **(extra or {}),
         })
         self.last_checkpoint = step
+        self.given.notify("on_save", step, path)

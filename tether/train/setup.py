@@ -54,8 +54,16 @@ def builtin_text_check(model: str):
     return CharTokenizer().check
 
 
-def build_policy(cfg: TrainConfig, task: Task, progress=None) -> Policy:
-    """Model, tokenizer and engine; ``progress`` (a ``Reporter``) shows the built-in model's warm start."""
+def build_policy(cfg: TrainConfig, task: Task, progress=None, model=None, tokenizer=None) -> Policy:
+    """Model, tokenizer and engine; ``progress`` (a ``Reporter``) shows the built-in model's warm start.
+    ``model`` (a transformers model object, with its ``tokenizer``) replaces the one ``cfg.model`` names."""
+    if model is not None:
+        from tether.models.hf import hf_policy, wrap_tokenizer
+
+        if cfg.engine is EngineKind.VLLM:
+            raise ValueError("config field 'engine' vllm needs a model path or alias, not a model object (the vLLM "
+                             "server loads the weights itself)")
+        return Policy(*hf_policy(cfg, model, wrap_tokenizer(model, tokenizer, chat=cfg.chat_template)))
     policy = _build_policy(cfg, task, progress)
     if cfg.engine is EngineKind.VLLM:  # a vLLM server in its own environment replaces the torch engine
         from tether.engine.vllm_engine import VLLMOptions, build_vllm_engine

@@ -15,14 +15,15 @@ from typing import Any
 from tether.train.config import TrainConfig
 from tether.train.errors import TrainingStopped
 from tether.train.progress import Stopwatch
-from tether.train.run import Run, RunState
+from tether.train.run import Given, Run, RunState
 from tether.train.seeds import step_seed
 
 __all__ = ["RunState", "TrainingStopped", "step_seed", "train"]
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    with Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-{cfg.seed}") as run:
+def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end; ``given``: objects in place of names (``tether.Trainer``)."""
+    with Run(cfg, given=given, name=f"{cfg.task_stem}-{cfg.objective}-{cfg.seed}") as run:
         run.start()
         with run.progress() as progress:
             while run.state.step < cfg.steps:
