@@ -39,8 +39,8 @@ def test_rl_loops_close_their_engine_once_at_the_end(loop, extra, closes, tmp_pa
     engines = []
     build = setup.build_policy
 
-    def build_policy(cfg, task):
-        policy = build(cfg, task)
+    def build_policy(cfg, task, *args):
+        policy = build(cfg, task, *args)
         engines.append(policy.engine)
         return policy
 
