@@ -191,10 +191,9 @@ def _publish(run: Run, transport: FilesystemTransport, pool, probe: Rollout) -> 
     """Publish the trainer's current version, sync every worker to it, run the probe: the sync metrics
     (logged with the next step, whose rollouts use this version)."""
     d, v = run.cfg.dist, run.state.step
-    sent = transport.publish(run.model.state_dict(), v)
+    sent = transport.publish(run.full_state()[0], v)  # sharded ranks: gathered to rank 0
     got = pool.sync(v, d.sync_timeout_s)
-    with torch.no_grad():
-        ref_BT, _ = run.logprobs(run.model, probe)
+    ref_BT = run.policy_logprobs(probe)
     mask = probe.loss_mask_BT
     diff = max(float((lp - ref_BT).abs()[mask].max()) for lp in pool.probe(probe))
     out = {**sent.metrics(), "sync/seconds": sent.seconds + max(g.seconds for g in got),
