@@ -35,6 +35,15 @@ KILL_ENV = "TETHER_DIST_TEST_KILL"
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    import os
+
+    if cfg.dist.trainer_ranks > 1 and "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+        # under an external launcher (torchrun-style RANK / WORLD_SIZE on every node) ranks > 0 follow rank 0,
+        # whose config they receive (tether/dist/ranks.py)
+        from tether.dist.ranks import follow
+
+        follow()
+        return {}
     with Run(cfg, name=f"{cfg.task_stem}-{cfg.objective}-dist-{cfg.seed}") as run:
         return _drive(run)
 
