@@ -5,7 +5,9 @@ PID namespaces (tests/dist/netns.py). ``python -m tests.dist.ranks_scenario WHIC
   state compared (issue 16 T2);
 * ``kill``: a 3-step reference with 1 rank; a 2-rank run whose rank 1 SIGKILLs itself on step 2's batch (it must
   stop with an error naming rank 1, its step-2 checkpoint intact), then resumed with 1 rank (T6, 2 -> 1);
-* ``grow``: the 3-step reference; a 1-rank run of 2 steps resumed for the third with 2 ranks (T6, 1 -> 2).
+* ``grow``: the 3-step reference; a 1-rank run of 2 steps resumed for the third with 2 ranks (T6, 1 -> 2), in
+  micro-batches of 7 of the 8 rows, so rank 1's share of the second micro-batch is empty (it runs one row with
+  weight 0) and rank 0's is one row.
 
 Everything runs in float64 (the tolerance of the tests is 1e-10, not fp32's): the ranks sum their gradients in
 another order than one backward over all rows, a difference of a few ulps, and AdamW divides each gradient by
@@ -35,11 +37,11 @@ FLAT = dict(SMALL, prompts_per_step=2, eval_size=2, checkpoint_every=1, rollout_
             sync_timeout_s=30)
 
 
-def _train(out: Path, name: str, *, ranks: int, steps: int, resume: bool = False) -> dict:
+def _train(out: Path, name: str, *, ranks: int, steps: int, resume: bool = False, **flat) -> dict:
     where = {"resume": str(out / name)} if resume else {"out": str(out / name)}
     t0 = time.perf_counter()
     try:
-        driver.train(TrainConfig.from_flat(**{**FLAT, "steps": steps}, trainer_ranks=ranks, **where))
+        driver.train(TrainConfig.from_flat(**{**FLAT, "steps": steps, **flat}, trainer_ranks=ranks, **where))
         error = ""
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
@@ -95,7 +97,7 @@ def main(which: str, out: Path) -> None:
         else:
             cut = _train(out, "cut", ranks=1, steps=2)
             report["errors"].append(cut["error"])
-            resumed = _train(out, "cut", ranks=2, steps=3, resume=True)
+            resumed = _train(out, "cut", ranks=2, steps=3, resume=True, micro_batch_size=7)
         report["errors"].append(resumed["error"])
         report["diff"] = _diff(_state(out, "ref", 3), _state(out, "cut", 3))
         report["moved"] = _moved(_state(out, "ref", 3), _state(out, "ref", 2))

@@ -57,6 +57,8 @@ def test_a_killed_trainer_rank_stops_the_run_naming_it_and_the_run_resumes_on_on
 
 
 def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path):
+    """The 2-rank step runs in micro-batches of 7 of the 8 rows: rank 1 has no row of the second one and enters
+    its collectives with a weight-0 row; the weights are still the uninterrupted run's."""
     got = scenario("grow", tmp_path)
     assert got["errors"] == ["", "", ""]
     assert got["moved"] > 1e-4 and got["diff"] < TOL, got
