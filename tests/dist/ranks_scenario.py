@@ -3,6 +3,7 @@ PID namespaces (tests/dist/netns.py). ``python -m tests.dist.ranks_scenario WHIC
 
 * ``parity``: the same 2-step run with 1 trainer rank and with 2 (FSDP2 over gloo), final weights and optimiser
   state compared (issue 16 T2);
+* ``ray``: the 1-rank run of ``parity`` against 2 Ray rollout workers with 2 trainer ranks (needs ray);
 * ``kill``: a 3-step reference with 1 rank; a 2-rank run whose rank 1 SIGKILLs itself on step 2's batch (it must
   stop with an error naming rank 1, its step-2 checkpoint intact), then resumed with 1 rank (T6, 2 -> 1);
 * ``grow``: the 3-step reference; a 1-rank run of 2 steps resumed for the third with 2 ranks (T6, 1 -> 2), in
@@ -23,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,7 +39,7 @@ FLAT = dict(SMALL, prompts_per_step=2, eval_size=2, checkpoint_every=1, rollout_
             sync_timeout_s=30)
 
 
-def _train(out: Path, name: str, *, ranks: int, steps: int, resume: bool = False, **flat) -> dict:
+def _train(out: Path, name: str, *, ranks: int, steps: int, resume: bool = False, **flat: Any) -> dict:
     where = {"resume": str(out / name)} if resume else {"out": str(out / name)}
     t0 = time.perf_counter()
     try:
@@ -71,9 +73,9 @@ def main(which: str, out: Path) -> None:
     torch.set_default_dtype(torch.float64)
     setup.score = digit_share  # the trainer scores (rank 0); non-zero advantages on the untrained model
     report: dict = {}
-    if which == "parity":
+    if which in ("parity", "ray"):
         one = _train(out, "one", ranks=1, steps=2)
-        two = _train(out, "two", ranks=2, steps=2)
+        two = _train(out, "two", ranks=2, steps=2, **({"rollout_workers": 2} if which == "ray" else {}))
         report = {"errors": [one["error"], two["error"]],
                   "diff": _diff(_state(out, "one", 2), _state(out, "two", 2)),
                   "diff_step1": _diff(_state(out, "one", 1), _state(out, "two", 1)),

@@ -15,19 +15,19 @@ import sys
 
 import pytest
 
-from tests.dist.netns import isolation_skip_reason, run_isolated
+from tests.dist.netns import isolation_skip_reason, ray_python, run_isolated
 from tests.processes import tether_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 TOL = 1e-10
 
 
-def scenario(which: str, tmp_path) -> dict:
+def scenario(which: str, tmp_path, python: str = sys.executable) -> dict:
     reason = isolation_skip_reason()
     if reason:
         pytest.skip(reason)
-    done = run_isolated([sys.executable, "-m", "tests.dist.ranks_scenario", which, str(tmp_path)], timeout=240,
-                        env=tether_env(OMP_WAIT_POLICY="PASSIVE"))
+    done = run_isolated([python, "-m", "tests.dist.ranks_scenario", which, str(tmp_path)], timeout=240,
+                        env=tether_env(OMP_WAIT_POLICY="PASSIVE", RAY_USAGE_STATS_ENABLED="0"))
     lines = [line for line in done.stdout.splitlines() if line.startswith("SCENARIO ")]
     assert done.returncode == 0 and lines, f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return json.loads(lines[-1].removeprefix("SCENARIO "))
@@ -41,6 +41,16 @@ def test_two_trainer_ranks_train_the_one_rank_weights(tmp_path):
     for a, b in zip(*got["grad_norm"]):  # the global gradient norm, clipped the same way
         assert abs(a - b) < 1e-9 * max(1.0, a)
     assert got["rank_log"]  # rank 1 ran as its own process, logging to RUN/ranks/rank-1.log
+
+
+def test_two_ray_workers_with_two_trainer_ranks_train_the_one_process_weights(tmp_path):
+    """Issue 16 T1 and T2 together: Ray rollout workers (actors on 127.0.0.1) feed a 2-rank sharded trainer."""
+    py = ray_python()
+    if py is None:
+        pytest.skip("ray is not installed (pip install -e '.[dist]', or a .venv-ray in the repository)")
+    got = scenario("ray", tmp_path, python=py)
+    assert got["errors"] == ["", ""]
+    assert got["moved"] > 1e-4 and got["diff"] < TOL, got
 
 
 def test_a_killed_trainer_rank_stops_the_run_naming_it_and_the_run_resumes_on_one_rank(tmp_path):
