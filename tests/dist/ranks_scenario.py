@@ -4,6 +4,8 @@ PID namespaces (tests/dist/netns.py). ``python -m tests.dist.ranks_scenario WHIC
 * ``parity``: the same 2-step run with 1 trainer rank and with 2 (FSDP2 over gloo), final weights and optimiser
   state compared (issue 16 T2);
 * ``ray``: the 1-rank run of ``parity`` against 2 Ray rollout workers with 2 trainer ranks (needs ray);
+* ``signal``: ``tether train --trainer-ranks 2`` SIGTERMed once its first step is logged: it must checkpoint that
+  step with both ranks, exit 128 + 15, and leave no trainer rank running;
 * ``kill``: a 3-step reference with 1 rank; a 2-rank run whose rank 1 SIGKILLs itself on step 2's batch (it must
   stop with an error naming rank 1, its step-2 checkpoint intact), then resumed with 1 rank (T6, 2 -> 1);
 * ``grow``: the 3-step reference; a 1-rank run of 2 steps resumed for the third with 2 ranks (T6, 1 -> 2), in
@@ -69,11 +71,46 @@ def _moved(a: dict, b: dict) -> float:
     return max(float((a["model"][k] - b["model"][k]).abs().max()) for k in a["model"])
 
 
+def _signalled(out: Path) -> dict:
+    """The CLI's clean stop on SIGTERM with 2 trainer ranks (this process is PID 1 of its own namespace, so
+    /proc shows exactly the processes the run left behind)."""
+    import signal
+    import subprocess
+
+    run = out / "run"
+    cmd = [sys.executable, "-m", "tether.cli", "train", "--mode", "dist", "--rollout-workers", "0", "--trainer-ranks",
+           "2", "--steps", "1000", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+           "--warmstart-steps", "0", "--eval-size", "2", "--threads", "1", "--checkpoint-every", "1000",
+           "--no-progress", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    left = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                left.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    return {"returncode": proc.returncode, "output": output[-2000:], "checkpoints": ckpts,
+            "rows": len(metrics.read_text().splitlines()), "left": [c for c in left if "tether" in c]}
+
+
 def main(which: str, out: Path) -> None:
     torch.set_default_dtype(torch.float64)
     setup.score = digit_share  # the trainer scores (rank 0); non-zero advantages on the untrained model
     report: dict = {}
-    if which in ("parity", "ray"):
+    if which == "signal":
+        report = _signalled(out)
+    elif which in ("parity", "ray"):
         one = _train(out, "one", ranks=1, steps=2)
         two = _train(out, "two", ranks=2, steps=2, **({"rollout_workers": 2} if which == "ray" else {}))
         report = {"errors": [one["error"], two["error"]],

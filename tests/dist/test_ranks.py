@@ -95,3 +95,11 @@ def test_the_cli_under_a_torchrun_style_launcher(tmp_path):
     assert (out / "summary.json").exists() and (out / "checkpoints" / "step_000002").is_dir()
     assert json.loads((out / "config.json").read_text())["trainer_ranks"] == 2
     assert not (out / "ranks").exists()  # the launcher started rank 1, not tether
+
+
+def test_sigterm_stops_two_trainer_ranks_cleanly_at_a_checkpoint(tmp_path):
+    got = scenario("signal", tmp_path)
+    assert got["returncode"] == 128 + 15, got["output"]
+    assert "--resume" in got["output"]  # the one line that says how to continue
+    assert got["checkpoints"] == [f"step_{got['rows']:06d}"], got  # the stopping step, gathered from both ranks
+    assert got["left"] == []  # rank 1 was told to stop (or killed): nothing of the run is left running
