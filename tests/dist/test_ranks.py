@@ -74,22 +74,22 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path):
     assert got["moved"] > 1e-4 and got["diff"] < TOL, got
 
 
-def test_the_cli_under_a_torchrun_style_launcher(tmp_path):
-    """``tether train --trainer-ranks 2`` run twice, with the RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT a
-    launcher such as torchrun sets on every node: rank 1 follows rank 0 (and takes its config), rank 0 writes the
-    run; both exit 0 (a rank that never joined would leave rank 0 waiting in its first collective)."""
+def test_the_cli_under_torchrun(tmp_path):
+    """``torchrun --standalone --nproc-per-node 2 -m tether.cli train --trainer-ranks 2``: torchrun starts both
+    ranks and serves the store (TORCHELASTIC_USE_AGENT_STORE); rank 1 follows rank 0 (and takes its config), rank
+    0 writes the run; torchrun exits 0 only if both ranks did (a rank that never joined would leave rank 0
+    waiting in its first collective)."""
     reason = isolation_skip_reason()
     if reason:
         pytest.skip(reason)
     out = tmp_path / "run"
-    flags = ("train --mode dist --rollout-workers 0 --trainer-ranks 2 --steps 2 --prompts-per-step 2 --group-size 2 "
-             f"--max-new-tokens 4 --warmstart-steps 0 --eval-size 2 --threads 1 --no-progress --out {out}")
-    env = "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500"
-    script = (f"{env} RANK=1 {sys.executable} -m tether.cli {flags} > {tmp_path}/rank1.log 2>&1 & "
-              f"{env} RANK=0 {sys.executable} -m tether.cli {flags}; r0=$?; wait $!; r1=$?; echo ranks $r0 $r1")
-    done = run_isolated(["sh", "-c", script], timeout=240, env=tether_env(OMP_WAIT_POLICY="PASSIVE"))
-    log1 = (tmp_path / "rank1.log").read_text() if (tmp_path / "rank1.log").exists() else ""
-    assert "ranks 0 0" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:] + log1[-3000:]
+    done = run_isolated([
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tether.cli",
+        "train", "--mode", "dist", "--rollout-workers", "0", "--trainer-ranks", "2", "--steps", "2",
+        "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--warmstart-steps", "0",
+        "--eval-size", "2", "--threads", "1", "--no-progress", "--out", str(out)],
+        timeout=240, env=tether_env(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]  # rank 0 waited for rank 1 in every collective of both steps
     assert (out / "summary.json").exists() and (out / "checkpoints" / "step_000002").is_dir()

@@ -258,7 +258,9 @@ def lead(cfg, run_dir: Path) -> Ranks:
         if int(os.environ["WORLD_SIZE"]) != world:
             raise ValueError(f"config field 'trainer_ranks' is {world} but the launcher's WORLD_SIZE is "
                              f"{os.environ['WORLD_SIZE']}")
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=True,
+        # torchrun's agent already serves a store on MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE): join it
+        host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host,
                               wait_for_workers=False,
                               timeout=timeout)
         procs, logs = {}, {}
