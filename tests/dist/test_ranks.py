@@ -2,12 +2,13 @@
 FSDP2-sharded over gloo on CPU, and each step's rows are split between the ranks with the loss normalised over
 the whole mini-batch. Each scenario (tests/dist/ranks_scenario.py) runs in a child process inside its own
 network and PID namespaces (tests/dist/netns.py: only loopback up, the rank processes bind 127.0.0.1, and every
-process the child started dies with it). No Ray: the rollout worker runs in the trainer's process.
+process the child started dies with it). No Ray (the rollout worker runs in the trainer's process) except in
+the test with Ray workers, skipped without ray.
 
 T2: 2 ranks train the 1-rank weights and optimiser state (float64, 1e-10; the scenario's docstring says why not
 fp32). T6: a 2-rank checkpoint resumes with 1 rank, and a 1-rank one with 2, to the uninterrupted weights.
 A trainer rank SIGKILLed mid-run stops the run within its timeout with an error naming the rank, and the run
-resumes from its last checkpoint.
+resumes from its last checkpoint. Also: the CLI under torchrun, and SIGTERM's clean stop with 2 ranks.
 """
 
 import json
