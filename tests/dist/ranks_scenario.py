@@ -6,6 +6,8 @@ PID namespaces (tests/dist/netns.py). ``python -m tests.dist.ranks_scenario WHIC
 * ``ray``: the 1-rank run of ``parity`` against 2 Ray rollout workers with 2 trainer ranks (needs ray);
 * ``signal``: ``tether train --trainer-ranks 2`` SIGTERMed once its first step is logged: it must checkpoint that
   step with both ranks, exit 128 + 15, and leave no trainer rank running;
+* ``hang``: a 2-rank run whose rank 1 SIGSTOPs itself on step 1's batch, with a 5 s ``sync_timeout_s``: rank 0
+  must stop with an error saying a rank did not answer, and the run must end (rank 1 killed);
 * ``kill``: a 3-step reference with 1 rank; a 2-rank run whose rank 1 SIGKILLs itself on step 2's batch (it must
   stop with an error naming rank 1, its step-2 checkpoint intact), then resumed with 1 rank (T6, 2 -> 1);
 * ``grow``: the 3-step reference; a 1-rank run of 2 steps resumed for the third with 2 ranks (T6, 1 -> 2), in
@@ -110,6 +112,10 @@ def main(which: str, out: Path) -> None:
     report: dict = {}
     if which == "signal":
         report = _signalled(out)
+    elif which == "hang":
+        os.environ[KILL_RANK_ENV] = "1,1,hang"
+        hung = _train(out, "hung", ranks=2, steps=3, sync_timeout_s=5)
+        report = {"error": hung["error"], "seconds": hung["seconds"], "steps_logged": [r["step"] for r in hung["rows"]]}
     elif which in ("parity", "ray"):
         one = _train(out, "one", ranks=1, steps=2)
         two = _train(out, "two", ranks=2, steps=2, **({"rollout_workers": 2} if which == "ray" else {}))

@@ -67,6 +67,14 @@ def test_a_killed_trainer_rank_stops_the_run_naming_it_and_the_run_resumes_on_on
     assert got["moved"] > 1e-4 and got["diff"] < TOL, got
 
 
+def test_a_hung_trainer_rank_fails_the_run_within_the_timeout(tmp_path):
+    got = scenario("hang", tmp_path)
+    assert "TrainerRankFailed" in got["error"] and "did not answer within 5 s" in got["error"], got["error"]
+    assert "step 1" in got["error"] and "The last checkpoint, step 1" in got["error"]
+    assert got["steps_logged"] == [0]
+    assert got["seconds"] < 90  # 5 s timeout + 2 s looking for a dead rank + 5 s grace before the kill + start-up
+
+
 def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path):
     """The 2-rank step runs in micro-batches of 7 of the 8 rows: rank 1 has no row of the second one and enters
     its collectives with a weight-0 row; the weights are still the uninterrupted run's."""

@@ -41,10 +41,15 @@ import torch.distributed as dist
 from tether.train.errors import TrainingStopped
 
 KILL_RANK_ENV = "TETHER_DIST_TEST_KILL_RANK"
-"""Test hook (issue 16, trainer rank failure): ``RANK,STEP`` makes that rank SIGKILL itself on step STEP's batch."""
+"""Test hook (issue 16, trainer rank failure): ``RANK,STEP`` makes that rank SIGKILL itself on step STEP's batch;
+``RANK,STEP,hang`` makes it SIGSTOP itself there instead (alive, never answering)."""
 LEADER_PID_ENV = "TETHER_LEADER_PID"
 TIMEOUT_ENV = "TETHER_RANK_TIMEOUT_S"
 """The collectives' timeout (sync_timeout_s) for ranks started before they can read the config."""
+STARTUP_TIMEOUT_S = 600.0
+"""How long rank 0 waits for the others to start and build their model (importing torch on a loaded machine takes
+seconds, rank 0's warm start minutes): a barrier on the store, apart from the collectives' ``sync_timeout_s``;
+a rank that exits meanwhile is reported at once."""
 COMMANDS = ("learn", "full_state", "policy_logprobs", "restore")
 """What rank 0 asks of the others: the Run methods that touch the sharded model."""
 STOP = "stop"
@@ -103,13 +108,30 @@ class Ranks:
         except Exception as e:
             if not self.leader:
                 raise
-            dead = self._dead_ranks(wait_s=5.0)
+            dead = self._dead_ranks(wait_s=2.0)  # a killed rank is seen at once; a hung one never
             if not dead and not _collective_error(e):
                 raise
             who = (", ".join(f"trainer rank {r} (pid {self.procs[r].pid}) {_exit_text(code)}"
                              + self._log_tail(r) for r, code in dead)
                    if dead else f"a trainer rank did not answer within {self.timeout_s:g} s (sync_timeout_s)")
             raise TrainerRankFailed(f"{who}, while {what}: {str(e).splitlines()[0][:300]}. {note}".strip()) from e
+
+    def barrier(self, name: str) -> None:
+        """Every rank reaches ``name`` (through the store, not a collective: no ``sync_timeout_s`` here). Rank 0
+        watches the processes it started and names one that exits first."""
+        self.store.set(f"tether/{name}/{self.rank}", "1")
+        keys = [f"tether/{name}/{r}" for r in range(self.world)]
+        if not self.leader:
+            self.store.wait(keys, datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+            return
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.store.check(keys):
+            dead = self._dead_ranks(wait_s=0.0)
+            if dead or time.monotonic() > deadline:
+                who = (", ".join(f"trainer rank {r} {_exit_text(code)}{self._log_tail(r)}" for r, code in dead)
+                       if dead else f"a trainer rank did not start within {STARTUP_TIMEOUT_S:g} s")
+                raise TrainerRankFailed(f"{who}, while starting the trainer ranks ({name})")
+            time.sleep(0.05)
 
     def _dead_ranks(self, wait_s: float) -> list[tuple[int, int]]:
         deadline = time.monotonic() + wait_s
@@ -129,6 +151,7 @@ class Ranks:
     # -- the sharded model ----------------------------------------------------------------------------
     def share_weights(self, model: torch.nn.Module) -> None:
         """Before sharding: every rank takes rank 0's weights (a follower skips the warm start)."""
+        self.barrier("built")  # every rank has built its model (rank 0's warm start may take minutes)
         with self.guard("sharing the initial weights"), torch.no_grad():
             for t in model.state_dict().values():
                 dist.broadcast(t, src=0)
@@ -208,7 +231,7 @@ class Ranks:
                 self.command(STOP)
             except Exception:  # the store lives in this process; a failure here leaves only the kill below
                 pass
-            deadline = time.monotonic() + 10.0
+            deadline = time.monotonic() + 5.0  # an idle follower exits within a second
             for p in self.procs.values():
                 try:
                     p.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -270,6 +293,7 @@ def lead(cfg, run_dir: Path) -> Ranks:
         procs = {r: _spawn(r, world, store.port, logs[r], timeout_s) for r in range(1, world)}
     ranks = Ranks(0, world, store, timeout_s, procs, logs)
     try:
+        ranks.barrier("up")  # every rank has imported torch and reached the store
         with ranks.guard("starting the process group"):
             dist.init_process_group(_backend(), store=store, rank=0, world_size=world, timeout=timeout)
             dist.broadcast_object_list([(cfg, torch.get_default_dtype())], src=0)
@@ -316,7 +340,8 @@ def follow() -> None:
     timeout_s = float(os.environ.get(TIMEOUT_ENV, "120"))
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=timeout)
+                          timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
+    Ranks(rank, world, store, timeout_s).barrier("up")
     dist.init_process_group(_backend(), store=store, rank=rank, world_size=world, timeout=timeout)
     box: list[Any] = [None]
     dist.broadcast_object_list(box, src=0)
@@ -325,8 +350,9 @@ def follow() -> None:
     torch.set_default_dtype(dtype)  # the model is built as rank 0 built it (float64 in the parity tests)
     cfg = replace(cfg, warmstart_steps=0, resume=None, overwrite=False, progress=False)
     ranks = Ranks(rank, world, store, timeout_s)
-    kill = os.environ.get(KILL_RANK_ENV)
-    kill_at = tuple(int(x) for x in kill.split(",")) if kill else None
+    kill = os.environ.get(KILL_RANK_ENV, "").split(",")
+    kill_at = (int(kill[0]), int(kill[1])) if len(kill) >= 2 else None
+    how = signal.SIGSTOP if kill[2:] == ["hang"] else signal.SIGKILL
     try:
         with Run(cfg, ranks=ranks) as run:
             while True:
@@ -334,7 +360,7 @@ def follow() -> None:
                 if name == STOP:
                     return
                 if name == "learn" and kill_at == (rank, payload.step):
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(os.getpid(), how)
                 run.follow(name, payload)
     finally:
         dist.destroy_process_group()
