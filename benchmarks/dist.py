@@ -1,9 +1,11 @@
 """Scale-out figures for docs/benchmarks.md (issue 16): Ray start-up cost, samples/s with 1 vs 2 rollout
-workers (and 0: the worker in the trainer's process, no Ray), and filesystem weight sync time per MB.
+workers (and 0: the worker in the trainer's process, no Ray), samples/s with 1 vs 2 sharded trainer ranks
+(FSDP2 over gloo, the worker in the trainer's process), and filesystem weight sync time per MB.
 
-    python benchmarks/dist.py --steps 4 [--prompts 8 --group 4 --sync-mb 8 64]
+    python benchmarks/dist.py --steps 4 [--prompts 8 --group 4 --sync-mb 8 64] [--ranks-only]
 
-Needs ray and safetensors (``pip install -e '.[dist]'``). Run it inside a network namespace with only
+Needs ray and safetensors (``pip install -e '.[dist]'``); ``--ranks-only`` needs only safetensors (no Ray: just
+the trainer-rank figures). Run it inside a network namespace with only
 loopback, as the tests do: ``unshare -rn --pid --fork --kill-child --mount-proc sh -c 'ip link set lo up &&
 exec python benchmarks/dist.py'``. Prints one JSON line. samples/s = rows generated and trained per second
 of the training loop (rollout + score + learn + sync), excluding start-up and evaluation.
@@ -39,16 +41,19 @@ def ray_startup() -> dict[str, float]:
     return {"ray_init_s": t1 - t0, "first_actor_s": t2 - t1, "shutdown_s": time.perf_counter() - t2}
 
 
-def samples_per_s(workers: int, steps: int, prompts: int, group: int, out: Path) -> float:
+def samples_per_s(workers: int, steps: int, prompts: int, group: int, out: Path, ranks: int = 1) -> dict:
+    """Rows per second of the step loop, and the mean seconds per step of the update phase alone."""
     from tether.dist import driver
     from tether.train.config import TrainConfig
 
-    cfg = TrainConfig.from_flat(mode="dist", rollout_workers=workers, steps=steps, prompts_per_step=prompts,
-                                group_size=group, warmstart_steps=0, eval_size=4, threads=1, progress=False,
-                                checkpoint_every=steps, out=str(out / f"w{workers}"))
+    name = f"w{workers}-r{ranks}"
+    cfg = TrainConfig.from_flat(mode="dist", rollout_workers=workers, trainer_ranks=ranks, steps=steps,
+                                prompts_per_step=prompts, group_size=group, warmstart_steps=0, eval_size=4, threads=1,
+                                progress=False, checkpoint_every=steps, out=str(out / name))
     driver.train(cfg)
-    rows = [json.loads(line) for line in (out / f"w{workers}" / "metrics.jsonl").read_text().splitlines()]
-    return steps * prompts * group / sum(r["time/step_s"] for r in rows)
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    return {"samples_per_s": steps * prompts * group / sum(r["time/step_s"] for r in rows),
+            "update_s": sum(r["time/update_s"] for r in rows) / len(rows)}
 
 
 def sync_per_mb(mb: int, out: Path) -> dict[str, float]:
@@ -70,12 +75,17 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--sync-mb", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--ranks-only", action="store_true", help="only 1 vs 2 trainer ranks (no Ray)")
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         out = Path(d)
-        report = {"ray_startup": ray_startup(),
-                  "samples_per_s": {w: samples_per_s(w, a.steps, a.prompts, a.group, out) for w in (0, 1, 2)},
-                  "sync": [sync_per_mb(mb, out) for mb in a.sync_mb]}
+        report = {"trainer_ranks": {r: samples_per_s(0, a.steps, a.prompts, a.group, out, ranks=r) for r in (1, 2)}}
+        if not a.ranks_only:
+            report.update({
+                "ray_startup": ray_startup(),
+                "samples_per_s": {w: samples_per_s(w, a.steps, a.prompts, a.group, out)["samples_per_s"]
+                                  for w in (0, 1, 2)},
+                "sync": [sync_per_mb(mb, out) for mb in a.sync_mb]})
     print(json.dumps(report))
 
 

@@ -62,3 +62,12 @@ def test_dist_section_exists_only_in_mode_dist():
         TrainConfig.from_flat(mode="dist", max_staleness=1)
     with pytest.raises(ValueError, match="single-turn tasks on the torch engine"):
         TrainConfig.from_flat(mode="dist", env="frozenlake")
+
+
+def test_trainer_ranks_is_a_dist_setting_of_at_least_one():
+    assert TrainConfig.from_flat(mode="dist", trainer_ranks=2).dist.trainer_ranks == 2
+    assert TrainConfig.from_flat(mode="dist").dist.trainer_ranks == 1  # the trainer alone, no process group
+    with pytest.raises(ValueError, match="'trainer_ranks' must be >= 1, got 0"):
+        TrainConfig.from_flat(mode="dist", trainer_ranks=0)
+    with pytest.raises(ValueError, match="'trainer_ranks' needs mode 'dist'"):
+        TrainConfig.from_flat(trainer_ranks=2)

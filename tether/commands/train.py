@@ -45,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
     except CheckpointError as e:  # a full disk, no intact checkpoint: what is intact and what to do
         print(f"tether train: error: {e}", file=sys.stderr)
         return 1
-    if not cfg.quiet:
+    if summary and not cfg.quiet:  # a trainer rank > 0 under an external launcher has none: rank 0 prints it
         print_summary(summary)
     return 0

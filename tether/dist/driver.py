@@ -36,6 +36,15 @@ KILL_ENV = "TETHER_DIST_TEST_KILL"
 
 def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
     """Run ``cfg`` to the end; ``given``: objects in place of names (``tether.Trainer``)."""
+    import os
+
+    if cfg.dist.trainer_ranks > 1 and "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0":
+        # under an external launcher (torchrun-style RANK / WORLD_SIZE on every node) ranks > 0 follow rank 0,
+        # whose config they receive (tether/dist/ranks.py)
+        from tether.dist.ranks import follow
+
+        follow()
+        return {}
     with Run(cfg, given=given, name=f"{cfg.task_stem}-{cfg.objective}-dist-{cfg.seed}") as run:
         return _drive(run)
 
@@ -192,10 +201,9 @@ def _publish(run: Run, transport: FilesystemTransport, pool, probe: Rollout) -> 
     """Publish the trainer's current version, sync every worker to it, run the probe: the sync metrics
     (logged with the next step, whose rollouts use this version)."""
     d, v = run.cfg.dist, run.state.step
-    sent = transport.publish(run.model.state_dict(), v)
+    sent = transport.publish(run.full_state()[0], v)  # sharded ranks: gathered to rank 0
     got = pool.sync(v, d.sync_timeout_s)
-    with torch.no_grad():
-        ref_BT, _ = run.logprobs(run.model, probe)
+    ref_BT = run.policy_logprobs(probe)
     mask = probe.loss_mask_BT
     diff = max(float((lp - ref_BT).abs()[mask].max()) for lp in pool.probe(probe))
     out = {**sent.metrics(), "sync/seconds": sent.seconds + max(g.seconds for g in got),

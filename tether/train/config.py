@@ -103,6 +103,8 @@ class DistConfig:
     probe_prompts: int = opt(2, "prompts of the post-sync probe batch every worker scores after each sync")
     probe_max_logp_diff: float = opt(1e-4, "alarm when a worker's probe log-probs differ from the trainer's by more")
     max_worker_restarts: int = opt(3, "restarts of dead rollout workers allowed in a run before it stops")
+    trainer_ranks: int = opt(1, "trainer processes (torch.distributed, FSDP2-sharded model, data-parallel over each "
+                                "step's rows with global loss normalisers); 1: the trainer is this process alone")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -111,6 +113,7 @@ class DistConfig:
         _check(self.probe_prompts >= 1, "probe_prompts", "must be >= 1", self.probe_prompts)
         _check(self.probe_max_logp_diff >= 0, "probe_max_logp_diff", "must be >= 0", self.probe_max_logp_diff)
         _check(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0", self.max_worker_restarts)
+        _check(self.trainer_ranks >= 1, "trainer_ranks", "must be >= 1", self.trainer_ranks)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus", "k3_is")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,8 @@ class RunState:
 class Given:
     """Objects a Python caller hands a run instead of names in its config (``tether.Trainer``): a task (a dataset
     already parsed, with its rewards), a transformers model with its tokenizer, callbacks. ``callbacks`` are
-    objects with any of ``on_step_end(metrics)``, ``on_evaluate(when, value)``, ``on_save(step, path)``."""
+    objects with any of ``on_step_end(metrics)``, ``on_evaluate(when, value)``, ``on_save(step, path)``,
+    ``on_run_end(policy)``."""
     task: Any = None
     model: torch.nn.Module | None = None
     tokenizer: Any = None
@@ -110,11 +111,20 @@ class Run:
     """One RL run (module docstring), used as ``with Run(cfg) as run:``. ``name`` is the default run directory's
     stem. Entering it locks and prepares the run directory (run_dir.py: refused when another process holds it,
     or when it holds another run and neither resume nor overwrite is set; config.json written first) and turns
-    SIGINT / SIGTERM into a clean stop at the next step boundary (signals.py); leaving it releases both."""
+    SIGINT / SIGTERM into a clean stop at the next step boundary (signals.py); leaving it releases both.
 
-    def __init__(self, cfg: TrainConfig, *, name: str | None = None, given: Given | None = None) -> None:
+    Sharded trainer ranks (``dist.trainer_ranks > 1``, tether/dist/ranks.py): rank 0's run starts the other ranks
+    and shards the model over them; a follower's run (``ranks`` given, rank > 0) has no run directory, loggers or
+    rewards, and runs the methods rank 0 names (:meth:`follow`) on the same inputs, so every collective is
+    entered by every rank in the same order. The methods that touch the sharded model announce themselves
+    (``_lead``): :meth:`learn`, :meth:`full_state`, :meth:`policy_logprobs` and the restore in :meth:`start`."""
+
+    def __init__(self, cfg: TrainConfig, *, name: str | None = None, ranks: Any = None,
+                 given: Given | None = None) -> None:
         self.cfg = cfg
         self.given = given or Given()
+        self.ranks = ranks
+        self.follower = ranks is not None and not ranks.leader
         self._stack = ExitStack()
         try:
             self._build(name)
@@ -132,13 +142,22 @@ class Run:
         cfg = self.cfg
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        # the run directory first: locked, checked, config.json written, and (on resume) the reward module it
-        # will import named before the task imports it
-        self.dir = self._stack.enter_context(open_run_dir(cfg, f"runs/{name or Path(cfg.task).stem}"))
-        self.run_dir = self.dir.path
-        self.interrupt = self._stack.enter_context(StopOnSignal(self.run_dir))
-        self.reporter = Reporter(enabled=cfg.progress and not cfg.quiet, log_every=cfg.log_every,
-                                 log_path=self.run_dir / "progress.log")
+        if self.follower:  # rank 0 owns the run directory, the signals and the logs
+            self.dir, self.run_dir, self.log = None, None, _NoLog()
+            self.reporter = Reporter(enabled=False)
+        else:
+            # the run directory first: locked, checked, config.json written, and (on resume) the reward module it
+            # will import named before the task imports it
+            self.dir = self._stack.enter_context(open_run_dir(cfg, f"runs/{name or Path(cfg.task).stem}"))
+            self.run_dir = self.dir.path
+            self.interrupt = self._stack.enter_context(StopOnSignal(self.run_dir))
+            self.reporter = Reporter(enabled=cfg.progress and not cfg.quiet, log_every=cfg.log_every,
+                                     log_path=self.run_dir / "progress.log")
+            if cfg.dist is not None and cfg.dist.trainer_ranks > 1:  # start the other trainer ranks early
+                from tether.dist.ranks import lead
+
+                self.ranks = lead(cfg, self.run_dir)
+                self._stack.callback(self.ranks.close)
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
         self.advantage_fn = get_advantage(cfg.advantage or self.preset.advantage)  # --advantage overrides the preset
@@ -156,13 +175,18 @@ class Run:
             from tether.agent.loop import Episodes
 
             self.episodes = Episodes(cfg, self.task, self.policy)
+        if self.ranks is not None:
+            self.ranks.share_weights(self.model)  # rank 0's initial weights everywhere, before the reference copy
         self.ref_model = setup.frozen_copy(self.model) if cfg.kl is not None else None
+        if self.ranks is not None:
+            self.ranks.shard(self.model)  # FSDP2: before the optimiser, which then holds each rank's shards
         self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
         a = cfg.async_ or AsyncConfig()  # sync: recompute, which keeps no versions and ignores the rest
         self.old_logits = OldLogitSource(cfg.old_logits, self.model, self.logprobs,
                                          keep_versions=max(a.lag, a.max_staleness) + 1, ewma_beta=a.ewma_beta)
         self.sampling = setup.sampling_params(cfg)
         self.state = RunState()
+        self.rewards = None  # start() opens the scorer (rank 0 scores; a follower never does)
         self.tokens_total = 0
         self.last_checkpoint: int | None = None
 
@@ -172,9 +196,30 @@ class Run:
         evaluate before training. Returns the checkpoint (the driver reads its own part) or None."""
         cfg = self.cfg
         ckpt = self.dir.load_checkpoint()
+        self.restore(ckpt)
+        # the reward's worker processes, failure counts per reward and the all-failed stop rule (closed with the run);
+        # an environment scores its own episodes
+        self.rewards = None if self.episodes else self._stack.enter_context(Scorer(self.task, cfg, self.state.counters))
+        self.engine.load_weights(self.full_state()[0], version=self.state.step)
+        self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
+                                                              resume_after_step=self.state.step - 1 if ckpt else None))
+        if self.state.accuracy_before is None:
+            self.state.accuracy_before = self.evaluate("before training")
+        self.t_start = time.perf_counter()
+        return ckpt
+
+    def restore(self, ckpt: dict[str, Any] | None) -> None:
+        """The checkpoint's tensors and run state (None: a fresh run), and the mismatch control over that state.
+        Sharded: rank 0 sends everything but the model and optimiser, whose shards come from its full tensors."""
+        tensors = ("model", "optimizer")
+        self._lead("restore", None if ckpt is None else {k: v for k, v in ckpt.items() if k not in tensors})
         if ckpt is not None:
-            self.model.load_state_dict(ckpt["model"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.ranks is None:
+                self.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            else:
+                with self._collective("restoring the checkpoint"):
+                    self.ranks.load_full_state(self.model, self.optimizer, ckpt.get("model"), ckpt.get("optimizer"))
             self.scheduler.load_state_dict(ckpt["scheduler"])
             if self.ref_model is not None:
                 self.ref_model.load_state_dict(ckpt["ref_model"])
@@ -183,17 +228,52 @@ class Run:
             self.old_logits.load_state_dict(ckpt["old_logits"])
         else:
             self.old_logits.publish(0)
-        # the reward's worker processes, failure counts per reward and the all-failed stop rule (closed with the run);
-        # an environment scores its own episodes
-        self.rewards = None if self.episodes else self._stack.enter_context(Scorer(self.task, cfg, self.state.counters))
-        self.engine.load_weights(self.model.state_dict(), version=self.state.step)
-        self.control = MismatchControl(cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
-        self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
-                                                              resume_after_step=self.state.step - 1 if ckpt else None))
-        if self.state.accuracy_before is None:
-            self.state.accuracy_before = self.evaluate("before training")
-        self.t_start = time.perf_counter()
-        return ckpt
+        self.control = MismatchControl(self.cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
+
+    # -- sharded trainer ranks -----------------------------------------------------------------------
+    def _lead(self, name: str, payload: Any = None) -> None:
+        """Rank 0 of sharded ranks: tell the others to run ``name`` on ``payload`` too (a no-op otherwise)."""
+        if self.ranks is not None and self.ranks.leader:
+            self.ranks.command(name, payload)
+
+    def follow(self, name: str, payload: Any) -> None:
+        """A follower: run what rank 0 announced (``_lead``), with this rank's own clock and a silent console."""
+        from tether.train.progress import Stopwatch
+
+        if name == "learn":
+            try:
+                self.learn(payload, Stopwatch(), _NoLog())
+            except TrainingStopped:  # rank 0 stops the same way, on the same step, and then says stop
+                pass
+        elif name == "full_state":
+            self.full_state(payload)
+        elif name == "policy_logprobs":
+            self.policy_logprobs(payload)
+        elif name == "restore":
+            self.restore(payload)
+        else:
+            raise ValueError(f"trainer rank {self.ranks.rank}: unknown command {name!r}")
+
+    def full_state(self, optimizer: bool = False) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+        """The trainer's unsharded model state (and optimiser state when asked), single-process format: what
+        the engine, the weight transport and the checkpoint take. Sharded: gathered to rank 0 (empty elsewhere)."""
+        self._lead("full_state", optimizer)
+        if self.ranks is None:
+            return self.model.state_dict(), self.optimizer.state_dict() if optimizer else None
+        with self._collective("gathering the weights"):
+            return self.ranks.full_state(self.model, self.optimizer if optimizer else None)
+
+    def policy_logprobs(self, rollout: Rollout) -> Tensor:
+        """log pi_theta of ``rollout``'s tokens under the trainer's current weights, without gradients."""
+        self._lead("policy_logprobs", rollout)
+        with self._collective("scoring the probe batch"), torch.no_grad():
+            return self.logprobs(self.model, rollout)[0]
+
+    def _collective(self, what: str):
+        """Sharded: a failed collective becomes ``TrainerRankFailed`` naming the rank (tether/dist/ranks.py)."""
+        if self.ranks is None or self.follower:
+            return nullcontext()
+        return self.ranks.guard(what, self.checkpoint_note())
 
     def progress(self, description: str = "RL") -> StepProgress:
         return self.reporter.phase(description, self.cfg.steps, start=self.state.step)
@@ -201,7 +281,7 @@ class Run:
     def finish(self) -> dict[str, Any]:
         """Flush the trackers, evaluate the final weights, write summary.json and the plots."""
         self.log.close()  # flush TensorBoard / W&B / MLflow
-        self.engine.load_weights(self.model.state_dict(), version=self.state.step)
+        self.engine.load_weights(self.full_state()[0], version=self.state.step)
         accuracy_after = self.evaluate("after training")
         self.given.notify("on_run_end", self.policy)
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
@@ -271,12 +351,17 @@ class Run:
     def learn(self, batch: Batch, clock: Stopwatch, console: Any) -> dict[str, Any]:
         """Train on one step's scored rollouts (the stages in the module docstring); the model then holds
         version ``batch.step + 1``. Returns the step's metrics (logged by :meth:`record`)."""
+        if self.rewards is not None:  # counted; stops if all fail K steps (an environment's failures: env_failed)
+            self.rewards.record(batch.failed, batch.scored or batch.rollout.batch_size, batch.step)
+        self._lead("learn", batch)  # sharded: every rank computes this step from here, on the same batch
+        with self._collective(f"training step {batch.step}"):
+            return self._learn(batch, clock, console)
+
+    def _learn(self, batch: Batch, clock: Stopwatch, console: Any) -> dict[str, Any]:
         cfg, model, s = self.cfg, self.model, batch.step
         assert s == self.state.step, f"run: got the batch of step {s} at step {self.state.step}"
         rollout, rewards_B = batch.rollout, batch.rewards_B
         counters = self.state.counters
-        if self.rewards is not None:  # counted; stops if all fail K steps (an environment's failures: env_failed)
-            self.rewards.record(batch.failed, batch.scored or rollout.batch_size, s)
         raw_reward_mean = rewards_B.mean()
         # expert presets: each group's expert solution as one more row, scored like a completion (sync only)
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
@@ -291,7 +376,7 @@ class Run:
         # rows: run it once, with gradients, and hand its graph to the update (pi_old is its detached value).
         loglinear = self.old_logits.strategy is OldLogits.LOGLINEAR
         need_current = not loglinear or cfg.kl_placement is KLPlacement.REWARD
-        one_forward = (not loglinear and cfg.minibatches == 1
+        one_forward = (self.ranks is None and not loglinear and cfg.minibatches == 1
                        and (cfg.micro_batch_size or rollout.batch_size) >= rollout.batch_size)
         with clock("recompute"):
             t0 = time.perf_counter()
@@ -335,8 +420,7 @@ class Run:
         finite = bool(torch.isfinite(torch.where(mask_BT, old_for_loss, 0)).all()
                       and torch.isfinite(rollout.logp_mu_BT).all())
         if finite and keep_B.any():
-            before = [p.detach().clone() for p in self.model.parameters() if p.requires_grad] \
-                if cfg.max_update_ratio is not None else None
+            before = [t.clone() for t in self._trainable()] if cfg.max_update_ratio is not None else None
             with clock("update"):
                 update = update_phase(
                     cfg, self.preset, step_args, model, self.optimizer, rollout, keep_B, old_for_loss, logp_ref_BT,
@@ -344,7 +428,7 @@ class Run:
                     kl_loss=(lambda lp, ref, m, mu: setup.kl_loss_terms(lp, ref, m, mu, cfg))
                     if cfg.kl_placement is KLPlacement.LOSS else None,
                     first_logp_theta_BT=theta_BT if one_forward else None,
-                    prox_fn=self.old_logits.prox_fn(rollout, s), extra_inputs=expert_inputs)
+                    prox_fn=self.old_logits.prox_fn(rollout, s), extra_inputs=expert_inputs, ranks=self.ranks)
             finite = update.pop("finite")
             metrics.update(update)
             if before is not None and finite:
@@ -368,6 +452,8 @@ class Run:
     def checkpoint_note(self) -> str:
         """The sentence a stop message ends with: which checkpoint a resume starts from (all were written before
         any alarm: a run stops at its first exploding update, before that step's checkpoint)."""
+        if self.follower:
+            return "(rank 0 names the checkpoint)"
         if self.last_checkpoint is None:
             return f"No checkpoint was written yet in {self.run_dir / 'checkpoints'}."
         return (f"The last checkpoint, step {self.last_checkpoint} in {self.run_dir / 'checkpoints'}, was written "
@@ -377,9 +463,12 @@ class Run:
         """``update/relative_norm = ||theta' - theta|| / ||theta||`` over the trainable weights; above
         ``max_update_ratio`` the update exploded (a finite step can still destroy the weights): alarm, log the
         step's row and stop, so no checkpoint of the destroyed weights is written."""
-        after = [p.detach() for p in self.model.parameters() if p.requires_grad]
+        after = self._trainable()
         moved = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a - b) for a, b in zip(after, before)]))
         size = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in before]))
+        if self.ranks is not None:  # each rank holds a shard: ||.||^2 summed over the ranks
+            moved, size = (torch.tensor(v, dtype=torch.float64).sqrt()
+                           for v in self.ranks.all_sum([float(moved) ** 2, float(size) ** 2]))
         ratio = float(moved / size.clamp(min=torch.finfo(size.dtype).tiny))
         metrics["update/relative_norm"] = ratio
         if ratio > self.cfg.max_update_ratio or not math.isfinite(ratio):
@@ -389,6 +478,12 @@ class Run:
                 f"step {step}: the update moved the weights by {ratio:.3g} of their norm (max_update_ratio "
                 f"{self.cfg.max_update_ratio:g}): an exploding update (is the learning rate too high?); stopping. "
                 + self.checkpoint_note())
+
+    def _trainable(self) -> list[Tensor]:
+        """The trainable weights (sharded ranks: this rank's shards of them), detached."""
+        if self.ranks is not None:
+            return self.ranks.local_shards(self.model)
+        return [p.detach() for p in self.model.parameters() if p.requires_grad]
 
     def _finish_update(self, metrics: dict[str, Any], finite: bool, *, step: int, console: Any) -> None:
         """Advance the LR schedule, or count a non-finite step (skipped, alarmed) and stop once
@@ -426,8 +521,9 @@ class Run:
         self.interrupt.check(step)
 
     def _save(self, step: int, extra: dict[str, Any] | None) -> None:
+        model_sd, optimizer_sd = self.full_state(optimizer=True)  # sharded: gathered, loads into any rank count
         path = self.dir.save_checkpoint(step, {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": model_sd, "optimizer": optimizer_sd,
             "scheduler": self.scheduler.state_dict(), "run_state": self.state.__dict__,
             "old_logits": self.old_logits.state_dict(),
             **({"ref_model": self.ref_model.state_dict()} if self.ref_model is not None else {}),
@@ -435,3 +531,16 @@ class Run:
         })
         self.last_checkpoint = step
         self.given.notify("on_save", step, path)
+
+
+class _NoLog:
+    """A follower's metrics log and console: rank 0 writes and prints."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

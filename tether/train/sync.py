@@ -37,7 +37,7 @@ def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
                 clock.add("score", batch.metrics.pop("time/score_s"))
                 metrics = run.learn(batch, clock, progress.console)
                 with clock("sync"):  # the next rollout is version s + 1
-                    run.engine.load_weights(run.model.state_dict(), version=run.state.step)
+                    run.engine.load_weights(run.full_state()[0], version=run.state.step)
                 run.record(metrics, batch, clock, progress)
                 run.checkpoint_if_due()  # and a clean stop after a SIGINT / SIGTERM
         return run.finish()
