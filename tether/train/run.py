@@ -186,8 +186,10 @@ class Run:
         self.engine.load_weights(self.model.state_dict(), version=self.state.step)
         accuracy_after = self.evaluate("after training")
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
+        n_eval = self.cfg.eval_size if self.episodes is not None else min(self.cfg.eval_size,
+                                                                          len(self.task.eval_examples()))
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
-                             self.tokens_total, time.perf_counter() - self.t_start)
+                             self.tokens_total, time.perf_counter() - self.t_start, extra={"eval/n": n_eval})
 
     def evaluate(self, when: str) -> float:
         """Greedy accuracy on the held-out split, or an environment's greedy success rate on its eval seeds;
