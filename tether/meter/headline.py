@@ -93,6 +93,15 @@ def mismatch_verdict(engine: float | None, kl: float | None, precision: str | No
     return True, ", ".join(parts) + f" (above the {prec} float floor of {floor:.0e} nats/token)"
 
 
+def quarter_means(values: list[float]) -> tuple[float | None, float | None]:
+    """Means of the first and the last quarter of ``values`` (at least one value each; NaNs left out)."""
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return None, None
+    n = max(len(vals) // 4, 1)
+    return sum(vals[:n]) / n, sum(vals[-n:]) / n
+
+
 def duration(seconds: float) -> str:
     """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
     s = int(round(seconds))
