@@ -45,6 +45,8 @@ def test_accuracy_and_reward_sentences():
     se = 100 * math.hypot(math.sqrt(0.31 * 0.69 / 200), math.sqrt(0.445 * 0.555 / 200))
     assert text == f"held-out accuracy 31.0 % -> 44.5 % (+13.5 points, standard error {se:.1f} points, 200 problems)"
     assert accuracy_sentence(None, 0.5, 10) is None
+    assert accuracy_sentence(0.25, 0.5, 20, episodes=True).startswith("held-out success rate 25.0 % -> 50.0 % (+25.0")
+    assert accuracy_sentence(0.25, 0.5, 20, episodes=True).endswith(" points, 20 episodes)")
     assert reward_sentence(0.125, 0.5) == "mean reward 0.125 in the first quarter of steps, 0.5 in the last (+0.375)"
     assert duration(5.25) == "5.2 s" and duration(185) == "3 min 05 s" and duration(3720) == "1 h 02 min"
 

@@ -45,13 +45,15 @@ def _pct(p: float) -> str:
     return f"{100 * p:.1f} %"
 
 
-def accuracy_sentence(before: float | None, after: float | None, n: int | None) -> str | None:
-    """``held-out accuracy 31.0 % -> 44.5 % (+13.5 points, standard error 4.8 points, 200 problems)``."""
+def accuracy_sentence(before: float | None, after: float | None, n: int | None, episodes: bool = False) -> str | None:
+    """``held-out accuracy 31.0 % -> 44.5 % (+13.5 points, standard error 4.8 points, 200 problems)``; an
+    environment's (``episodes``): ``held-out success rate ... 20 episodes``."""
     if before is None or after is None:
         return None
-    text = f"held-out accuracy {_pct(before)} -> {_pct(after)} ({100 * (after - before):+.1f} points"
+    what, unit = ("success rate", "episodes") if episodes else ("accuracy", "problems")
+    text = f"held-out {what} {_pct(before)} -> {_pct(after)} ({100 * (after - before):+.1f} points"
     if n:
-        text += f", standard error {100 * difference_standard_error(before, after, n):.1f} points, {n} problems"
+        text += f", standard error {100 * difference_standard_error(before, after, n):.1f} points, {n} {unit}"
     return text + ")"
 
 

@@ -366,7 +366,7 @@ def headline(records, summary: dict[str, Any], config: dict[str, Any]) -> tuple[
     if before is None:  # no summary.json (a run still going, another framework): the first and last evaluation
         acc = series(records, "eval/accuracy")[1]
         before, after = (acc[0], acc[-1]) if len(acc) > 1 else (None, None)
-    acc_text = accuracy_sentence(_num(before), _num(after), summary.get("eval/n"))
+    acc_text = accuracy_sentence(_num(before), _num(after), summary.get("eval/n"), episodes=bool(config.get("env")))
     if acc_text:
         lines.append(acc_text)
     reward = reward_sentence(*quarter_means(series(records, "reward/mean")[1]))

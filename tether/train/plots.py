@@ -41,7 +41,8 @@ def write_plots(records: list[dict[str, Any]], out_dir: str | Path,
     summary = summary or {}
     verdict = run_verdict(records, summary.get("rollout_precision"))
     titles = {"reward.png": accuracy_sentence(summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after"),
-                                              summary.get("eval/n")),
+                                              summary.get("eval/n"),
+                                              episodes=str(summary.get("task", "")).startswith("env ")),
               "mismatch.png": verdict.text if verdict else None}
     written = []
     for fname, (title, keys) in PLOTS.items():

@@ -72,7 +72,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     what = ", ".join(str(summary[k]) for k in ("task", "model", "objective", "mode") if summary.get(k))
     lines = [f"tether train: {what}, {summary['steps']} steps, in {summary['run_dir']}"]
     acc = accuracy_sentence(summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after"),
-                            summary.get("eval/n"))
+                            summary.get("eval/n"), episodes=str(summary.get("task", "")).startswith("env "))
     if acc:
         lines.append(acc)
     reward = reward_sentence(summary.get("reward/first_quarter"), summary.get("reward/last_quarter"))
