@@ -25,6 +25,8 @@ def test_misspelt_flag_gets_did_you_mean_in_the_subcommands_usage(capsys):
     err = _fails(capsys, ["train", "--setps", "3"])
     assert "did you mean '--steps'?" in err
     assert err.startswith("usage: tether train ") and "tether train: error:" in err
+    err = _fails(capsys, ["train", "--bogus-flag"])
+    assert "'--bogus-flag'" in err and "did you mean" not in err  # nothing close: no guess
     err = _fails(capsys, ["objectives", "--markdwn"])
     assert err.startswith("usage: tether objectives ") and "did you mean '--markdown'?" in err
 
