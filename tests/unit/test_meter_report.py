@@ -89,6 +89,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         dom = run_child(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", (run / page).resolve().as_uri()],
         ).stdout
+        assert "mean reward 0.2 in the first quarter of steps" in dom  # the headline is on the rendered page
         srcs = re.findall(r'<img src="([^"]+)"', dom)
         assert len(srcs) == 5, dom[:500]
         for src in srcs:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from tether.configs import add_dataclass_arguments, config_from_args
-from tether.distill.config import DistillConfig
 
 NAME = "distill"
 HELP = ("Distil a teacher into a student: opd, opsd, sft, pear, blackbox (default: on-policy distillation of a "
@@ -13,6 +12,8 @@ HELP = ("Distil a teacher into a student: opd, opsd, sft, pear, blackbox (defaul
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from tether.distill.config import DistillConfig
+
     add_dataclass_arguments(p, DistillConfig)
 
 
@@ -20,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tether.distill.config import DistillConfig
     from tether.distill.loop import distill
 
     cfg = config_from_args(DistillConfig, args)

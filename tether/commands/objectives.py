@@ -1,4 +1,8 @@
-"""``tether objectives``: list the objective presets."""
+"""``tether objectives``: list the objective presets.
+
+The list (names and one-line descriptions) is read from ``tether.commands._presets``, a table generated from
+the registry by ``render_catalogue()``, so listing them starts no torch (four seconds of start-up); a unit test
+fails when the table and the registry differ. ``tether objectives NAME`` and ``--markdown`` load the registry."""
 
 from __future__ import annotations
 
@@ -13,8 +17,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--markdown", action="store_true", help="print every preset as Markdown (docs/objectives.md)")
 
 
+def render_catalogue() -> str:
+    """The source of ``tether/commands/_presets.py`` from the registry (write it after adding a preset)."""
+    from tether.objectives import presets
+
+    rows = "".join(f"    ({name!r}, {p.description!r}),\n" for name, p in sorted(presets().items()))
+    return ('"""The objective presets listed by `tether objectives`, generated from the registry by '
+            '`tether.commands.objectives.render_catalogue()`: do not edit."""\n\nPRESETS = (\n' + rows + ")\n")
+
+
 def run(args: argparse.Namespace) -> int:
-    from tether.objectives import get_preset, presets
+    if not args.name and not args.markdown:
+        from tether.commands._presets import PRESETS
+
+        width = max(len(n) for n, _ in PRESETS)
+        for name, description in PRESETS:
+            print(f"{name:<{width}}  {description}")
+        return 0
+    from tether.objectives import get_preset
 
     if args.markdown:
         from tether.objectives.docs import render_markdown
@@ -31,8 +51,3 @@ def run(args: argparse.Namespace) -> int:
             print(f"  requires:  {', '.join(p.requires)}")
         print(f"  source:    {p.source}")
         return 0
-    items = presets()
-    width = max(len(n) for n in items)
-    for name in sorted(items):
-        print(f"{name:<{width}}  {items[name].description}")
-    return 0

@@ -7,18 +7,20 @@ import sys
 from pathlib import Path
 
 from tether.configs import add_dataclass_arguments, config_from_args, given
-from tether.train.config import TrainConfig, TrainMode
 
 NAME = "train"
 HELP = "Run RL post-training (default: the built-in model on arithmetic, CPU, a few minutes)."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from tether.train.config import TrainConfig  # imported here: the config pulls in torch (cli.py is lazy)
+
     add_dataclass_arguments(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from tether.train.checkpoint import CheckpointError
+    from tether.train.config import TrainConfig, TrainMode
     from tether.train.signals import Interrupted
     from tether.train.summary import print_summary
     from tether.train.sync import TrainingStopped, train

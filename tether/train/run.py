@@ -285,8 +285,10 @@ class Run:
         accuracy_after = self.evaluate("after training")
         self.given.notify("on_run_end", self.policy)
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
+        n_eval = self.cfg.eval_size if self.episodes is not None else min(self.cfg.eval_size,
+                                                                          len(self.task.eval_examples()))
         return write_summary(self.run_dir, to_dict(self.cfg), counters, self.state.accuracy_before, accuracy_after,
-                             self.tokens_total, time.perf_counter() - self.t_start)
+                             self.tokens_total, time.perf_counter() - self.t_start, extra={"eval/n": n_eval})
 
     def evaluate(self, when: str) -> float:
         """Greedy accuracy on the held-out split, or an environment's greedy success rate on its eval seeds;

@@ -1,4 +1,4 @@
-"""The end-of-run summary: summary.json, plots, and a readable table on the terminal."""
+"""The end-of-run summary: summary.json (every number, raw keys), plots, and sentences on the terminal."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from tether.meter.headline import accuracy_sentence, duration, mismatch_verdict, reward_sentence
 from tether.train.metrics_log import read_metrics
 from tether.train.plots import write_plots
 
@@ -26,6 +24,9 @@ def write_summary(run_dir: Path, cfg_dict: dict[str, Any], counters: dict[str, A
         "run_dir": str(run_dir),
         "task": f"env {cfg_dict['env']}" if cfg_dict.get("env") else cfg_dict["task"],
         "objective": cfg_dict["objective"],
+        "model": cfg_dict.get("model"),
+        "mode": cfg_dict.get("mode"),
+        "rollout_precision": cfg_dict.get("rollout_precision"),
         "steps": len(records),
         "eval/accuracy_before": accuracy_before,
         "eval/accuracy_after": accuracy_after,
@@ -40,30 +41,63 @@ def write_summary(run_dir: Path, cfg_dict: dict[str, Any], counters: dict[str, A
         **{f"count/{k}": v for k, v in counters.items()},
         **(extra or {}),
     }
-    for key in ("meter/total/ess_token", "meter/total/kl_k3"):
+    for key in ("meter/total/ess_token", "meter/total/kl_k3", "meter/engine/abs_logr_mean",
+                "meter/staleness/abs_logr_mean"):
         v = _mean(records, key, slice(None))
         if v is not None:
             summary[f"{key}_mean"] = v
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["plots"] = [str(p) for p in write_plots(records, run_dir)]
+    summary["plots"] = [str(p) for p in write_plots(records, run_dir, summary)]
     return summary
 
 
+COUNTER_LABELS = {
+    "reward_failed": "reward calls failed",
+    "eval_reward_failed": "reward calls failed in evaluation",
+    "skipped_steps": "steps skipped",
+    "dropped_groups": "groups dropped (all rewards equal)",
+    "bad_rows_skipped": "bad dataset rows skipped",
+}
+
+
+def _counter_label(name: str) -> str:
+    head, _, tail = name.partition("/")
+    label = COUNTER_LABELS.get(head, head.replace("_", " "))
+    return f"{label} ({tail})" if tail else label
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The end of a run as sentences: the headline (accuracy before -> after with its standard error), reward
+    first vs last quarter, time and throughput, the mismatch verdict, non-zero counters, where the rest is."""
+    what = ", ".join(str(summary[k]) for k in ("task", "model", "objective", "mode") if summary.get(k))
+    lines = [f"tether train: {what}, {summary['steps']} steps, in {summary['run_dir']}"]
+    acc = accuracy_sentence(summary.get("eval/accuracy_before"), summary.get("eval/accuracy_after"),
+                            summary.get("eval/n"), episodes=str(summary.get("task", "")).startswith("env "))
+    if acc:
+        lines.append(acc)
+    reward = reward_sentence(summary.get("reward/first_quarter"), summary.get("reward/last_quarter"))
+    if reward:
+        lines.append(reward)
+    took = f"took {duration(summary['time/total_s'])}"
+    if summary.get("time/step_s_mean") is not None:
+        took += f" ({summary['time/step_s_mean']:.2f} s a step)"
+    if summary.get("perf/tokens_per_s") is not None:
+        took += f", {summary['perf/tokens_per_s']:,.0f} tokens/s sampled"
+    lines.append(took)
+    engine = summary.get("meter/engine/abs_logr_mean_mean", summary.get("mismatch/abs_logp_diff_mean"))
+    verdict = mismatch_verdict(engine, summary.get("meter/total/kl_k3_mean"), summary.get("rollout_precision"),
+                               summary.get("meter/staleness/abs_logr_mean_mean"))
+    if verdict:
+        lines.append(verdict[1])
+    counts = [f"{v:g} {_counter_label(k[len('count/'):])}" for k, v in summary.items()
+              if k.startswith("count/") and isinstance(v, (int, float)) and v]
+    if counts:
+        lines.append("counters: " + "; ".join(counts))
+    plots = ", ".join(Path(p).name for p in summary.get("plots", []))
+    lines.append((f"plots {plots}; e" if plots else "e") + "very number is in summary.json; `tether report "
+                 f"{summary['run_dir']}` writes the HTML report")
+    return lines[:1] + ["  " + line for line in lines[1:]]
+
+
 def print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"tether train: {summary['task']} / {summary['objective']}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    before, after = summary["eval/accuracy_before"], summary["eval/accuracy_after"]
-    table.add_row("held-out accuracy", f"{before:.1%} -> {after:.1%}  ({after - before:+.1%})")
-    for key, value in summary.items():
-        if key.startswith("eval/") or key in ("task", "objective", "plots") or value is None:
-            continue
-        table.add_row(key, fmt(value))
-    table.add_row("plots", ", ".join(Path(p).name for p in summary.get("plots", [])))
-    Console().print(table)
+    print("\n".join(summary_lines(summary)), flush=True)
