@@ -52,6 +52,11 @@ def test_tensorboard_gets_every_step_in_each_mode(tmp_path, mode):
     acc.Reload()
     assert [e.step for e in acc.Scalars("reward/mean")] == [0, 1]
     assert [e.value for e in acc.Scalars("reward/mean")] == pytest.approx([r["reward/mean"] for r in rows])
+    assert [e.value for e in acc.Scalars("headline/reward")] == pytest.approx([r["reward/mean"] for r in rows])
+    summary = json.loads((tmp_path / "tb" / "summary.json").read_text())
+    evals = [(e.step, e.value) for e in acc.Scalars("eval/accuracy")]  # before (0 updates) and after (2)
+    assert evals == [(0, pytest.approx(summary["eval/accuracy_before"])), (2, pytest.approx(summary["eval/accuracy_after"]))]
+    assert [e.step for e in acc.Scalars("headline/accuracy")] == [0, 2]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -203,3 +208,25 @@ def test_lr_1e6_stops_at_the_first_update_with_no_checkpoint_of_its_weights(tmp_
     assert r.returncode == 3, r.stdout + r.stderr
     assert "an exploding update" in r.stdout and "No checkpoint was written yet" in r.stdout
     assert not list((tmp_path / "r" / "checkpoints").glob("step_*"))
+
+
+def test_eval_every_logs_heldout_accuracy_during_training_and_only_in_sync(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary, rows = run(tmp_path, "ev", steps=3, eval_every=1, tensorboard=True, lr=3e-3, **varied_reward(tmp_path))
+    assert ["eval/accuracy" in r for r in rows] == [True, True, False]  # after steps 1, 2; the final one is "after"
+    log = (tmp_path / "ev" / "progress.log").read_text()
+    assert "eval at step 1:" in log and "eval at step 2:" in log and "eval at step 3" not in log
+    acc = EventAccumulator(str(tmp_path / "ev" / "tensorboard"))
+    acc.Reload()
+    points = [(e.step, e.value) for e in acc.Scalars("eval/accuracy")]
+    expected = [0, 1, 2, 3], [summary["eval/accuracy_before"], rows[0]["eval/accuracy"], rows[1]["eval/accuracy"],
+                              summary["eval/accuracy_after"]]
+    assert [p[0] for p in points] == expected[0]
+    assert [p[1] for p in points] == pytest.approx(expected[1])
+    for mode in ("async", "dist"):
+        with pytest.raises(ValueError, match="eval_every.*sync"):
+            TrainConfig.from_flat(mode=mode, eval_every=2)
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig.from_flat(eval_every=0)

@@ -269,6 +269,8 @@ class TrainConfig:
     group_size: int = opt(8, "completions per prompt (the GRPO group)", group="run")
     eval_size: int = opt(200, "held-out problems for greedy accuracy before and after", group="run")
     checkpoint_every: int = opt(10, "checkpoint every N steps (atomic)", group="run")
+    eval_every: int | None = opt(None, "also evaluate held-out accuracy every N steps (eval/accuracy in that step's "
+                                       "row and the trackers; mode sync; none: before and after only)", group="run")
     max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps", group="run")
     threads: int | None = opt(None, "torch CPU threads (none: all cores)", group="run")
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)", group="run")
@@ -356,6 +358,9 @@ class TrainConfig:
             raise ValueError("config section 'async_' (AsyncConfig) needs mode 'async'")
         if self.mode is TrainMode.DIST and self.dist is None:
             self.dist = DistConfig()
+        if self.eval_every is not None and self.mode is not TrainMode.SYNC:
+            raise ValueError("config field 'eval_every' needs mode 'sync' (the async and dist engines are generating "
+                             "while the trainer logs a step; their runs evaluate before and after)")
         if self.mode is not TrainMode.DIST and self.dist is not None:
             raise ValueError("config section 'dist' (DistConfig) needs mode 'dist'")
         if self.mode is TrainMode.DIST and (self.env is not None or self.engine is not EngineKind.TORCH):
@@ -401,7 +406,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(self.reward_workers is None or self.reward_workers >= 0, "reward_workers", "must be >= 0 or none",
                self.reward_workers)
-        for name in ("micro_batch_size", "threads", "top_k", "log_every"):
+        for name in ("micro_batch_size", "threads", "top_k", "log_every", "eval_every"):
             v = getattr(self, name)
             _check(v is None or v >= 1, name, "must be >= 1 or none", v)
         _check(self.lr > 0, "lr", "must be finite and > 0", self.lr)

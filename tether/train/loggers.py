@@ -96,8 +96,22 @@ class MlflowLogger:
         self.client.set_terminated(self.run_id)
 
 
+HEADLINE = {"reward/mean": "headline/reward", "loss": "headline/loss",
+            "meter/total/ess_token": "headline/ess_token", "mismatch/abs_logp_diff_mean": "headline/abs_dlogp",
+            "perf/tokens_per_s": "headline/tokens_per_s"}
+"""The few curves a tracker shows first (under ``headline/``), beside the full set of metrics."""
+
+
+def headline(scalars: dict[str, float]) -> dict[str, float]:
+    """The headline copies of the metrics present in ``scalars``."""
+    return {HEADLINE[k]: v for k, v in scalars.items() if k in HEADLINE}
+
+
 class RunLoggers:
-    """``write(record)`` goes to metrics.jsonl and to every enabled tracker; ``close()`` at the end."""
+    """``write(record)`` goes to metrics.jsonl and to every enabled tracker (with the ``headline/`` curves);
+    ``eval_point(updates, accuracy)`` gives the trackers the held-out accuracy after that many updates (0: before
+    training; the before / after values have no metrics.jsonl row of their own, summary.json has them; a
+    mid-run one is also in its step's row); ``close()`` at the end."""
 
     def __init__(self, metrics_log, trackers: list) -> None:
         self.metrics_log, self.trackers = metrics_log, trackers
@@ -106,9 +120,16 @@ class RunLoggers:
         self.metrics_log.write(record)
         if self.trackers:
             scalars = _scalars(record)
-            step = int(record.get("step", 0))
-            for t in self.trackers:
-                t.log(step, scalars)
+            scalars.pop("eval/accuracy", None)  # trackers get it from eval_point, at the number of updates done
+            self._log(int(record.get("step", 0)), {**scalars, **headline(scalars)})
+
+    def eval_point(self, step: int, accuracy: float) -> None:
+        if self.trackers and math.isfinite(accuracy):
+            self._log(step, {"eval/accuracy": accuracy, "headline/accuracy": accuracy})
+
+    def _log(self, step: int, scalars: dict[str, float]) -> None:
+        for t in self.trackers:
+            t.log(step, scalars)
 
     def close(self) -> None:
         for t in self.trackers:

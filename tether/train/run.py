@@ -205,6 +205,7 @@ class Run:
                                                               resume_after_step=self.state.step - 1 if ckpt else None))
         if self.state.accuracy_before is None:
             self.state.accuracy_before = self.evaluate("before training")
+            self.log.eval_point(0, self.state.accuracy_before)
         self.t_start = time.perf_counter()
         return ckpt
 
@@ -279,10 +280,11 @@ class Run:
         return self.reporter.phase(description, self.cfg.steps, start=self.state.step)
 
     def finish(self) -> dict[str, Any]:
-        """Flush the trackers, evaluate the final weights, write summary.json and the plots."""
-        self.log.close()  # flush TensorBoard / W&B / MLflow
+        """Evaluate the final weights, flush the trackers, write summary.json and the plots."""
         self.engine.load_weights(self.full_state()[0], version=self.state.step)
         accuracy_after = self.evaluate("after training")
+        self.log.eval_point(self.state.step, accuracy_after)
+        self.log.close()  # flush TensorBoard / W&B / MLflow
         self.given.notify("on_run_end", self.policy)
         counters = {**self.state.counters, "bad_rows_skipped": getattr(self.task, "n_skipped", 0)}
         n_eval = self.cfg.eval_size if self.episodes is not None else min(self.cfg.eval_size,
@@ -510,6 +512,11 @@ class Run:
         dt = clock.total()
         metrics.update({**clock.metrics(), **batch.metrics, "step": batch.step, "time/step_s": dt,
                         "perf/tokens_per_s": n_tokens / dt, "lr": self.scheduler.get_last_lr()[0]})
+        every = self.cfg.eval_every
+        if every is not None and self.state.step % every == 0 and self.state.step < self.cfg.steps:
+            # the sync driver has loaded the updated weights into the engine (the final step's eval is finish's)
+            metrics["eval/accuracy"] = self.evaluate(f"at step {self.state.step}")
+            self.log.eval_point(self.state.step, metrics["eval/accuracy"])
         self.log.write(metrics)
         progress.advance(metrics)
         self.given.notify("on_step_end", metrics)
@@ -542,6 +549,9 @@ class _NoLog:
         pass
 
     def print(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def eval_point(self, step: int, value: float) -> None:
         pass
 
     def close(self) -> None:
