@@ -19,12 +19,13 @@ PIP="$VENV/bin/python -m pip"
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    $PIP install "torch>=2.4"
+    $PIP install -q "torch>=2.4" "numpy>=1.24"
   else
     echo "[bootstrap] no NVIDIA GPU: installing the CPU build of torch first"
-    $PIP install --only-binary=:all: "torch==2.13.0" 2>/dev/null \
+    # numpy with it: torch imported without numpy warns "Failed to initialize NumPy", which no user can act on
+    $PIP install -q --only-binary=:all: "torch==2.13.0" "numpy>=1.24" 2>/dev/null \
       && "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ or not torch.version.cuda else 1)" \
-      || $PIP install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4"
+      || $PIP install -q --index-url https://download.pytorch.org/whl/cpu "torch>=2.4" "numpy>=1.24"
   fi
 fi
 
