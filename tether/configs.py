@@ -120,6 +120,12 @@ def coerce(cls: type, name: str, value: Any, where: str = "", label: str | None 
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
+        if tp is list or typing.get_origin(tp) is list:  # list[str]: one string is a list of one
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return list(value)
         if tp is dict or typing.get_origin(tp) is dict:
             if isinstance(value, str):
                 try:
@@ -255,8 +261,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             g.add_argument(flag, dest=ff.name, action=argparse.BooleanOptionalAction, default=_UNSET, help=help_text)
         elif isinstance(tp, type) and issubclass(tp, enum.Enum):
             g.add_argument(flag, dest=ff.name, default=_UNSET, choices=[m.value for m in tp], help=help_text)
+        elif tp is list or typing.get_origin(tp) is list:  # repeatable: --reward a --reward b
+            g.add_argument(flag, dest=ff.name, default=_UNSET, action=_Append, help=help_text + " (repeatable)",
+                           metavar=ff.name.upper())
         else:
             g.add_argument(flag, dest=ff.name, default=_UNSET, help=help_text, metavar=ff.name.upper())
+
+
+class _Append(argparse.Action):
+    """``action="append"`` whose default stays ``_UNSET`` (so a file's list is replaced, not extended)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, _UNSET)
+        setattr(namespace, self.dest, (list(current) if isinstance(current, list) else []) + [values])
 
 
 def given(args: argparse.Namespace, name: str) -> Any:

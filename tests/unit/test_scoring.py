@@ -66,22 +66,23 @@ def test_failures_count_under_the_rewards_name_and_in_evaluation(data, caplog):
 def test_every_reward_failing_for_k_steps_stops_with_the_reward_and_its_error(data):
     with scorer(JsonlTask(data, reward="_hostile_rewards:bad_value"), max_failed_reward_steps=3) as s:
         s.score([Example("p", "a")], ["too_large"])
-        s.record(4, 4, step=0)
+        s.record(3, 4, step=0)  # the first step scored a sample (an all-failed first step stops at once)
         s.record(4, 4, step=1)
-        s.record(3, 4, step=2)  # one sample scored: the streak starts again
-        s.record(4, 4, step=3)
+        s.record(4, 4, step=2)
+        s.record(3, 4, step=3)  # one sample scored: the streak starts again
         s.record(4, 4, step=4)
-        s.record(0, 0, step=4)  # an empty batch (a refill of no groups) changes nothing
+        s.record(4, 4, step=5)
+        s.record(0, 0, step=5)  # an empty batch (a refill of no groups) changes nothing
         with pytest.raises(TrainingStopped) as stop:
-            s.record(4, 4, step=5)
+            s.record(4, 4, step=6)
     assert str(stop.value).startswith(
-        "every reward call failed in 3 consecutive steps (steps 3-5): reward '_hostile_rewards:bad_value', "
+        "every reward call failed in 3 consecutive steps (steps 4-6): reward '_hostile_rewards:bad_value', "
         "last error: out of range: returned 1e+39")
 
 
 def test_a_refill_that_scores_saves_its_step(data):
     with scorer(JsonlTask(data, reward="_hostile_rewards:exact"), max_failed_reward_steps=3, reward_workers=0) as s:
-        s.record(4, 4, step=0)
+        s.record(3, 4, step=0)
         s.record(4, 4, step=1)
         s.record(1, 2, step=1)  # the async refill of step 1 scored one sample: step 1 is not all-failed
         s.record(4, 4, step=2)

@@ -183,11 +183,11 @@ def _drive(run: Run) -> dict[str, Any]:
                 rollout = concat_rows([r for _, r in parts], pad_id=run.engine.pad_id,
                                       vocab_size=run.engine.vocab_size)
                 with clock("score"):
-                    rewards_B, failed = run.score(rollout, examples)
+                    rewards_B, failed, by_reward, reward_metrics = run.score(rollout, examples)
                 counters["worker_restarts"] += pool.restarts - restarts
                 counters["episodes_requeued"] += pool.requeued - requeued
-                batch = Batch(s, rollout, rewards_B, failed, examples=examples, metrics={
-                    **sync, "dist/worker_restarts": float(counters["worker_restarts"]),
+                batch = Batch(s, rollout, rewards_B, failed, examples=examples, failed_by_reward=by_reward, metrics={
+                    **sync, **reward_metrics, "dist/worker_restarts": float(counters["worker_restarts"]),
                     "dist/episodes_requeued": float(counters["episodes_requeued"])})
                 metrics = run.learn(batch, clock, progress.console)
                 with clock("sync"):

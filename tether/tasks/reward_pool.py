@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import pickle
+import select
 import selectors
 import signal
 import subprocess
@@ -67,6 +69,8 @@ class RewardCall:
     answer: str
     messages: tuple[dict, ...] | None = None
     fields: dict[str, Any] | None = None
+    completion_ids: tuple[int, ...] | None = None
+    """The completion's token ids (TRL-convention rewards get them as ``completion_ids``)."""
 
 
 def default_workers(batch: int) -> int:
@@ -155,6 +159,94 @@ class RewardPool:
         self.stats["calls"] += len(calls)
         self.stats["failed"] += sum(r.failed for r in results)
         return results  # type: ignore[return-value]  (every slot is filled once the loop ends)
+
+    def call_batch(self, calls: Sequence[RewardCall], state: dict[str, int]) -> tuple[list[ScoreResult], dict]:
+        """One call of a batched (TRL-convention) reward on every sample, in one worker, under ``timeout_s``.
+        Returns a result per sample and what the reward logged (``log_metric``). A call that raises,
+        times out (its worker is killed) or crashes fails every sample of the batch."""
+        if self._closed:
+            raise RewardPoolError(f"reward {self.name!r}: the worker pool is closed")
+        w = self._workers[0]
+        try:
+            while not w.ready:  # a fresh worker: wait for its import to finish
+                message = self._next_message(w, w.deadline)
+                if message in ("timeout", "eof"):
+                    self._kill(w)
+                    raise RewardPoolError(f"reward {self.name!r}: a worker process did not import it within "
+                                          f"{self.start_timeout_s:g} s" if message == "timeout" else
+                                          f"reward {self.name!r}: a worker process exited during start-up (exit "
+                                          f"code {w.proc.returncode}); see its messages above")
+                if not self._handle(w, message, []):
+                    self._replace(w)
+                    raise RewardPoolError(f"reward {self.name!r}: a worker process sent {str(message)[:100]!r}")
+            rows = [(c.prompt, c.completion, c.answer, c.messages, c.fields, c.completion_ids) for c in calls]
+            message = self._next_message(w, time.monotonic() + self.timeout_s,
+                                         pickle.dumps({"batch": rows, "state": dict(state)}))
+        except RewardPoolError:
+            raise
+        except BaseException:  # interrupted while the worker was busy: it would answer a call that no longer exists
+            self._replace(w)
+            raise
+        results, logged, stat = self._batch_answer(message, len(calls))
+        if stat:
+            self.stats[stat] += 1
+            self._replace(w)
+        self.stats["calls"] += len(calls)
+        self.stats["failed"] += sum(r.failed for r in results)
+        return results, logged
+
+    def _next_message(self, w: _Worker, deadline: float, request: bytes | None = None) -> Any:
+        """Send ``request`` (if any), then the worker's next JSON message; 'timeout' or 'eof' if none came."""
+        if request is not None and not self._send(w, request):
+            return "eof"
+        fd = w.proc.stdout.fileno()
+        while True:
+            if len(w.buf) >= HEADER.size:
+                (n,) = HEADER.unpack_from(w.buf)
+                if n > MAX_FRAME:
+                    return "eof"
+                if len(w.buf) >= HEADER.size + n:
+                    payload = bytes(w.buf[HEADER.size:HEADER.size + n])
+                    del w.buf[:HEADER.size + n]
+                    try:
+                        return json.loads(payload)
+                    except ValueError:
+                        return "eof"
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return "timeout"
+            try:
+                data = os.read(fd, 1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                return "eof"
+            w.buf += data
+
+    def _batch_answer(self, message: Any, n: int) -> tuple[list[ScoreResult], dict, str | None]:
+        """A worker's answer to a batch: (results, logged metrics, the stat of a killed worker or None)."""
+        if message == "timeout":
+            reason = f"timeout: no result within {self.timeout_s:g} s for the batch; the worker process was killed"
+            return [ScoreResult(0.0, True, reason)] * n, {}, "timeouts"
+        if isinstance(message, dict) and isinstance(message.get("failed"), str):
+            tb = message.get("traceback")
+            failed = ScoreResult(0.0, True, message["failed"][:300], tb[:4000] if isinstance(tb, str) else None)
+            return [failed] * n, {}, None
+        values, logged = (message.get("batch"), message.get("metrics")) if isinstance(message, dict) else (None, None)
+        ok = (isinstance(values, list) and len(values) == n and isinstance(logged, dict)
+              and all(isinstance(v, list) and len(v) == 2 for v in values))
+        if ok:
+            results = []
+            for value, reason in values:
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    results.append(to_reward(value))  # checked again: the worker is not trusted
+                else:
+                    results.append(ScoreResult(0.0, True, str(reason)[:300]))
+            metrics = {str(k)[:100]: float(v) for k, v in logged.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            return results, metrics, None
+        what = "died during the call" if message == "eof" else f"sent {str(message)[:100]!r}"
+        return [ScoreResult(0.0, True, f"crash: the worker process {what}")] * n, {}, "crashes"
 
     def close(self) -> None:
         """Kill and reap every worker; idempotent."""
@@ -299,7 +391,11 @@ class RewardPool:
                 return self._protocol_error(w, results, todo, f"the unexpected message {str(message)[:100]!r}")
 
     def _handle(self, w: _Worker, message: Any, results: list[ScoreResult | None]) -> bool:
-        if not isinstance(message, dict) or len(message) != 1:
+        if not isinstance(message, dict) or not message:
+            return False
+        message = dict(message)
+        tb = message.pop("traceback", None)  # a failed call's traceback, shown if the failure stops the run
+        if len(message) != 1 or not (tb is None or isinstance(tb, str)):
             return False
         (key, value), = message.items()
         if not w.ready:
@@ -315,7 +411,7 @@ class RewardPool:
         if key == "reward" and isinstance(value, (int, float)) and not isinstance(value, bool):
             results[w.calls[0]] = to_reward(value)  # checked again: the worker is not trusted
         elif key == "failed" and isinstance(value, str):
-            results[w.calls[0]] = ScoreResult(0.0, True, value[:300])
+            results[w.calls[0]] = ScoreResult(0.0, True, value[:300], tb[:4000] if tb else None)
         else:
             return False
         w.calls.pop(0)

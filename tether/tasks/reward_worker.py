@@ -10,8 +10,12 @@ is a 4-byte big-endian length and a payload of at most ``MAX_FRAME`` bytes.
   answer, messages, fields)`` tuples, one per call.
 * worker -> trainer, JSON only (the trainer never unpickles anything a reward produced):
   ``{"ready": true}`` or ``{"error": "..."}`` after set-up, then ``{"reward": float}`` or
-  ``{"failed": "reason"}`` for each call as soon as it finishes, in order, under the failure rule
-  of ``tether.tasks.rewards``.
+  ``{"failed": "reason", "traceback": "..."}`` (the traceback only for an exception) for each call as
+  soon as it finishes, in order, under the failure rule of ``tether.tasks.rewards``.
+* a batched call (TRL convention, ``tether.tasks.trl_data.call_trl_batch``): the request is a dict
+  ``{"batch": [(prompt, completion, answer, messages, fields, completion_ids), ...], "state": {...}}``
+  and the answer one message, ``{"batch": [[reward, null] or [null, reason], ...], "metrics": {...}}``
+  or ``{"failed": reason, "traceback": ...}`` when the call itself failed.
 
 The worker imports the reward with ``load_reward_fn(spec)`` (``module:function`` or
 ``/path/file.py:function``): code is never sent to it. It exits on end of input. As a backstop in
@@ -68,6 +72,22 @@ def write_json(fd: int, message: dict[str, Any]) -> None:
         data = data[os.write(fd, data):]
 
 
+def _batch(fn, request: dict) -> dict[str, Any]:
+    """One batched call of a TRL-convention reward: its values (each ``[reward, None]`` or
+    ``[None, reason]``) and logged metrics, or the whole call's failure."""
+    from tether.tasks.reward_pool import RewardCall
+    from tether.tasks.rewards import failed_call
+    from tether.tasks.trl_data import call_trl_batch
+
+    calls = [RewardCall(p, c, a, m, f, ids) for p, c, a, m, f, ids in request["batch"]]
+    try:
+        results, logged = call_trl_batch(fn, calls, request["state"])
+    except Exception as e:
+        failed = failed_call(e)
+        return {"failed": failed.reason, "traceback": failed.traceback}
+    return {"batch": [[None, r.reason] if r.failed else [r.reward, None] for r in results], "metrics": logged}
+
+
 def _caller(fn, trl: bool):
     from tether.tasks.rewards import call_reward
 
@@ -93,7 +113,8 @@ def main() -> int:
     try:
         from tether.tasks.rewards import load_reward_fn
 
-        call = _caller(load_reward_fn(setup["spec"]), setup["trl"])
+        fn = load_reward_fn(setup["spec"])
+        call = _caller(fn, setup["trl"])
     except Exception as e:  # reported to the trainer, which stops with this message
         write_json(fd_out, {"error": f"{type(e).__name__}: {e}"[:2000]})
         return 1
@@ -103,8 +124,19 @@ def main() -> int:
         data = read_frame(fd_in)
         if data is None:
             return 0
-        for prompt, completion, answer, messages, fields in pickle.loads(data):
+        request = pickle.loads(data)
+        if isinstance(request, dict):  # one call on the whole batch (TRL convention)
+            signal.setitimer(signal.ITIMER_REAL, setup["backstop_s"])
+            answer = _batch(fn, request)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            write_json(fd_out, answer)
+            continue
+        for prompt, completion, answer, messages, fields in request:
             signal.setitimer(signal.ITIMER_REAL, setup["backstop_s"])
             result = call(prompt, completion, answer, messages, fields)
             signal.setitimer(signal.ITIMER_REAL, 0)
-            write_json(fd_out, {"failed": result.reason} if result.failed else {"reward": result.reward})
+            if not result.failed:
+                write_json(fd_out, {"reward": result.reward})
+            else:
+                write_json(fd_out, {"failed": result.reason, **({"traceback": result.traceback} if result.traceback
+                                                                 else {})})

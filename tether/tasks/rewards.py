@@ -29,6 +29,7 @@ import math
 import re
 import sys
 import threading
+import traceback as tb_module
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -231,6 +232,44 @@ def load_reward_fn(spec: str) -> RewardFn:
     return obj
 
 
+# ------------------------------------------------------------------------------------------ weights
+
+_WEIGHT = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?(?:inf|nan)", re.IGNORECASE)
+
+
+def split_weight(text: str) -> tuple[str, float]:
+    """``NAME[:WEIGHT]`` -> ``(NAME, weight)``; the weight defaults to 1.0.
+
+    The rule (a ``module:function`` spec already holds one colon): a weight is a trailing ``:<number>``
+    after a complete reward name, i.e. after a built-in (``numeric:0.5``) or after ``module:function``
+    / ``file.py:function`` (``my_rewards:score:0.5``). ``my_rewards:0.5`` is refused (a module without
+    a function, or a function named 0.5?), and so is a weight that is not a finite number. Syntax only:
+    whether the name imports is ``load_reward_fn``'s check. Raises ``RewardLoadError``."""
+    if not isinstance(text, str) or not text.strip():
+        raise RewardLoadError(f"reward must be a non-empty 'NAME[:WEIGHT]', got {text!r}")
+    text = text.strip()
+    head, sep, tail = text.rpartition(":")
+    if not sep or not _WEIGHT.fullmatch(tail.strip()):
+        if sep and tail and not re.fullmatch(r"[A-Za-z_][\w.]*", tail):
+            raise RewardLoadError(f"reward {text!r}: {tail!r} is neither a function name nor a weight (a number)")
+        return text, 1.0
+    weight = float(tail)
+    if not math.isfinite(weight):
+        raise RewardLoadError(f"reward {text!r}: the weight must be a finite number, got {tail!r}")
+    head = head.strip()
+    if head not in BUILTIN_REWARDS and ":" not in head:
+        raise RewardLoadError(
+            f"reward {text!r} is ambiguous: {head!r} is not a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) and "
+            f"has no ':function'; write 'module:function:{tail}' (a weight follows a complete reward name)")
+    return head, weight
+
+
+def short_name(spec: str) -> str:
+    """What per-reward metrics call a reward: a built-in's name, else the function's name
+    (``my_rewards:score`` -> ``score``, ``rewards.py:Judge.score`` -> ``Judge.score``)."""
+    return spec if ":" not in spec else spec.rpartition(":")[2]
+
+
 # --------------------------------------------------------------------------------------- references
 
 
@@ -292,6 +331,9 @@ class ScoreResult:
     reason: str | None = None
     """Why it failed: 'exception: <Type>: <msg>', 'timeout: ...', 'crash: ...', 'non-finite: ...',
     'out of range: ...', 'bad return type: <type>'."""
+    traceback: str | None = None
+    """For an exception: the reward's own traceback (frames inside tether left out), printed when the
+    failure stops the run."""
 
     @property
     def kind(self) -> str | None:
@@ -338,12 +380,29 @@ def _exception_reason(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+_TETHER_DIR = str(Path(__file__).resolve().parents[1])
+
+
+def user_traceback(e: BaseException, limit: int = 4000) -> str:
+    """The traceback of an exception raised by a user's reward, without tether's own frames (the
+    caller's plumbing), so it starts at the user's function and names its file and line."""
+    frames = [f for f in tb_module.extract_tb(e.__traceback__) if not f.filename.startswith(_TETHER_DIR)]
+    text = "".join(["Traceback (most recent call last):\n", *tb_module.format_list(frames),
+                    *tb_module.format_exception_only(type(e), e)])
+    return text if len(text) <= limit else text[:limit - 4] + "...\n"
+
+
+def failed_call(e: BaseException) -> ScoreResult:
+    """The failed result of a call that raised ``e``, with the reward's traceback."""
+    return ScoreResult(0.0, True, _exception_reason(e), user_traceback(e))
+
+
 def call_reward(reward_fn: RewardFn, prompt: str, completion: str, answer: str) -> ScoreResult:
     """One call in this thread, no timeout, no logging: an exception or a bad value is a failed result."""
     try:
         value = reward_fn(prompt, completion, answer)
     except Exception as e:
-        return ScoreResult(0.0, True, _exception_reason(e))
+        return failed_call(e)
     return to_reward(value)
 
 
@@ -382,6 +441,20 @@ def score(
 
 
 def _call_with_thread_timeout(reward_fn, prompt, completion, answer, timeout_s, max_abandoned, name) -> ScoreResult:
+    return run_in_thread(lambda: call_reward(reward_fn, prompt, completion, answer), timeout_s, max_abandoned, name)
+
+
+def run_in_thread(thunk: Callable[[], object], timeout_s: float | None, max_abandoned: int = 8,
+                  name: str = "reward") -> object:
+    """``thunk()``'s value, computed in a daemon thread under ``timeout_s`` (None: in this thread, no
+    timeout); a call still running then is abandoned and an exception is caught: either way the value
+    is a failed ``ScoreResult``. Raises ``TooManyHungRewards`` when ``max_abandoned`` abandoned calls
+    are still alive."""
+    if timeout_s is None:
+        try:
+            return thunk()
+        except Exception as e:
+            return failed_call(e)
     if not timeout_s > 0:
         raise ValueError(f"score: timeout_s must be > 0 or None, got {timeout_s}")
     if abandoned_alive() >= max_abandoned:
@@ -389,13 +462,13 @@ def _call_with_thread_timeout(reward_fn, prompt, completion, answer, timeout_s, 
             f"{max_abandoned} timed-out calls of reward {name!r} are still running in the trainer's process; "
             "it appears to hang. Bound its running time, or run it in worker processes, which kill a hung call."
         )
-    box: dict[str, ScoreResult] = {}
+    box: dict[str, object] = {}
 
     def target() -> None:
         try:
-            box["result"] = call_reward(reward_fn, prompt, completion, answer)
+            box["result"] = thunk()
         except BaseException as e:  # noqa: BLE001 - SystemExit and the like: reported, never re-raised into the run
-            box["result"] = ScoreResult(0.0, True, _exception_reason(e))
+            box["result"] = failed_call(e)
 
     thread = threading.Thread(target=target, name="tether-reward", daemon=True)
     thread.start()

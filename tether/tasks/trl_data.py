@@ -26,6 +26,7 @@ is what tether-convention rewards ``fn(prompt, completion, answer)`` check; TRL-
 from __future__ import annotations
 
 import inspect
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -258,6 +259,83 @@ def call_trl_reward(fn: Callable, prompt: str, completion: str, messages: Sequen
     if not isinstance(out, (list, tuple)) or len(out) != 1:
         raise TypeError(f"a TRL-convention reward must return a list with one value per completion, got {out!r}")
     return out[0]
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What a TRL-convention reward's ``trainer_state`` argument holds (TRL's ``TrainerState`` names)."""
+
+    global_step: int
+    """The RL step being scored (0-based; evaluations: the step they follow)."""
+    max_steps: int
+    """The run's ``steps``."""
+
+
+_TRL_EXTRAS = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric")
+
+
+def trl_batch_kwargs(fn: Callable, calls: Sequence[Any], state: dict[str, int],
+                     log_metric: Callable[[str, float], None]) -> dict[str, Any]:
+    """TRL's keyword arguments for one call on a batch (``calls``: ``RewardCall``s): ``prompts``,
+    ``completions`` (strings, or ``[{"role": "assistant", ...}]`` lists for conversational prompts),
+    ``completion_ids``, every dataset column as a list (``None`` where a row lacks it),
+    ``trainer_state`` and ``log_metric``. A function without ``**kwargs`` gets only the ones it names."""
+    prompts, completions = [], []
+    for c in calls:
+        if c.messages:
+            prompts.append(list(c.messages))
+            completions.append([{"role": "assistant", "content": c.completion}])
+        else:
+            prompts.append(c.prompt)
+            completions.append(c.completion)
+    columns: dict[str, list] = {}
+    for c in calls:
+        for k in (c.fields or {}):
+            columns.setdefault(k, [None] * len(calls))
+    for i, c in enumerate(calls):
+        for k, v in (c.fields or {}).items():
+            columns[k][i] = v
+    kwargs = {**{k: v for k, v in columns.items() if k not in _TRL_EXTRAS}, "prompts": prompts,
+              "completions": completions,
+              "completion_ids": [list(c.completion_ids) if c.completion_ids is not None else None for c in calls],
+              "trainer_state": TrainerState(**state), "log_metric": log_metric}
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def call_trl_batch(fn: Callable, calls: Sequence[Any], state: dict[str, int]) -> tuple[list, dict[str, float]]:
+    """One call of a TRL-convention reward on a whole batch (``trl_batch_kwargs``); an ``async def`` reward
+    is awaited. Returns one ``ScoreResult`` per call under the failure rule (``None``: that sample failed)
+    and what it logged with ``log_metric(name, value)`` (finite numbers; the last value of a name wins).
+    Raises what the reward raised, or ``TypeError`` for a return value that is not one value per sample."""
+    import asyncio
+
+    from tether.tasks.rewards import to_reward
+
+    logged: dict[str, float] = {}
+
+    def log_metric(name: str, value: float) -> None:
+        if not isinstance(name, str) or not name or len(name) > 100:
+            raise ValueError(f"log_metric: the name must be a non-empty string of at most 100 characters, got {name!r}")
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"log_metric({name!r}, ...): the value must be finite, got {value!r}")
+        logged[name] = v
+
+    out = fn(**trl_batch_kwargs(fn, calls, state, log_metric))
+    if inspect.isawaitable(out):
+        out = asyncio.run(_awaited(out))
+    if not isinstance(out, (list, tuple)) or len(out) != len(calls):
+        n = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+        raise TypeError(f"a TRL-convention reward must return a list with one value per completion ({len(calls)}), "
+                        f"got {n}")
+    return [to_reward(v) for v in out], logged
+
+
+async def _awaited(awaitable):
+    return await awaitable
 
 
 def encode_prompt(tokenizer: Any, ex: Example) -> list[int]:

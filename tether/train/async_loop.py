@@ -89,7 +89,8 @@ def refill_dropped(run: Run, board: WeightBoard, lease: EngineLease, batch: Batc
     n_new = run.cfg.prompts_per_step - int(kept_groups.numel())
     kept = batch.rollout.select(keep_B.nonzero().squeeze(-1))
     if n_new == 0:
-        return Batch(step, kept, batch.rewards_B[keep_B], batch.failed), {"async/refilled_groups": 0.0}
+        return (Batch(step, kept, batch.rewards_B[keep_B], batch.failed, failed_by_reward=batch.failed_by_reward),
+                {"async/refilled_groups": 0.0})
     engine = run.engine
     with lease:
         if engine.version != step:
@@ -99,8 +100,10 @@ def refill_dropped(run: Run, board: WeightBoard, lease: EngineLease, batch: Batc
     rollout = concat_rows([kept, fresh.rollout], pad_id=engine.pad_id, vocab_size=engine.vocab_size)
     metrics = {"async/refilled_groups": float(n_new), "time/refill_rollout_s": fresh.metrics["time/rollout_s"],
                "time/refill_score_s": fresh.metrics["time/score_s"]}
+    by_reward = {k: v + (fresh.failed_by_reward or {}).get(k, 0) for k, v in (batch.failed_by_reward or {}).items()}
     return Batch(step, rollout, torch.cat([batch.rewards_B[keep_B], fresh.rewards_B]), batch.failed + fresh.failed,
-                 scored=batch.rollout.batch_size + fresh.rollout.batch_size), metrics
+                 scored=batch.rollout.batch_size + fresh.rollout.batch_size,
+                 failed_by_reward=by_reward if batch.failed_by_reward is not None else None), metrics
 
 
 def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock: Stopwatch) -> Batch:
@@ -110,7 +113,8 @@ def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock:
         rollout.version_BT, rollout.loss_mask_BT, rollout.group_B, s, max_staleness=cfg.max_staleness,
         policy=cfg.staleness_policy, decay=cfg.downweight_decay)
     bias = drop_bias_metrics(batch.rewards_B, rollout.completion_len_B, keep_B)
-    out = Batch(s, rollout, batch.rewards_B, batch.failed, keep_B=keep_B, weight_BT=weight_BT)
+    out = Batch(s, rollout, batch.rewards_B, batch.failed, keep_B=keep_B, weight_BT=weight_BT,
+                failed_by_reward=batch.failed_by_reward)
     if cfg.staleness_policy is StalenessPolicy.DROP:
         with clock("refill"):
             out, refill = refill_dropped(run, board, lease, batch, keep_B, s)

@@ -239,7 +239,9 @@ class TrainConfig:
                                 "file.py:Factory (its settings are the agent group; docs/agents.md)", group="task")
     skip_bad_rows: bool = opt(False, "skip malformed dataset rows (counted in the summary) instead of failing",
                               group="task")
-    reward: str | None = opt(None, "reward for JSONL tasks: exact_match, numeric or module:function", group="rewards")
+    reward: list[str] | None = opt(None, "reward(s) for dataset tasks, each NAME[:WEIGHT]: a built-in (exact_match, "
+                                         "numeric, ...) or module:function, e.g. my_rewards:score:0.5; several are "
+                                         "summed with their weights (docs/tasks.md)", group="rewards")
     reward_timeout_s: float = opt(5.0, "a reward call slower than this marks the sample failed (reward 0)",
                                   group="rewards")
     reward_workers: int | None = opt(None, "worker processes that run user rewards (module:function, TRL), each call "
@@ -379,6 +381,7 @@ class TrainConfig:
         _check(self.advantage is None or self.advantage in ADVANTAGES, "advantage",
                f"must be one of {', '.join(ADVANTAGES)} or none", repr(self.advantage))
         self._check_ranges()
+        self._check_rewards()
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("config field 'minibatches' must divide prompts_per_step * group_size")
         if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= self.max_new_tokens:
@@ -421,6 +424,30 @@ class TrainConfig:
         _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0", self.overlong_penalty)
         _check(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0", self.lora_alpha)
         _check(self.lora_r is None or self.lora_r >= 1, "lora_r", "must be >= 1 or none", self.lora_r)
+
+    def _check_rewards(self) -> None:
+        if self.reward is None:
+            return
+        import tether.tasks.math_reward  # noqa: F401  (registers math_verify)
+        import tether.tasks.registry  # noqa: F401  (registers the tasks' built-in rewards: countdown)
+        from tether.tasks.rewards import RewardLoadError, split_weight
+
+        _check(len(self.reward) >= 1, "reward", "needs at least one NAME[:WEIGHT] (or none)", self.reward)
+        seen: set[str] = set()
+        for text in self.reward:
+            try:
+                spec, _ = split_weight(text)
+            except RewardLoadError as e:
+                raise ValueError(f"config field 'reward': {e}") from None
+            _check(spec not in seen, "reward", f"names {spec!r} twice", self.reward)
+            seen.add(spec)
+
+    @property
+    def rewards(self) -> list[tuple[str, float]]:
+        """The ``reward`` entries as ``(spec, weight)`` pairs (derived; empty when none is given)."""
+        from tether.tasks.rewards import split_weight
+
+        return [split_weight(text) for text in self.reward or []]
 
     @property
     def task_stem(self) -> str:

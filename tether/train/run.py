@@ -48,7 +48,7 @@ from tether.train.old_logits import OldLogitSource
 from tether.train.progress import Reporter, StepProgress, Stopwatch
 from tether.train.requirements import check_requirements
 from tether.train.run_dir import open_run_dir
-from tether.train.scoring import Scorer
+from tether.train.scoring import Scorer, reward_terms
 from tether.train.seeds import step_seed
 from tether.train.shaping import informative_groups, soft_overlong_penalty
 from tether.train.signals import StopOnSignal
@@ -93,7 +93,10 @@ class Batch:
     failed: int
     """Reward calls that failed (scored 0)."""
     scored: int | None = None
-    """Reward calls made for this batch (the async drop refill adds its own); None: one per row."""
+    """Samples scored for this batch, each by every reward (the async drop refill adds its own); None: one per
+    row."""
+    failed_by_reward: dict[str, int] | None = None
+    """``failed`` per reward name (several rewards); None: all of the run's one reward."""
     examples: list[Example] | None = None
     """The step's examples (the expert rows of CalibRL / RL-PLUS are built from them)."""
     keep_B: Tensor | None = None
@@ -165,6 +168,8 @@ class Run:
             check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
         self.task = self.given.task if self.given.task is not None else setup.build_task(cfg)
+        # every reward loaded (a bad name, module or signature stops here, before any model is built)
+        self.reward_terms = None if cfg.env is not None else reward_terms(self.task, cfg)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
         self.policy = setup.build_policy(cfg, self.task, self.reporter, self.given.model, self.given.tokenizer)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine
@@ -199,7 +204,8 @@ class Run:
         self.restore(ckpt)
         # the reward's worker processes, failure counts per reward and the all-failed stop rule (closed with the run);
         # an environment scores its own episodes
-        self.rewards = None if self.episodes else self._stack.enter_context(Scorer(self.task, cfg, self.state.counters))
+        self.rewards = None if self.episodes else self._stack.enter_context(Scorer(self.task, cfg, self.state.counters,
+                                                                                       self.reward_terms))
         self.engine.load_weights(self.full_state()[0], version=self.state.step)
         self.log = open_loggers(cfg, self.run_dir, MetricsLog(self.run_dir / "metrics.jsonl",
                                                               resume_after_step=self.state.step - 1 if ckpt else None))
@@ -342,12 +348,17 @@ class Run:
             rollout = generate_partial(self.engine, prompts, self.sampling, group_B=group_B, chunk_tokens=chunk_tokens,
                                        seed_fn=seed_fn, before_chunk=before_chunk)
         t1 = time.perf_counter()
-        rewards_B, failed = self.score(rollout, examples)
-        return Batch(-1, rollout, rewards_B, failed, examples=examples,
-                     metrics={"time/rollout_s": t1 - t0, "time/score_s": time.perf_counter() - t1})
+        rewards_B, failed, by_reward, reward_metrics = self.score(rollout, examples)
+        return Batch(-1, rollout, rewards_B, failed, examples=examples, failed_by_reward=by_reward,
+                     metrics={"time/rollout_s": t1 - t0, "time/score_s": time.perf_counter() - t1, **reward_metrics})
 
-    def score(self, rollout: Rollout, examples: list[Example]) -> tuple[Tensor, int]:
-        return setup.score(self.rewards, self.policy, rollout, examples, self.cfg)
+    def score(self, rollout: Rollout, examples: list[Example]) -> tuple[Tensor, int, dict[str, int], dict[str, float]]:
+        """Every reward on the rollout's completions: the weighted sums, the failed calls (in all and per reward)
+        and the per-reward metrics (``setup.reward_metrics``)."""
+        scored = setup.score_rollout(self.rewards, self.policy, rollout, examples, self.cfg, self.state.step)
+        rewards_B = torch.tensor([r.reward for r in scored.results], dtype=torch.float32)
+        return (rewards_B, scored.failed_calls, setup.failed_by_reward(self.rewards, scored),
+                setup.reward_metrics(self.rewards, scored))
 
     def logprobs(self, model: torch.nn.Module, rollout: Rollout) -> tuple[Tensor, Tensor]:
         return setup.token_logprobs(model, rollout, self.cfg)
@@ -356,7 +367,8 @@ class Run:
         """Train on one step's scored rollouts (the stages in the module docstring); the model then holds
         version ``batch.step + 1``. Returns the step's metrics (logged by :meth:`record`)."""
         if self.rewards is not None:  # counted; stops if all fail K steps (an environment's failures: env_failed)
-            self.rewards.record(batch.failed, batch.scored or batch.rollout.batch_size, batch.step)
+            self.rewards.record(batch.failed, batch.scored or batch.rollout.batch_size, batch.step,
+                                batch.failed_by_reward)
         self._lead("learn", batch)  # sharded: every rank computes this step from here, on the same batch
         with self._collective(f"training step {batch.step}"):
             return self._learn(batch, clock, console)

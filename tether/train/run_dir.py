@@ -108,9 +108,13 @@ def _describe(content: bytes) -> str:
 
 def reward_notice(cfg: TrainConfig) -> str | None:
     """What a resume will import: the reward's module file, when the reward is user code."""
-    spec = cfg.reward
-    if not spec or ":" not in spec:
-        return None  # a built-in reward
+    user = [spec for spec, _ in cfg.rewards if ":" in spec]
+    if not user:
+        return None  # built-in rewards
+    return "\n".join(_reward_notice(cfg, spec) for spec in user)
+
+
+def _reward_notice(cfg: TrainConfig, spec: str) -> str:
     module = spec.rpartition(":")[0]
     if module.endswith(".py"):
         where = str(Path(module).resolve())

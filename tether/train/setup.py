@@ -40,7 +40,8 @@ def build_task(cfg: TrainConfig) -> Task:
     from tether.tasks.registry import get_task
 
     options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
-    return get_task(cfg.task, reward=cfg.reward, skip_bad_rows=cfg.skip_bad_rows or None,
+    # the first reward decides how a dataset is read (tether or TRL convention) and checks its answers
+    return get_task(cfg.task, reward=cfg.rewards[0][0] if cfg.rewards else None, skip_bad_rows=cfg.skip_bad_rows or None,
                     text_check=builtin_text_check(cfg.model), **options)
 
 
@@ -147,22 +148,46 @@ def generate(policy: Policy, examples: list[Example], cfg: TrainConfig, seed: in
 
 
 def completions(policy: Policy, rollout: Rollout) -> list[str]:
+    return [policy.tokenizer.decode(ids) for ids in completion_ids(policy, rollout)]
+
+
+def completion_ids(policy: Policy, rollout: Rollout) -> list[list[int]]:
+    """Each row's completion token ids (a finishing EOS left out, as in ``completions``)."""
     out = []
     for i in range(rollout.batch_size):
         start = int(rollout.prompt_len_B[i])
         ids = rollout.tokens_BT[i, start:start + int(rollout.completion_len_B[i])].tolist()
         if ids and ids[-1] in policy.tokenizer.eos_ids and bool(rollout.finished_B[i]):
             ids = ids[:-1]
-        out.append(policy.tokenizer.decode(ids))
+        out.append(ids)
     return out
 
 
-def score(scorer: Scorer, policy: Policy, rollout: Rollout, examples: list[Example], cfg: TrainConfig
-          ) -> tuple[Tensor, int]:
-    """Rewards of a rollout's completions (row i answers ``examples[i // group_size]``) and how many failed."""
-    texts = completions(policy, rollout)
-    results = scorer.score([examples[i // cfg.group_size] for i in range(len(texts))], texts)
-    return torch.tensor([r.reward for r in results], dtype=torch.float32), sum(r.failed for r in results)
+def score_rollout(scorer: Scorer, policy: Policy, rollout: Rollout, examples: list[Example], cfg: TrainConfig,
+                  step: int):
+    """Every reward on a rollout's completions (row i answers ``examples[i // group_size]``): a ``Scored``."""
+    ids = completion_ids(policy, rollout)
+    texts = [policy.tokenizer.decode(x) for x in ids]
+    return scorer.score_batch([examples[i // cfg.group_size] for i in range(len(texts))], texts, ids, step)
+
+
+def reward_metrics(scorer: Scorer, scored) -> dict[str, float]:
+    """Per reward k over the batch's samples: ``reward/<name>/mean`` and ``/std`` of its values where it
+    succeeded (population std; left out when it failed on every sample), ``/failed`` its failed calls; and
+    what the rewards logged with ``log_metric``."""
+    out: dict[str, float] = {}
+    for t, values in zip(scorer.terms, scored.values_K):
+        ok = [v for v in values if not math.isnan(v)]
+        if ok:
+            mean = sum(ok) / len(ok)
+            out[f"reward/{t.metric}/mean"] = mean
+            out[f"reward/{t.metric}/std"] = math.sqrt(sum((v - mean) ** 2 for v in ok) / len(ok))
+        out[f"reward/{t.metric}/failed"] = float(len(values) - len(ok))
+    return {**out, **scored.metrics}
+
+
+def failed_by_reward(scorer: Scorer, scored) -> dict[str, int]:
+    return {t.ref.name: sum(math.isnan(v) for v in values) for t, values in zip(scorer.terms, scored.values_K)}
 
 
 def token_logprobs(model: torch.nn.Module, rollout: Rollout, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
@@ -181,7 +206,8 @@ def evaluate(policy: Policy, scorer: Scorer, cfg: TrainConfig) -> float:
 
     prompts = [encode_prompt(policy.tokenizer, ex) for ex in examples]
     rollout = policy.engine.generate(prompts, greedy, seed=0)
-    results = scorer.score_eval(examples, completions(policy, rollout))
+    ids = completion_ids(policy, rollout)
+    results = scorer.score_eval(examples, [policy.tokenizer.decode(x) for x in ids], ids)
     return sum(r.reward for r in results) / max(len(examples), 1)
 
 
