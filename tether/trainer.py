@@ -109,9 +109,9 @@ class Trainer:
         funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs or [])
         if reward_weights is not None and len(reward_weights) != len(funcs):
             raise ValueError(f"Trainer: {len(reward_weights)} reward_weights for {len(funcs)} reward_funcs")
-        names = [f for f in funcs if isinstance(f, str)]
-        if funcs and len(names) == len(funcs) and reward_weights is None and len(funcs) == 1:
-            overrides["reward"] = names[0]
+        for f in funcs:
+            if not (callable(f) or isinstance(f, str)):
+                raise ValueError(f"Trainer: reward_funcs entries must be callables or reward names, got {f!r}")
         values = _config(args, overrides)
         self.args = TrainConfig.from_flat(**values) if not isinstance(args, TrainConfig) or overrides else args
         if self._model_object is not None and self.args.mode is TrainMode.DIST:
@@ -128,9 +128,8 @@ class Trainer:
     # -- the task -----------------------------------------------------------------------------------
     def _build_task(self, train_dataset, eval_dataset, funcs, weights, values) -> Any:
         in_memory = train_dataset is not None and not isinstance(train_dataset, (str, Path))
-        if not in_memory and eval_dataset is None and not any(callable(f) for f in funcs) and weights is None \
-                and len(funcs) <= 1:
-            return None  # the config names everything: the run builds the task itself
+        if not in_memory and eval_dataset is None:
+            return None  # the config names the task; the run builds it (and scores with reward_funcs if given)
         from tether.tasks.trl_data import TRLDatasetTask
 
         if train_dataset is None:
@@ -138,9 +137,7 @@ class Trainer:
                              "of dicts or a file)")
         if not funcs:
             funcs = [self.args.reward or "exact_match"]
-        if len(funcs) > 1 or weights is not None:
-            raise ValueError("Trainer: several reward_funcs / reward_weights are not supported yet; pass one")
-        reward = funcs[0]
+        reward = funcs[0]  # the rows are checked against the first reward's convention; all of them score
         task = TRLDatasetTask(train_dataset, reward=reward, eval_fraction=0.0 if eval_dataset is not None else 0.1,
                               eval_size=self.args.eval_size, name=values.get("task") and Path(values["task"]).stem,
                               skip_bad_rows=self.args.skip_bad_rows)
@@ -151,6 +148,11 @@ class Trainer:
         return task
 
     # -- the verbs ----------------------------------------------------------------------------------
+    def _rewards(self) -> list[tuple[Any, float]] | None:
+        if not self._funcs:
+            return None
+        return list(zip(self._funcs, self._weights if self._weights is not None else [1.0] * len(self._funcs)))
+
     def _driver(self) -> Callable:
         if self.args.mode is TrainMode.ASYNC:
             from tether.train.async_loop import train
@@ -163,7 +165,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train to ``args.steps`` (or resume, with ``args.resume``); returns the run's summary."""
         recorder = _StateRecorder(self.state)
-        given = Given(task=self._task, model=self._model_object, tokenizer=self.tokenizer,
+        given = Given(task=self._task, model=self._model_object, tokenizer=self.tokenizer, rewards=self._rewards(),
                       callbacks=[recorder, *self.callbacks])
         keep = _KeepPolicy()
         given.callbacks.append(keep)
@@ -179,7 +181,7 @@ class Trainer:
         """Greedy held-out accuracy (an environment: success rate) of the current weights: the trained ones after
         ``train``, else the starting model (the built-in model after its warm start)."""
         from tether.train import setup
-        from tether.train.scoring import Scorer
+        from tether.train.scoring import Scorer, reward_terms
 
         policy = self._trained_policy
         task = self._task if self._task is not None else setup.build_task(self.args)
@@ -192,7 +194,8 @@ class Trainer:
 
             value = Episodes(self.args, task, policy).evaluate()
         else:
-            with Scorer(task, dataclasses.replace(self.args, reward_workers=0), {}) as scorer:
+            cfg = dataclasses.replace(self.args, reward_workers=0)
+            with Scorer(task, cfg, {}, reward_terms(task, cfg, self._rewards())) as scorer:
                 value = setup.evaluate(policy, scorer, self.args)
         for cb in self.callbacks:
             if hasattr(cb, "on_evaluate"):

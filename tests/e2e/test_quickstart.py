@@ -20,9 +20,9 @@ def blocks() -> tuple[str, str]:
     return trl, tether
 
 
-def test_the_port_has_the_trl_scripts_lines():
+def test_the_port_takes_no_more_lines_than_the_trl_script():
     trl, tether = blocks()
-    assert len(trl.strip().splitlines()) == len(tether.strip().splitlines())
+    assert len(tether.strip().splitlines()) <= len(trl.strip().splitlines())
 
 
 def test_the_documented_tether_script_trains(tmp_path, monkeypatch):
@@ -36,6 +36,9 @@ def test_the_documented_tether_script_trains(tmp_path, monkeypatch):
         'objective="tis")': 'objective="tis", progress=False, threads=1, prompts_per_step=4)'})
     trainer = scope["trainer"]
     assert trainer.state.global_step == 2
-    assert all("meter/total/ess_token" in row and "reward/mean" in row for row in trainer.state.log_history)
+    for row in trainer.state.log_history:  # the meter ran, and both rewards were scored and weighted
+        assert "meter/total/ess_token" in row
+        assert row["reward/mean"] == pytest.approx(0.2 * row["reward/reward_len/mean"]
+                                                   + row["reward/reward_correct/mean"], abs=1e-5)
     assert (tmp_path / "tether-out" / "metrics.jsonl").read_text().count("\n") == 2
     assert trainer.args.objective == "tis" and trainer.args.group_size == 4

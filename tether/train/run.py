@@ -75,6 +75,8 @@ class Given:
     task: Any = None
     model: torch.nn.Module | None = None
     tokenizer: Any = None
+    rewards: list[tuple[Any, float]] | None = None
+    """(callable or reward name, weight) pairs replacing ``cfg.reward`` (``reward_funcs`` / ``reward_weights``)."""
     callbacks: list[Any] = field(default_factory=list)
 
     def notify(self, event: str, *args: Any) -> None:
@@ -169,7 +171,7 @@ class Run:
 
         self.task = self.given.task if self.given.task is not None else setup.build_task(cfg)
         # every reward loaded (a bad name, module or signature stops here, before any model is built)
-        self.reward_terms = None if cfg.env is not None else reward_terms(self.task, cfg)
+        self.reward_terms = None if cfg.env is not None else reward_terms(self.task, cfg, self.given.rewards)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model
         self.policy = setup.build_policy(cfg, self.task, self.reporter, self.given.model, self.given.tokenizer)  # model, tokenizer, engine (its own copy of the weights)
         self.model, self.engine = self.policy.model, self.policy.engine

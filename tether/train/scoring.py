@@ -104,12 +104,20 @@ class RewardTerm:
         self.key = f"reward_failed/{self.ref.name}"
 
 
-def reward_terms(task: Task, cfg: TrainConfig) -> list[RewardTerm]:
-    """The run's rewards: ``cfg.reward``'s ``(spec, weight)`` entries, each loaded (a bad one raises
-    ``RewardLoadError`` naming it, before any model is built), else the task's own reward."""
+def reward_terms(task: Task, cfg: TrainConfig, given: list[tuple[Any, float]] | None = None) -> list[RewardTerm]:
+    """The run's rewards: ``given`` ``(callable or spec, weight)`` pairs (``tether.Trainer``'s ``reward_funcs``),
+    else ``cfg.reward``'s ``(spec, weight)`` entries, each loaded (a bad one raises ``RewardLoadError`` naming it,
+    before any model is built), else the task's own reward."""
     from tether.tasks.trl_data import is_trl_reward
 
-    if not cfg.rewards:
+    if given:
+        terms = []
+        for reward, weight in given:
+            fn = load_reward_fn(reward) if isinstance(reward, str) else reward
+            if not callable(fn):
+                raise ValueError(f"reward_funcs: {reward!r} is neither callable nor a reward name")
+            terms.append(RewardTerm(reward_ref(reward), float(weight), fn, is_trl_reward(fn)))
+    elif not cfg.rewards:
         ref = getattr(task, "reward_ref", None) or RewardRef(f"{task.name}.reward", None)
         trl = bool(getattr(task, "trl_convention", False))
         fn = getattr(task, "reward_fn", None) if trl else task.reward
