@@ -31,14 +31,22 @@ at a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
-from train_runs import ROOT, add_run_options, fmt, mean_of, read_run, run_all, train_command  # on sys.path
+from train_runs import (  # on sys.path
+    ROOT,
+    add_run_options,
+    fmt,
+    mean_of,
+    read_run,
+    run_all,
+    train_command,
+    write_report,
+)
 
 ASYNC = ["--mode", "async"]
 SOURCES: list[tuple[str, list[str]]] = [
@@ -201,10 +209,7 @@ def main() -> None:
     rows = summarise(results)
     text = table(rows)
     report = {"steps": args.steps, "seeds": args.seeds, "rows": rows, "runs": results}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "table.md").write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(out, report, text, args.json)
     if args.plot:
         plot(rows, Path(args.plot))
     print(f"steps {args.steps}, seeds {args.seeds}; runs in {out}")

@@ -107,5 +107,13 @@ def add_run_options(ap: argparse.ArgumentParser, *, seeds: list[int]) -> None:
     ap.add_argument("--table-only", action="store_true", help="run nothing: tabulate the run directories in --out")
 
 
+def write_report(out: Path, report: dict, text: str, json_path: str | None) -> None:
+    """A benchmark's outputs: ``out/results.json`` (rows and runs), ``out/table.md``, and ``json_path`` if given."""
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "table.md").write_text(text + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+
+
 def fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
