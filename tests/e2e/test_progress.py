@@ -109,3 +109,12 @@ def test_log_every_must_be_positive():
 
     with pytest.raises(ValueError, match="log_every"):
         TrainConfig.from_flat(log_every=0)
+
+
+def test_the_lab_shows_its_progress_through_a_pipe_and_markdown_stays_clean():
+    proc = run_child(tether_command("lab", "--mismatch", "staleness", "--objectives", "grpo,tis"), env=tether_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lab: exact moments: 8 steps" in proc.stdout and "lab: exact moments 8/8" in proc.stdout
+    md = run_child(tether_command("lab", "--mismatch", "staleness", "--objectives", "grpo", "--markdown"),
+                   env=tether_env())
+    assert md.returncode == 0 and md.stdout.startswith("| objective |"), md.stdout[:300]

@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
         vocab=args.vocab, horizon=args.horizon, reward=args.reward, old=args.old, seed=args.seed,
         steps=args.steps, lr=args.lr, optimizer=args.optimizer, mc_batch=args.batch,
     )
-    result = run_lab(cfg, args.out)
+    from tether.train.progress import Reporter
+
+    # progress on stderr-side bar or plain lines; --markdown keeps stdout to the table alone
+    result = run_lab(cfg, args.out, Reporter(enabled=not args.markdown))
     if args.markdown:
         print(markdown_table(result), end="")
         return 0

@@ -33,6 +33,7 @@ from tether.lab.policy import (
     token_logp_from_probs,
 )
 from tether.objectives import get_preset, presets
+from tether.train.progress import QUIET, Reporter
 
 DEFAULT_OBJECTIVES = ("grpo", "tis", "ctpo", "gspo", "p3o", "sequence_is", "cumulative_is", "token_is")
 
@@ -96,8 +97,9 @@ class LabConfig:
             raise ValueError(f"lab: old must be 'pi' or 'mu', got '{self.old}'")
 
 
-def measure(cfg: LabConfig) -> dict:
-    """Bias / variance / MSE / cosine of every objective at every strength (exact where separable)."""
+def measure(cfg: LabConfig, progress: Reporter | None = None) -> dict:
+    """Bias / variance / MSE / cosine of every objective at every strength (exact where separable); ``progress``
+    shows one step per (strength, objective)."""
     cfg.validate()
     space = make_space(cfg.vocab, cfg.horizon)
     theta = init_logits(space, scale=cfg.logit_scale, seed=cfg.seed)
@@ -107,27 +109,30 @@ def measure(cfg: LabConfig) -> dict:
     J = float((seq_probs(logp_pi) * rewards).sum())
     adv = rewards - J
     rows = []
-    for s in cfg.strengths:
-        logp_mu = token_logp_from_probs(behaviour_probs(theta, cfg.mismatch, s, seed=cfg.seed), space)
-        mu_N = seq_probs(logp_mu)
-        for spec in cfg.objectives:
-            name, args = parse_objective(spec)
-            row = {"objective": spec, "strength": s}
-            reason = None if name in RAW_ESTIMATORS else skip_reason(name)
-            if reason:
-                rows.append({**row, "skipped": reason})
-                continue
-            if name in RAW_ESTIMATORS:
-                m = exact_moments(theta, space, raw_coefficients(name, logp_pi, logp_mu, adv), mu_N, grad_J)
-            elif not is_separable(name, logp_pi, logp_mu, adv, old=cfg.old, seed=cfg.seed, args=args):
-                m = monte_carlo_moments(
-                    name, theta, space, logp_pi, logp_mu, adv, grad_J,
-                    batch=cfg.mc_batch, num_batches=cfg.mc_batches, old=cfg.old, seed=cfg.seed, args=args,
-                )
-            else:
-                c = preset_coefficients(name, logp_pi, logp_mu, adv, old=cfg.old, args=args)
-                m = exact_moments(theta, space, c, mu_N, grad_J)
-            rows.append({**row, **m.as_dict()})
+    with (progress or QUIET).phase("lab: exact moments", len(cfg.strengths) * len(cfg.objectives)) as bar:
+        for s in cfg.strengths:
+            logp_mu = token_logp_from_probs(behaviour_probs(theta, cfg.mismatch, s, seed=cfg.seed), space)
+            mu_N = seq_probs(logp_mu)
+            for spec in cfg.objectives:
+                name, args = parse_objective(spec)
+                row = {"objective": spec, "strength": s}
+                reason = None if name in RAW_ESTIMATORS else skip_reason(name)
+                if reason:
+                    rows.append({**row, "skipped": reason})
+                    bar.advance()
+                    continue
+                if name in RAW_ESTIMATORS:
+                    m = exact_moments(theta, space, raw_coefficients(name, logp_pi, logp_mu, adv), mu_N, grad_J)
+                elif not is_separable(name, logp_pi, logp_mu, adv, old=cfg.old, seed=cfg.seed, args=args):
+                    m = monte_carlo_moments(
+                        name, theta, space, logp_pi, logp_mu, adv, grad_J,
+                        batch=cfg.mc_batch, num_batches=cfg.mc_batches, old=cfg.old, seed=cfg.seed, args=args,
+                    )
+                else:
+                    c = preset_coefficients(name, logp_pi, logp_mu, adv, old=cfg.old, args=args)
+                    m = exact_moments(theta, space, c, mu_N, grad_J)
+                rows.append({**row, **m.as_dict()})
+                bar.advance()
     return {"config": cfg.__dict__, "J": J, "grad_norm": float(grad_J.norm()), "results": rows}
 
 
@@ -170,16 +175,17 @@ def train_steps(cfg: LabConfig, spec: str, strength: float) -> dict:
     return {"objective": spec, "strength": strength, "J": Js, "diverged": diverged}
 
 
-def run_lab(cfg: LabConfig, out: Path | None = None) -> dict:
+def run_lab(cfg: LabConfig, out: Path | None = None, progress: Reporter | None = None) -> dict:
     t0 = time.perf_counter()
-    result = measure(cfg)
+    result = measure(cfg, progress)
     if cfg.steps > 0:
-        result["steps"] = [
-            train_steps(cfg, spec, s)
-            for s in cfg.strengths
-            for spec in cfg.objectives
-            if (name := parse_objective(spec)[0]) in RAW_ESTIMATORS or skip_reason(name) is None
-        ]
+        runs = [(s, spec) for s in cfg.strengths for spec in cfg.objectives
+                if (name := parse_objective(spec)[0]) in RAW_ESTIMATORS or skip_reason(name) is None]
+        result["steps"] = []
+        with (progress or QUIET).phase(f"lab: {cfg.steps} training steps", len(runs)) as bar:
+            for s, spec in runs:
+                result["steps"].append(train_steps(cfg, spec, s))
+                bar.advance()
     result["seconds"] = time.perf_counter() - t0
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
