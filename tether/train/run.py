@@ -306,6 +306,7 @@ class Run:
         with clock("meter"):
             old_m, rollout_m, entropy_m = on_policy_rows(expert_B, current_BT, rollout, entropy_BT)  # sampled rows
             metrics: dict[str, Any] = setup.mismatch_metrics(old_m, rollout_m, entropy_m, s, behave_BT=behave_BT)
+            metrics.update(batch.metrics)  # the driver's (e.g. dist's post-sync probe) is checked by the budget too
             try:
                 step_args = self.control.apply(metrics, self.optimizer, self.scheduler, step=s, console=console,
                                                where=self.checkpoint_note())
