@@ -62,3 +62,17 @@ def test_dist_section_exists_only_in_mode_dist():
         TrainConfig.from_flat(mode="dist", max_staleness=1)
     with pytest.raises(ValueError, match="single-turn tasks on the torch engine"):
         TrainConfig.from_flat(mode="dist", env="frozenlake")
+
+
+def test_weight_transport_is_validated_at_the_edge():
+    from tether.dist.transport import WeightTransport
+
+    cfg = TrainConfig.from_flat(mode="dist", weight_transport="broadcast", rollout_workers=2)
+    assert cfg.dist.weight_transport is WeightTransport.BROADCAST
+    assert TrainConfig.from_flat(mode="dist").dist.weight_transport is WeightTransport.FS
+    with pytest.raises(ValueError, match="'weight_transport' broadcast needs rollout_workers >= 1"):
+        TrainConfig.from_flat(mode="dist", weight_transport="broadcast", rollout_workers=0)
+    with pytest.raises(ValueError, match="'weight_transport'.*fs, broadcast"):
+        TrainConfig.from_flat(mode="dist", weight_transport="nccl")
+    with pytest.raises(ValueError, match="'weight_transport' needs mode 'dist'"):
+        TrainConfig.from_flat(weight_transport="broadcast")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.configs import build, coerce_fields, opt, section
+from tether.dist.transport import WeightTransport
 from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
 from tether.objectives.advantages import ADVANTAGES
@@ -100,6 +101,9 @@ class DistConfig:
     sync_dir: str | None = opt(None, "directory of the filesystem weight transport (shared storage across nodes); "
                                      "none: RUN/weights")
     sync_timeout_s: float = opt(120.0, "a weight sync or a worker's batch that takes longer fails naming the worker")
+    weight_transport: WeightTransport = opt(WeightTransport.FS, "how weights reach the workers: fs (safetensors "
+                                            "file per version in sync_dir) or broadcast (torch.distributed from the "
+                                            "trainer: gloo on CPU, nccl on CUDA; needs rollout_workers >= 1)")
     probe_prompts: int = opt(2, "prompts of the post-sync probe batch every worker scores after each sync")
     probe_max_logp_diff: float = opt(1e-4, "alarm when a worker's probe log-probs differ from the trainer's by more")
     max_worker_restarts: int = opt(3, "restarts of dead rollout workers allowed in a run before it stops")
@@ -111,6 +115,9 @@ class DistConfig:
         _check(self.probe_prompts >= 1, "probe_prompts", "must be >= 1", self.probe_prompts)
         _check(self.probe_max_logp_diff >= 0, "probe_max_logp_diff", "must be >= 0", self.probe_max_logp_diff)
         _check(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0", self.max_worker_restarts)
+        _check(self.weight_transport is WeightTransport.FS or self.rollout_workers >= 1, "weight_transport",
+               "broadcast needs rollout_workers >= 1 (a group of the trainer and its Ray workers; with 0 the worker "
+               "shares the trainer's process: use fs)", self.weight_transport.value)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus", "k3_is")
