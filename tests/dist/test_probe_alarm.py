@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 pytest.importorskip("safetensors")
 
 TINY = dict(SMALL, steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, eval_size=2, probe_prompts=1,
-            rollout_workers=0, probe_max_logp_diff=1e-4, checkpoint_every=1)
+            rollout_workers=0, probe_max_logp_diff=1e-4, checkpoint_every=1, device="cpu")
 
 
 def _rows(out):

@@ -95,7 +95,7 @@ class RayPool:
         self.broadcast = d.weight_transport is WeightTransport.BROADCAST
         if self.broadcast:  # the trainer is rank 0 of a group with every worker (transport.BroadcastTransport)
             self.host = ray.util.get_node_ip_address() if d.ray_address else "127.0.0.1"
-            self.backend = "nccl" if getattr(cfg, "device", "cpu") == "cuda" else "gloo"
+            self.backend = "nccl" if cfg.device == "cuda" else "gloo"
             self.store, self.generation, self.sender = BroadcastTransport.serve(self.host, d.sync_timeout_s), 0, None
             self._connect()
         else:

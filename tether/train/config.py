@@ -275,6 +275,9 @@ class TrainConfig:
     checkpoint_every: int = opt(10, "checkpoint every N steps (atomic)", group="run")
     max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps", group="run")
     threads: int | None = opt(None, "torch CPU threads (none: all cores)", group="run")
+    device: str = opt("cpu", "where the built-in model trains and samples: cpu or cuda (refused when "
+                             "torch.cuda.is_available() is false); dist's broadcast uses gloo on cpu, nccl on cuda",
+                      group="run")
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)", group="run")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint", group="run")
     overwrite: bool = opt(False, "start a fresh run in a run directory that is not empty (deletes its checkpoints "
@@ -409,6 +412,12 @@ class TrainConfig:
             v = getattr(self, name)
             _check(v is None or v >= 1, name, "must be >= 1 or none", v)
         _check(self.lr > 0, "lr", "must be finite and > 0", self.lr)
+        _check(self.device in ("cpu", "cuda"), "device", "must be cpu or cuda", repr(self.device))
+        if self.device == "cuda":
+            import torch
+
+            _check(torch.cuda.is_available(), "device", "cuda needs a CUDA GPU and a CUDA build of torch "
+                   "(torch.cuda.is_available() is false here)", repr(self.device))
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip",
                "must be > 0 or none (a negative clip flips every gradient, 0 zeroes every update)", self.grad_clip)

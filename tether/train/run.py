@@ -262,7 +262,8 @@ class Run:
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
         counters["reward_failed"] += expert_failed
         mask_BT = rollout.loss_mask_BT
-        keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool)
+        keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool,
+                                                                          device=mask_BT.device)
         if cfg.overlong_buffer is not None:
             rewards_B = rewards_B + soft_overlong_penalty(
                 rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
