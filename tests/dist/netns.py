@@ -14,6 +14,7 @@ workers included, whatever sessions they made. ``isolation_skip_reason()`` says 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -41,11 +42,22 @@ def isolation_skip_reason() -> str | None:
     return None
 
 
+RAY_PKGS = ROOT / ".ray-pkgs"
+"""``pip install --target .ray-pkgs ray`` into the repository: added to the children's PYTHONPATH when present."""
+
+
+def ray_pythonpath() -> str:
+    """The PYTHONPATH of a child that runs Ray: this checkout, and .ray-pkgs when it exists."""
+    return os.pathsep.join([str(ROOT)] + ([str(RAY_PKGS)] if RAY_PKGS.is_dir() else []))
+
+
 @functools.cache
 def ray_python() -> str | None:
-    """An interpreter with ``ray`` and ``safetensors`` importable: this one, else the repository's .venv-ray."""
+    """An interpreter with ``ray`` and ``safetensors`` importable (with :func:`ray_pythonpath`): this one, else the
+    repository's .venv-ray."""
+    env = {**os.environ, "PYTHONPATH": ray_pythonpath()}
     for py in (sys.executable, str(ROOT / ".venv-ray" / "bin" / "python")):
-        if Path(py).exists() and run([py, "-c", "import ray, safetensors"], timeout=120).returncode == 0:
+        if Path(py).exists() and run([py, "-c", "import ray, safetensors"], timeout=120, env=env).returncode == 0:
             return py
     return None
 
@@ -54,3 +66,27 @@ def run_isolated(args: Sequence[str], *, timeout: float, env: Mapping[str, str] 
                  ) -> subprocess.CompletedProcess:
     """``args`` inside fresh network + PID namespaces with only loopback up (module docstring)."""
     return run([*PREFIX, *args], timeout=timeout, env=env)
+
+
+def ray_scenario(module: str, out: Path) -> dict:
+    """``python -m module OUT`` with Ray, isolated (:func:`run_isolated`); its ``SCENARIO {json}`` line, parsed.
+    Skips (pytest) with the reason when namespaces or Ray are unavailable; fails with the child's output."""
+    import json
+
+    import pytest
+
+    from tests.processes import tether_env
+
+    reason = isolation_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    py = ray_python()
+    if py is None:
+        pytest.skip("ray is not installed (pip install -e '.[dist]', or a .venv-ray / .ray-pkgs in the repository)")
+    done = run_isolated([py, "-m", module, str(out)], timeout=600,
+                        env=tether_env(RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE",
+                                       PYTHONPATH=ray_pythonpath()))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("SCENARIO ")]
+    assert done.returncode == 0 and lines, (f"{module} failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
+                                            f"{done.stderr[-5000:]}")
+    return json.loads(lines[-1].removeprefix("SCENARIO "))

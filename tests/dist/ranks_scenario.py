@@ -36,6 +36,7 @@ from tests.dist.scenario import SMALL, digit_share
 from tether.dist import driver
 from tether.dist.ranks import KILL_RANK_ENV
 from tether.train import setup
+from tether.train.run import Run
 from tether.train.checkpoint import load_checkpoint_dir
 from tether.train.config import TrainConfig
 
@@ -108,7 +109,7 @@ def _signalled(out: Path) -> dict:
 
 def main(which: str, out: Path) -> None:
     torch.set_default_dtype(torch.float64)
-    setup.score = digit_share  # the trainer scores (rank 0); non-zero advantages on the untrained model
+    Run.score = digit_share  # the trainer scores (rank 0); non-zero advantages on the untrained model
     report: dict = {}
     if which == "signal":
         report = _signalled(out)

@@ -25,6 +25,7 @@ import torch
 
 from tether.dist import driver
 from tether.train import setup
+from tether.train.run import Run
 from tether.train.checkpoint import load_checkpoint_dir
 from tether.train.config import TrainConfig
 
@@ -32,9 +33,10 @@ SMALL = dict(prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps
              seed=5, progress=False, checkpoint_every=3, lr=1e-3, objective="ppo", steps=3, mode="dist")
 
 
-def digit_share(task, policy, rollout, examples, cfg):
-    texts = setup.completions(policy, rollout)
-    return torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts]), 0
+def digit_share(run, rollout, examples):
+    """``Run.score`` with the share of digits as the one reward (non-zero advantages on an untrained model)."""
+    texts = setup.completions(run.policy, rollout)
+    return torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts]), 0, {}, {}
 
 
 def _train(out: Path, name: str, **flat) -> dict:
@@ -58,7 +60,7 @@ def _never_published(out: Path) -> dict:
 
 
 def main(out: Path) -> None:
-    setup.score = digit_share  # the trainer scores; this process is the trainer
+    Run.score = digit_share  # the trainer scores; this process is the trainer
     runs = {"reference": _train(out, "reference", rollout_workers=0, sync_dir=str(out / "sync-ref"))}
     runs["ray2"] = _train(out, "ray2", rollout_workers=2, sync_timeout_s=60)
     os.environ[driver.KILL_ENV] = "1,1,1"

@@ -35,10 +35,11 @@ def test_a_resumed_dist_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     from tests.dist.scenario import SMALL, digit_share
     from tether.dist import driver
     from tether.train import setup
+    from tether.train.run import Run
     from tether.train.checkpoint import load_checkpoint_dir
     from tether.train.config import TrainConfig
 
-    monkeypatch.setattr(setup, "score", digit_share)  # non-zero advantages on the untrained model
+    monkeypatch.setattr(Run, "score", digit_share)  # non-zero advantages on the untrained model
     flat = dict(SMALL, rollout_workers=0, checkpoint_every=1)
     driver.train(TrainConfig.from_flat(**flat, out=str(tmp_path / "full")))
     driver.train(TrainConfig.from_flat(**{**flat, "steps": 1}, out=str(tmp_path / "cut")))

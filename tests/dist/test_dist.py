@@ -10,30 +10,16 @@ reference (none lost, none trained twice), one restart and 8 re-queued rows coun
 T3 (part): workers told to sync a version never published fail within the timeout with the worker's name.
 """
 
-import json
-
 import pytest
 
-from tests.dist.netns import isolation_skip_reason, ray_python, run_isolated
-from tests.processes import tether_env
+from tests.dist.netns import ray_scenario
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory):
-    reason = isolation_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    py = ray_python()
-    if py is None:
-        pytest.skip("ray is not installed (pip install -e '.[dist]', or a .venv-ray in the repository)")
-    out = tmp_path_factory.mktemp("dist")
-    done = run_isolated([py, "-m", "tests.dist.scenario", str(out)], timeout=600,
-                        env=tether_env(RAY_USAGE_STATS_ENABLED="0", OMP_WAIT_POLICY="PASSIVE"))
-    lines = [line for line in done.stdout.splitlines() if line.startswith("SCENARIO ")]
-    assert done.returncode == 0 and lines, f"scenario failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return json.loads(lines[-1].removeprefix("SCENARIO "))
+    return ray_scenario("tests.dist.scenario", tmp_path_factory.mktemp("dist"))
 
 
 def test_two_ray_workers_train_the_single_process_weights(scenario):

@@ -71,3 +71,17 @@ def test_trainer_ranks_is_a_dist_setting_of_at_least_one():
         TrainConfig.from_flat(mode="dist", trainer_ranks=0)
     with pytest.raises(ValueError, match="'trainer_ranks' needs mode 'dist'"):
         TrainConfig.from_flat(trainer_ranks=2)
+
+
+def test_weight_transport_is_validated_at_the_edge():
+    from tether.dist.transport import WeightTransport
+
+    cfg = TrainConfig.from_flat(mode="dist", weight_transport="broadcast", rollout_workers=2)
+    assert cfg.dist.weight_transport is WeightTransport.BROADCAST
+    assert TrainConfig.from_flat(mode="dist").dist.weight_transport is WeightTransport.FS
+    with pytest.raises(ValueError, match="'weight_transport' broadcast needs rollout_workers >= 1"):
+        TrainConfig.from_flat(mode="dist", weight_transport="broadcast", rollout_workers=0)
+    with pytest.raises(ValueError, match="'weight_transport'.*fs, broadcast"):
+        TrainConfig.from_flat(mode="dist", weight_transport="nccl")
+    with pytest.raises(ValueError, match="'weight_transport' needs mode 'dist'"):
+        TrainConfig.from_flat(weight_transport="broadcast")

@@ -17,6 +17,7 @@ import torch
 from tether.train import async_loop, setup, sync
 from tether.train.checkpoint import load_checkpoint_dir
 from tether.train.config import OldLogits, StalenessPolicy, TrainConfig, TrainMode
+from tether.train.run import Run
 from tether.train.signals import Interrupted
 
 pytestmark = pytest.mark.e2e
@@ -24,14 +25,15 @@ SMALL = dict(prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps
              seed=5, progress=False, checkpoint_every=2, lr=1e-3)
 
 
-def digit_share(task, policy, rollout, examples, cfg):
-    texts = setup.completions(policy, rollout)
-    return torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts]), 0
+def digit_share(run, rollout, examples):
+    """``Run.score`` with the share of digits as the one reward (non-zero advantages on an untrained model)."""
+    texts = setup.completions(run.policy, rollout)
+    return torch.tensor([sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts]), 0, {}, {}
 
 
 @pytest.fixture(autouse=True)
 def synthetic_reward(monkeypatch):
-    monkeypatch.setattr(setup, "score", digit_share)
+    monkeypatch.setattr(Run, "score", digit_share)
 
 
 def _state(run, step):
@@ -89,13 +91,13 @@ def test_sigterm_stops_async_at_a_step_boundary_and_resumes_bitwise(tmp_path, mo
             os.kill(os.getpid(), signal.SIGTERM)
         return digit_share(*args, **kwargs)
 
-    monkeypatch.setattr(setup, "score", score_then_sigterm)
+    monkeypatch.setattr(Run, "score", score_then_sigterm)
     with pytest.raises(Interrupted) as stopped:
         async_loop.train(TrainConfig.from_flat(**cfg, steps=4, out=str(tmp_path / "cut")))
     step = stopped.value.step
     assert stopped.value.signum == signal.SIGTERM and 1 <= step < 4
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == f"step_{step:06d}"
-    monkeypatch.setattr(setup, "score", digit_share)
+    monkeypatch.setattr(Run, "score", digit_share)
     async_loop.train(TrainConfig.from_flat(**cfg, steps=4, resume=str(tmp_path / "cut")))
     a, b = _state(tmp_path / "full", 4), _state(tmp_path / "cut", 4)
     for k in a["model"]:
@@ -112,7 +114,7 @@ def test_drop_refills_the_batch_with_fresh_groups_and_resumes_bitwise(tmp_path, 
         time.sleep(0.05)
         return digit_share(*args, **kwargs)
 
-    monkeypatch.setattr(setup, "score", slow_score)
+    monkeypatch.setattr(Run, "score", slow_score)
     cfg = dict(SMALL, mode=TrainMode.ASYNC, max_staleness=1, rollout_lag=2, staleness_policy=StalenessPolicy.DROP,
                old_logits=OldLogits.SNAPSHOT, objective="decoupled_ppo")
     full = async_loop.train(TrainConfig.from_flat(**cfg, steps=4, out=str(tmp_path / "full")))
@@ -138,7 +140,7 @@ def test_staleness_bound_holds_in_real_time_mode_with_a_slow_reward(tmp_path, mo
         time.sleep(0.3)
         return digit_share(*args, **kwargs)
 
-    monkeypatch.setattr(setup, "score", slow_score)
+    monkeypatch.setattr(Run, "score", slow_score)
     k = 1
     async_loop.train(TrainConfig.from_flat(**SMALL, steps=5, out=str(tmp_path / "rt"), mode=TrainMode.ASYNC, max_staleness=k,
                                  freshest_weights=True, partial_chunk_tokens=2))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-
-import pytest
 import math
 
+import pytest
 import torch
 
 from tether.lab.estimators import (

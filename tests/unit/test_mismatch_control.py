@@ -230,3 +230,25 @@ def test_a_preset_declares_what_tightening_moves():
         del registry._PRESETS["_banded"]
     with pytest.raises(ValueError, match="'tighten' needs an objective"):
         _control("reinforce", budget_max_kl=0.01, budget_action="tighten")
+
+
+def test_the_dist_probe_is_a_budget_alarm_even_without_meter_thresholds():
+    """mode dist: sync/probe_max_abs_logp_diff over probe_max_logp_diff acts through the budget's action."""
+    control, state = _control(mode="dist", probe_max_logp_diff=1e-3, budget_action="lower_lr")
+    opt, sched = _opt(1e-3)
+    quiet = {"sync/probe_max_abs_logp_diff": 1e-3}  # at the threshold: no alarm (strictly over fires)
+    control.apply(quiet, opt, sched, step=0)
+    assert quiet["budget/alarms"] == 0 and "budget/alarm/probe_max_logp_diff" not in quiet
+    loud = {"sync/probe_max_abs_logp_diff": 2e-3}
+    control.apply(loud, opt, sched, step=1)
+    assert loud["budget/alarm/probe_max_logp_diff"] == 1 and loud["budget/alarms"] == 1
+    assert loud["budget/lr_scale"] == 0.5 and opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    nan = {"sync/probe_max_abs_logp_diff": float("nan")}  # a broken probe never passes as a clean one
+    control.apply(nan, opt, sched, step=2)
+    assert nan["budget/alarms"] == 1 and state["lr_scale"] == 0.25
+    stop, _ = _control(mode="dist", probe_max_logp_diff=1e-3, budget_action="stop")
+    with pytest.raises(TrainingStopped, match=r"sync/probe_max_abs_logp_diff = 0.5 > 0.001 "
+                                              r"\(DistConfig.probe_max_logp_diff\); action: stop"):
+        stop.apply({"sync/probe_max_abs_logp_diff": 0.5}, *_opt(), step=3)
+    sync, _ = _control(budget_action="stop")  # no dist section: the probe key is not a rule
+    sync.apply({"sync/probe_max_abs_logp_diff": 0.5}, *_opt(), step=0)

@@ -2,7 +2,7 @@
 
     for step s:  prompts (seed, s) -> groups split round-robin over the workers -> each worker generates its
                  groups on version s (group g seeded by (seed, s, g): worker.py) -> rows back in group order
-                 -> score -> Run.learn -> publish version s + 1 (filesystem transport) -> every worker syncs
+                 -> score -> Run.learn -> publish version s + 1 (fs or broadcast transport) -> every worker syncs
                  -> post-sync probe (each worker's log-probs of a fixed batch vs the trainer's) -> log -> checkpoint
 
 A worker that dies mid-batch (Ray reports the actor dead) is replaced by a new one, cold-synced to the current
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tether.dist.transport import FilesystemTransport, SyncStats
+from tether.dist.transport import BroadcastTransport, FilesystemTransport, SyncFailed, SyncStats, WeightTransport
 from tether.dist.worker import RolloutWorker
 from tether.rollout import Rollout, concat_rows
 from tether.train.config import TrainConfig
@@ -32,6 +32,9 @@ PROBE_SALT = 4
 """Salt of the probe batch's prompts and samples (sync uses 1, async's refill 2 and 3)."""
 KILL_ENV = "TETHER_DIST_TEST_KILL"
 """Test hook (issue 16 T4): ``WORKER,STEP,AFTER_GROUPS`` kills that worker's first incarnation mid-batch."""
+KILL_SYNC_ENV = "TETHER_DIST_TEST_KILL_SYNC"
+"""Test hook (issue 16 T3): ``WORKER,VERSION,TENSOR`` kills that worker's first incarnation while it receives that
+tensor of that version over the broadcast transport."""
 
 
 def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
@@ -52,8 +55,9 @@ def train(cfg: TrainConfig, given: Given | None = None) -> dict[str, Any]:
 class LocalPool:
     """``rollout_workers = 0``: one :class:`RolloutWorker` in this process (the same code as the actors)."""
 
-    def __init__(self, cfg: TrainConfig, sync_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, sync_dir: Path, state_fn=None) -> None:
         self.workers = [RolloutWorker(cfg, str(sync_dir), "worker-0")]
+        self.sender = FilesystemTransport(sync_dir)
         self.restarts = self.requeued = 0
 
     def __enter__(self) -> LocalPool:
@@ -62,8 +66,12 @@ class LocalPool:
     def __exit__(self, *exc: Any) -> None:
         pass
 
-    def sync(self, version: int, timeout_s: float) -> list[SyncStats]:
-        return [w.sync(version, timeout_s) for w in self.workers]
+    def sync(self, version: int, timeout_s: float, state=None) -> tuple[SyncStats | None, list[SyncStats]]:
+        sent = None if state is None else self.sender.publish(state, version)
+        return sent, [w.sync(version, timeout_s) for w in self.workers]
+
+    def recover(self) -> bool:
+        return False
 
     def generate(self, step: int, groups: list[tuple[int, list[int]]], version: int, timeout_s: float):
         return self.workers[0].generate(step, groups)
@@ -73,12 +81,14 @@ class LocalPool:
 
 
 class RayPool:
-    """``rollout_workers = N``: N :class:`RolloutWorker` Ray actors; a local cluster unless ``ray_address``."""
+    """``rollout_workers = N``: N :class:`RolloutWorker` Ray actors; a local cluster unless ``ray_address``.
+    ``state_fn()``: the trainer's current weights (a broadcast cold sync sends them again to the whole group)."""
 
-    def __init__(self, cfg: TrainConfig, sync_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, sync_dir: Path, state_fn=None) -> None:
         import ray
 
         self.ray, self.cfg, self.sync_dir, d = ray, cfg, sync_dir, cfg.dist
+        self.state_fn, self.version, self.dead = state_fn, None, set()
         self.own_cluster = not ray.is_initialized()
         if self.own_cluster:
             if d.ray_address:
@@ -87,13 +97,39 @@ class RayPool:
                 ray.init(num_cpus=max(1, d.rollout_workers), include_dashboard=False, log_to_driver=False,
                          _node_ip_address="127.0.0.1")
         self.actor_cls = ray.remote(num_cpus=1, max_restarts=0)(RolloutWorker)
-        kill = _kill_hook()
-        self.workers = [self._start(i, die_at=kill[1] if kill and kill[0] == i else None)
+        kill, kill_sync = _kill_hook(KILL_ENV), _kill_hook(KILL_SYNC_ENV)
+        self.workers = [self._start(i, die_at=kill[1] if kill and kill[0] == i else None,
+                                    die_in_sync=kill_sync[1] if kill_sync and kill_sync[0] == i else None)
                         for i in range(d.rollout_workers)]
         self.restarts = self.requeued = 0
+        self.broadcast = d.weight_transport is WeightTransport.BROADCAST
+        if self.broadcast:  # the trainer is rank 0 of a group with every worker (transport.BroadcastTransport)
+            self.host = ray.util.get_node_ip_address() if d.ray_address else "127.0.0.1"
+            self.backend = "nccl" if cfg.device == "cuda" else "gloo"
+            self.store, self.generation, self.sender = BroadcastTransport.serve(self.host, d.sync_timeout_s), 0, None
+            self._connect()
+        else:
+            self.sender = FilesystemTransport(sync_dir)
 
-    def _start(self, i: int, die_at=None):
-        return self.actor_cls.remote(self.cfg, str(self.sync_dir), f"worker-{i}", die_at=die_at)
+    def _start(self, i: int, die_at=None, die_in_sync=None):
+        return self.actor_cls.remote(self.cfg, str(self.sync_dir), f"worker-{i}", die_at=die_at,
+                                     die_in_sync=die_in_sync)
+
+    def _connect(self) -> None:
+        """A new generation of the broadcast group: every worker and the trainer join it (bounded in time)."""
+        self.generation += 1
+        self.sender, world, timeout_s = None, len(self.workers) + 1, self.cfg.dist.sync_timeout_s
+        # built first (their start-up is not the sync's), so that the join below waits only on the rendezvous
+        self._collect([w.info.remote() for w in self.workers], "starting the rollout workers", timeout_s)
+        refs = [w.connect.remote(self.host, self.store.port, self.generation, i + 1, world, self.backend, timeout_s)
+                for i, w in enumerate(self.workers)]
+        try:
+            self.sender = BroadcastTransport(self.store, 0, world, generation=self.generation, timeout_s=timeout_s,
+                                             backend=self.backend, host=self.host,
+                                             device="cuda" if self.backend == "nccl" else "cpu")
+        except RuntimeError as e:
+            self._collect(refs, f"joining broadcast group {self.generation}", timeout_s, e)
+        self._collect(refs, f"joining broadcast group {self.generation}", timeout_s)
 
     def __enter__(self) -> RayPool:
         return self
@@ -110,9 +146,62 @@ class RayPool:
         except self.ray.exceptions.GetTimeoutError as e:
             raise TimeoutError(f"dist: {what} did not finish within {timeout_s:g} s (sync_timeout_s)") from e
 
-    def sync(self, version: int, timeout_s: float) -> list[SyncStats]:
+    def _collect(self, refs: list, what: str, timeout_s: float, trainer_error: Exception | None = None) -> list:
+        """Every worker's result, or :class:`SyncFailed` naming each worker that failed and why (its own error,
+        dead, or no answer in time) and the trainer's side; dead workers are remembered for :meth:`recover`."""
+        ray, out, failures = self.ray, [], []
+        deadline = time.perf_counter() + timeout_s + 30  # the workers bound their own waits by timeout_s
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref, timeout=max(deadline - time.perf_counter(), 0.1)))
+            except ray.exceptions.RayActorError as e:
+                self.dead.add(i)
+                failures.append(f"worker-{i} died ({type(e).__name__})")
+            except ray.exceptions.GetTimeoutError:
+                failures.append(f"worker-{i} did not answer within {timeout_s:g} s")
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None) or e
+                failures.append(f"worker-{i}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:500]}")
+        if trainer_error is not None:
+            failures.append(f"trainer: {type(trainer_error).__name__}: {str(trainer_error)[:500]}")
+        if failures:
+            raise SyncFailed(f"dist: {what} failed: " + "; ".join(failures))
+        return out
+
+    def sync(self, version: int, timeout_s: float, state=None) -> tuple[SyncStats | None, list[SyncStats]]:
+        """Publish ``state`` as ``version`` (none: only receive) and have every worker load it."""
         refs = [w.sync.remote(version, timeout_s) for w in self.workers]
-        return self._get(refs, f"the sync of weight version {version}", timeout_s + 30)
+        sent, error = None, None
+        try:
+            if state is not None:
+                sent = (self.sender.publish(state, version, timeout_s=timeout_s) if self.broadcast
+                        else self.sender.publish(state, version))
+        except RuntimeError as e:  # a broken broadcast group: the receivers' results say who and why
+            error = e
+        got = self._collect(refs, f"the sync of weight version {version}", timeout_s, error)
+        self.version = version
+        return sent, got
+
+    def recover(self) -> bool:
+        """After a failed sync: replace the workers that died (counted) and rebuild the broadcast group.
+        False when none died or no restart is left (the caller re-raises)."""
+        if not self.dead or self.restarts + len(self.dead) > self.cfg.dist.max_worker_restarts:
+            return False
+        for i in sorted(self.dead):
+            self.restarts += 1
+            self.workers[i] = self._start(i)
+        self.dead.clear()
+        if self.broadcast:
+            self._connect()
+        return True
+
+    def _cold_sync(self, i: int, version: int, timeout_s: float) -> None:
+        """A new worker ``i`` to ``version``: from the file (fs), or a new group and a broadcast to all."""
+        if not self.broadcast:
+            self._collect([self.workers[i].sync.remote(version, timeout_s)], f"worker-{i}'s cold sync", timeout_s)
+            return
+        self._connect()
+        self.sync(version, timeout_s, self.state_fn())
 
     def generate(self, step: int, groups: list[tuple[int, list[int]]], version: int, timeout_s: float):
         """Groups round-robin over the workers; a dead worker is restarted, cold-synced, and its groups re-run."""
@@ -134,7 +223,7 @@ class RayPool:
                 self.restarts += 1
                 self.requeued += len(shares[i]) * self.cfg.group_size
                 self.workers[i] = self._start(i)  # cold start: the current version from the transport
-                self._get([self.workers[i].sync.remote(version, timeout_s)], f"worker-{i}'s cold sync", timeout_s + 30)
+                self._cold_sync(i, version, timeout_s)
                 pending[self.workers[i].generate.remote(step, shares[i])] = i
         return out
 
@@ -143,10 +232,10 @@ class RayPool:
                          self.cfg.dist.sync_timeout_s)
 
 
-def _kill_hook() -> tuple[int, tuple[int, int]] | None:
+def _kill_hook(env: str) -> tuple[int, tuple[int, int]] | None:
     import os
 
-    raw = os.environ.get(KILL_ENV)
+    raw = os.environ.get(env)
     if not raw:
         return None
     worker, step, after = (int(x) for x in raw.split(","))
@@ -160,14 +249,14 @@ def _drive(run: Run) -> dict[str, Any]:
     for k in ("worker_restarts", "episodes_requeued"):
         counters.setdefault(k, 0)
     sync_dir = Path(d.sync_dir) if d.sync_dir else run.run_dir / "weights"
-    transport = FilesystemTransport(sync_dir)
     # the fixed probe batch: sampled once by the trainer's engine on the starting weights
     probe = run.generate(run.sample(0, salt=PROBE_SALT, n=d.probe_prompts),
                          seed=step_seed(cfg.seed, 0, PROBE_SALT))
     t0 = time.perf_counter()
-    with (LocalPool(cfg, sync_dir) if d.rollout_workers == 0 else RayPool(cfg, sync_dir)) as pool:
+    pool_cls = LocalPool if d.rollout_workers == 0 else RayPool
+    with pool_cls(cfg, sync_dir, state_fn=run.model.state_dict) as pool:
         start_s = time.perf_counter() - t0
-        sync = _publish(run, transport, pool, probe)
+        sync = _publish(run, pool, probe)
         sync["dist/start_s"] = start_s
         with run.progress("RL dist") as progress:
             while run.state.step < cfg.steps:
@@ -191,22 +280,32 @@ def _drive(run: Run) -> dict[str, Any]:
                     "dist/episodes_requeued": float(counters["episodes_requeued"])})
                 metrics = run.learn(batch, clock, progress.console)
                 with clock("sync"):
-                    sync = _publish(run, transport, pool, probe)
+                    sync = _publish(run, pool, probe)
                 run.record(metrics, batch, clock, progress)
                 run.checkpoint_if_due()
     return run.finish()
 
 
-def _publish(run: Run, transport: FilesystemTransport, pool, probe: Rollout) -> dict[str, float]:
+def _publish(run: Run, pool, probe: Rollout) -> dict[str, float]:
     """Publish the trainer's current version, sync every worker to it, run the probe: the sync metrics
-    (logged with the next step, whose rollouts use this version)."""
+    (logged with the next step, whose rollouts use this version). A sync that fails because a worker died
+    is retried once after the pool replaced it (``dist/worker_restarts``); any other failure stops the run."""
     d, v = run.cfg.dist, run.state.step
-    sent = transport.publish(run.full_state()[0], v)  # sharded ranks: gathered to rank 0
-    got = pool.sync(v, d.sync_timeout_s)
+    t0 = time.perf_counter()
+    restarts = pool.restarts
+    weights = run.full_state()[0]  # sharded ranks: gathered to rank 0
+    try:
+        sent, got = pool.sync(v, d.sync_timeout_s, weights)
+    except SyncFailed:
+        if not pool.recover():
+            raise
+        sent, got = pool.sync(v, d.sync_timeout_s, weights)
+    run.state.counters["worker_restarts"] += pool.restarts - restarts
+    seconds = time.perf_counter() - t0
     ref_BT = run.policy_logprobs(probe)
     mask = probe.loss_mask_BT
     diff = max(float((lp - ref_BT).abs()[mask].max()) for lp in pool.probe(probe))
-    out = {**sent.metrics(), "sync/seconds": sent.seconds + max(g.seconds for g in got),
+    out = {**sent.metrics(), "sync/seconds": seconds, "sync/publish_seconds": sent.seconds,
            "sync/receive_seconds_max": max(g.seconds for g in got), "sync/probe_max_abs_logp_diff": diff}
     if diff > d.probe_max_logp_diff:
         out["alarm/sync_probe"] = 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from tether.dist.transport import FilesystemTransport, SyncStats
+from tether.dist.transport import BroadcastTransport, FilesystemTransport, SyncStats, WeightTransport
 from tether.rollout import Rollout
 from tether.train import setup
 from tether.train.config import TrainConfig
@@ -32,22 +32,49 @@ def group_seed(seed: int, step: int, group: int) -> int:
 class RolloutWorker:
     """Builds the run's task and policy (the engine's architecture; its weights come from the transport).
     ``die_at = (step, after_groups)``: a test hook that SIGKILLs this process in the middle of that step's batch,
-    after generating ``after_groups`` groups (fault tests, issue 16 T4)."""
+    after generating ``after_groups`` groups (fault tests, issue 16 T4). ``die_in_sync = (version, tensor)``: the
+    same while receiving that tensor of that version over the broadcast transport (issue 16 T3).
+    With the broadcast transport the worker has no transport until :meth:`connect` joins the trainer's group."""
 
-    def __init__(self, cfg: TrainConfig, sync_dir: str, name: str, *, die_at: tuple[int, int] | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, sync_dir: str, name: str, *, die_at: tuple[int, int] | None = None,
+                 die_in_sync: tuple[int, int] | None = None) -> None:
         torch.set_num_threads(cfg.threads or 1)
-        self.cfg, self.name, self.die_at = cfg, name, die_at
+        self.cfg, self.name, self.die_at, self.die_in_sync = cfg, name, die_at, die_in_sync
         task = setup.build_task(cfg)
         self.policy = setup.build_policy(cfg, task)
         self.engine = self.policy.engine
         self.sampling = setup.sampling_params(cfg)
-        self.transport = FilesystemTransport(sync_dir)
+        fs = cfg.dist is None or cfg.dist.weight_transport is WeightTransport.FS
+        self.transport: FilesystemTransport | BroadcastTransport | None = FilesystemTransport(sync_dir) if fs else None
+        self.store = None
+
+    def connect(self, host: str, port: int, generation: int, rank: int, world: int, backend: str,
+                timeout_s: float) -> str:
+        """Join generation ``generation`` of the trainer's broadcast group as ``rank`` (blocks until all joined)."""
+        if self.store is None:
+            self.store = BroadcastTransport.join(host, port, timeout_s)
+        self.transport = None  # drop the previous generation's group first
+        own = host if host == "127.0.0.1" else _node_ip()  # the address this worker's gloo device binds
+        self.transport = BroadcastTransport(self.store, rank, world, generation=generation, timeout_s=timeout_s,
+                                            backend=backend, host=own,
+                                            device=self.engine.device if backend == "nccl" else "cpu")
+        return self.name
 
     def sync(self, version: int, timeout_s: float) -> SyncStats:
         """Receive ``version`` from the transport and load it into the engine."""
-        state, stats = self.transport.receive(version, timeout_s=timeout_s, receiver=self.name)
+        if isinstance(self.transport, BroadcastTransport):
+            state, stats = self.transport.receive(version, timeout_s=timeout_s, receiver=self.name,
+                                                  before_tensor=self._die_in_sync(version))
+        else:
+            state, stats = self.transport.receive(version, timeout_s=timeout_s, receiver=self.name)
         self.engine.load_weights(state, version=version)
         return stats
+
+    def _die_in_sync(self, version: int):
+        if self.die_in_sync is None or self.die_in_sync[0] != version:
+            return None
+        at = self.die_in_sync[1]
+        return lambda i: os.kill(os.getpid(), signal.SIGKILL) if i == at else None
 
     def generate(self, step: int, groups: list[tuple[int, list[int]]]) -> list[tuple[int, Rollout]]:
         """``group_size`` completions of each (group index, prompt ids) on the current weights."""
@@ -71,3 +98,9 @@ class RolloutWorker:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "pid": os.getpid(), "version": self.engine.version}
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -102,24 +102,38 @@ class Alarm:
     field: str
     """The budget field that set the threshold, e.g. min_ess_token."""
     action: BudgetAction
+    owner: str = "MismatchBudget"
+    """Where the threshold is configured (a budget field, or another section's, e.g. DistConfig)."""
 
     @property
     def message(self) -> str:
         op = "<" if self.field.startswith("min_") else ">"
         return (
             f"mismatch budget exceeded: {self.metric} = {self.value:.6g} {op} {self.threshold:g} "
-            f"(MismatchBudget.{self.field}); action: {self.action.value}"
+            f"({self.owner}.{self.field}); action: {self.action.value}"
         )
 
 
-def check_budget(stats: Mapping[str, Any], budget: MismatchBudget) -> list[Alarm]:
-    """Alarms for every budget threshold the statistics cross (module docstring)."""
+Rule = tuple[str, str, str, float]
+"""``(field, metric key, 'min'|'max', threshold)``, as ``MismatchBudget.rules`` returns them."""
+
+
+def check_rules(stats: Mapping[str, Any], rules: list[Rule], action: BudgetAction,
+                owner: str = "MismatchBudget") -> list[Alarm]:
+    """Alarms for every rule the statistics cross: ``value < threshold`` ('min') or ``value > threshold`` ('max'),
+    or a value that is NaN or infinite; a key absent from ``stats`` is not checked."""
     alarms = []
-    for field_name, key, kind, threshold in budget.rules():
+    for field_name, key, kind, threshold in rules:
         if key not in stats:
             continue
         value = float(stats[key])
         crossed = (value < threshold) if kind == "min" else (value > threshold)
         if crossed or not math.isfinite(value):
-            alarms.append(Alarm(metric=key, value=value, threshold=threshold, field=field_name, action=budget.action))
+            alarms.append(Alarm(metric=key, value=value, threshold=threshold, field=field_name, action=action,
+                                owner=owner))
     return alarms
+
+
+def check_budget(stats: Mapping[str, Any], budget: MismatchBudget) -> list[Alarm]:
+    """Alarms for every budget threshold the statistics cross (module docstring)."""
+    return check_rules(stats, budget.rules(), budget.action)

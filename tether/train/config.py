@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.configs import build, coerce_fields, opt, section
+from tether.dist.transport import WeightTransport
 from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
 from tether.objectives.advantages import ADVANTAGES
@@ -100,6 +101,9 @@ class DistConfig:
     sync_dir: str | None = opt(None, "directory of the filesystem weight transport (shared storage across nodes); "
                                      "none: RUN/weights")
     sync_timeout_s: float = opt(120.0, "a weight sync or a worker's batch that takes longer fails naming the worker")
+    weight_transport: WeightTransport = opt(WeightTransport.FS, "how weights reach the workers: fs (safetensors "
+                                            "file per version in sync_dir) or broadcast (torch.distributed from the "
+                                            "trainer: gloo on CPU, nccl on CUDA; needs rollout_workers >= 1)")
     probe_prompts: int = opt(2, "prompts of the post-sync probe batch every worker scores after each sync")
     probe_max_logp_diff: float = opt(1e-4, "alarm when a worker's probe log-probs differ from the trainer's by more")
     max_worker_restarts: int = opt(3, "restarts of dead rollout workers allowed in a run before it stops")
@@ -114,6 +118,9 @@ class DistConfig:
         _check(self.probe_max_logp_diff >= 0, "probe_max_logp_diff", "must be >= 0", self.probe_max_logp_diff)
         _check(self.max_worker_restarts >= 0, "max_worker_restarts", "must be >= 0", self.max_worker_restarts)
         _check(self.trainer_ranks >= 1, "trainer_ranks", "must be >= 1", self.trainer_ranks)
+        _check(self.weight_transport is WeightTransport.FS or self.rollout_workers >= 1, "weight_transport",
+               "broadcast needs rollout_workers >= 1 (a group of the trainer and its Ray workers; with 0 the worker "
+               "shares the trainer's process: use fs)", self.weight_transport.value)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3plus", "k3_is")
@@ -275,6 +282,9 @@ class TrainConfig:
                                        "row and the trackers; mode sync; none: before and after only)", group="run")
     max_bad_steps: int = opt(3, "stop after this many consecutive non-finite steps", group="run")
     threads: int | None = opt(None, "torch CPU threads (none: all cores)", group="run")
+    device: str = opt("cpu", "where the built-in model trains and samples: cpu or cuda (refused when "
+                             "torch.cuda.is_available() is false); dist's broadcast uses gloo on cpu, nccl on cuda",
+                      group="run")
     out: str | None = opt(None, "run directory (default runs/<task>-<objective>-<seed>)", group="run")
     resume: str | None = opt(None, "resume the run in this directory from its last checkpoint", group="run")
     overwrite: bool = opt(False, "start a fresh run in a run directory that is not empty (deletes its checkpoints "
@@ -413,6 +423,12 @@ class TrainConfig:
             v = getattr(self, name)
             _check(v is None or v >= 1, name, "must be >= 1 or none", v)
         _check(self.lr > 0, "lr", "must be finite and > 0", self.lr)
+        _check(self.device in ("cpu", "cuda"), "device", "must be cpu or cuda", repr(self.device))
+        if self.device == "cuda":
+            import torch
+
+            _check(torch.cuda.is_available(), "device", "cuda needs a CUDA GPU and a CUDA build of torch "
+                   "(torch.cuda.is_available() is false here)", repr(self.device))
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip",
                "must be > 0 or none (a negative clip flips every gradient, 0 zeroes every update)", self.grad_clip)

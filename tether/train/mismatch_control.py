@@ -22,6 +22,11 @@ Actions, once per step with at least one alarm (``f`` = the config's factor, in 
     stop      raise TrainingStopped with the alarm's message, before the update: the last
               checkpoint is the last good one
 
+Other sections' alarms go through the same actions: with ``mode = dist`` the post-sync probe
+(``sync/probe_max_abs_logp_diff > DistConfig.probe_max_logp_diff``, the largest |log-prob difference| between a
+rollout worker and the trainer on the version the step's rollouts used) is one more rule, logged as
+``budget/alarm/probe_max_logp_diff``, and it is checked even when no meter threshold is set.
+
 Steps with an alarm are counted in ``counters["budget_alarm_steps"]`` (``count/budget_alarm_steps``
 in summary.json). The state (the two scales) lives in the run state, so a resumed run continues with them (the
 lowered lr is also in the scheduler's ``base_lrs``, which its state dict saves).
@@ -33,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tether.meter.auto import AutoRule, CorrectionLevel, choose_correction
-from tether.meter.budget import Alarm, BudgetAction, MismatchBudget, check_budget
+from tether.meter.budget import Alarm, BudgetAction, MismatchBudget, Rule, check_budget, check_rules
 from tether.objectives.registry import get_preset, tighten_args
 
 AUTO_OBJECTIVE = "auto"
@@ -57,6 +62,14 @@ def budget_from_config(budget_cfg: Any) -> MismatchBudget | None:
     return budget if budget.rules() else None
 
 
+def section_rules(cfg: Any) -> list[Rule]:
+    """The alarms of other config sections that act through the budget (module docstring): the dist probe."""
+    dist = getattr(cfg, "dist", None)
+    if dist is None:
+        return []
+    return [("probe_max_logp_diff", "sync/probe_max_abs_logp_diff", "max", float(dist.probe_max_logp_diff))]
+
+
 def validate_config(budget_cfg: Any) -> None:
     """Start-up checks of the budget section, with errors naming the flat config field (``budget_...``)."""
     try:
@@ -76,6 +89,9 @@ class MismatchControl:
     def __init__(self, cfg: Any, objective_args: Mapping[str, Any], state: dict[str, Any],
                  counters: dict[str, int] | None = None, *, rule: AutoRule | None = None):
         self.budget = budget_from_config(cfg.budget)
+        self.section_rules = section_rules(cfg)
+        self.action = cfg.budget.action
+        self.checked = self.budget is not None or bool(self.section_rules)
         self.auto = cfg.objective == AUTO_OBJECTIVE
         self.args0 = dict(objective_args)
         self.rules = dict(get_preset(cfg.objective).tighten)  # the preset says what tightening moves, and how
@@ -86,13 +102,13 @@ class MismatchControl:
         self.state.setdefault("lr_scale", 1.0)
         self.state.setdefault("tighten_scale", 1.0)
         self.counters = counters if counters is not None else {}
-        if self.budget is not None:  # count/budget_alarm_steps in the summary
+        if self.checked:  # count/budget_alarm_steps in the summary
             self.counters.setdefault("budget_alarm_steps", 0)
         if self.budget is not None and self.budget.ratio.value not in MEASURED_BEFORE_UPDATE:
             raise ValueError(
                 f"config field 'budget_ratio': the trainer checks the budget before the update, where it measures "
                 f"{' and '.join(MEASURED_BEFORE_UPDATE)}; '{self.budget.ratio.value}' would never be checked")
-        if self.budget is not None and self.budget.action is BudgetAction.TIGHTEN and not (
+        if self.checked and self.action is BudgetAction.TIGHTEN and not (
             self.auto or any(self.args0.get(k) is not None for k in self.rules)
         ):
             raise ValueError(
@@ -101,7 +117,8 @@ class MismatchControl:
                 f"{', '.join(sorted(self.args0)) or 'none'}, none of them tightenable")
 
     def alarms(self, metrics: Mapping[str, Any]) -> list[Alarm]:
-        return check_budget(metrics, self.budget) if self.budget is not None else []
+        mine = check_budget(metrics, self.budget) if self.budget is not None else []
+        return mine + check_rules(metrics, self.section_rules, self.action, owner="DistConfig")
 
     def apply(self, metrics: dict[str, Any], optimizer: Any, scheduler: Any, *, step: int, console: Any = None,
               where: str = "") -> dict[str, Any]:
@@ -110,11 +127,11 @@ class MismatchControl:
         alarms = self.alarms(metrics)
         for a in alarms:
             metrics[f"budget/alarm/{a.field}"] = 1
-        if self.budget is not None:
+        if self.checked:
             metrics["budget/alarms"] = len(alarms)
         if alarms:
             self.counters["budget_alarm_steps"] = self.counters.get("budget_alarm_steps", 0) + 1
-            action = self.budget.action
+            action = self.action
             if action is BudgetAction.STOP:
                 from tether.train.errors import TrainingStopped
 
@@ -131,7 +148,7 @@ class MismatchControl:
             if console is not None:
                 for a in alarms:
                     console.print(f"[yellow]step {step}: {a.message}[/yellow]")
-        if self.budget is not None:
+        if self.checked:
             metrics["budget/lr_scale"] = self.state["lr_scale"]
             metrics["budget/tighten_scale"] = self.state["tighten_scale"]
         scale = self.state["tighten_scale"]
@@ -145,7 +162,7 @@ class MismatchControl:
             metrics["auto/level"] = d.level.value
             metrics["auto/threshold"] = threshold
             metrics["auto/reason"] = d.reason
-        if self.budget is not None or self.auto:
+        if self.checked or self.auto:
             for k in (*self.rules, "threshold"):
                 if isinstance(args.get(k), (int, float)):
                     metrics[f"objective/{k}"] = float(args[k])

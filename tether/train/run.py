@@ -385,7 +385,8 @@ class Run:
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
         counters["reward_failed"] += expert_failed
         mask_BT = rollout.loss_mask_BT
-        keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool)
+        keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool,
+                                                                          device=mask_BT.device)
         if cfg.overlong_buffer is not None:
             rewards_B = rewards_B + soft_overlong_penalty(
                 rollout.completion_len_B, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
@@ -429,6 +430,7 @@ class Run:
         with clock("meter"):
             old_m, rollout_m, entropy_m = on_policy_rows(expert_B, current_BT, rollout, entropy_BT)  # sampled rows
             metrics: dict[str, Any] = setup.mismatch_metrics(old_m, rollout_m, entropy_m, s, behave_BT=behave_BT)
+            metrics.update(batch.metrics)  # the driver's (e.g. dist's post-sync probe) is checked by the budget too
             try:
                 step_args = self.control.apply(metrics, self.optimizer, self.scheduler, step=s, console=console,
                                                where=self.checkpoint_note())

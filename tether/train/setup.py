@@ -88,6 +88,7 @@ def _build_policy(cfg: TrainConfig, task: Task, progress=None) -> Policy:
                                                  progress=progress)
     from tether.engine.torch_engine import TorchEngine
 
+    model = model.to(cfg.device)  # the engines below copy it, so they live on the same device
     engine = TorchEngine(copy.deepcopy(model), eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     if cfg.rollout_precision is not RolloutPrecision.FP32:  # numerics mismatch on purpose (docs/async.md)
         from tether.engine.precision import PrecisionEngine, install_train_precision
