@@ -71,3 +71,8 @@ def sleepy(completions, **kwargs):
 
     time.sleep(60)
     return [1.0] * len(completions)
+
+
+def too_large_from_step_1(completions, trainer_state, **kwargs):
+    """Scores 1.0 until step 1, then returns a value beyond the reward range on every sample."""
+    return [1.0 if trainer_state.global_step < 1 else 1e39] * len(completions)
