@@ -80,28 +80,31 @@ def _signalled(out: Path) -> dict:
     import signal
     import subprocess
 
+    from tests.processes import started
+
     run = out / "run"
     cmd = [sys.executable, "-m", "tether.cli", "train", "--mode", "dist", "--rollout-workers", "0", "--trainer-ranks",
            "2", "--steps", "1000", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
            "--warmstart-steps", "0", "--eval-size", "2", "--threads", "1", "--checkpoint-every", "1000",
            "--no-progress", "--out", str(run)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
-        if time.monotonic() > deadline:
-            proc.kill()
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
-    left = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
-            try:
-                left.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-            except OSError:
-                pass
+    with started(cmd, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None:
+            if time.monotonic() > deadline:
+                proc.kill()
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+        # what the run left behind, looked at before `started` kills the child's process group on leaving
+        left = []
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit() and int(p.name) != os.getpid():
+                try:
+                    left.append((p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    pass
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
     return {"returncode": proc.returncode, "output": output[-2000:], "checkpoints": ckpts,
             "rows": len(metrics.read_text().splitlines()), "left": [c for c in left if "tether" in c]}

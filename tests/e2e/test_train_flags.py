@@ -11,6 +11,7 @@ from tests.processes import run as run_child
 from tests.processes import tether_command, tether_env
 from tether.train import async_loop, sync
 from tether.train.config import TrainConfig
+from tether.train.errors import TrainingStopped
 from tether.train.metrics_log import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -131,10 +132,12 @@ def test_reward_timeout_marks_slow_calls_failed(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(100)))
     reward = tmp_path / "slow.py"
-    reward.write_text("import time\n\ndef slow(prompt, completion, answer):\n    time.sleep(0.5)\n    return 1.0\n")
-    summary, rows = run(tmp_path, "slow", task=str(data), reward=f"{reward}:slow", reward_timeout_s=0.05, steps=1,
-                        group_size=2)
-    assert summary["count/reward_failed"] == 4 and rows[0]["reward/mean"] == 0.0
+    reward.write_text("import time\n\ndef slow(prompt, completion, answer):\n    time.sleep(5)\n    return 1.0\n")
+    # every call outlives the timeout, so each is killed and counted failed; a reward that fails on every sample of
+    # the first step stops the run, naming the timeout as the reason
+    with pytest.raises(TrainingStopped, match=r"failed on every sample of the first step \(step 0, 4 of 4\), first "
+                                              r"error: timeout: no result within 0.05 s"):
+        run(tmp_path, "slow", task=str(data), reward=f"{reward}:slow", reward_timeout_s=0.05, steps=1, group_size=2)
 
 
 def test_grad_clip_none_trains_and_negative_is_refused(tmp_path):

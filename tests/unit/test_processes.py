@@ -89,3 +89,12 @@ def test_engine_and_e2e_tests_get_the_busy_machine_limit():
     pytest_collection_modifyitems([unit, engine, e2e, heavy])
     limits = [None if (m := i.get_closest_marker("timeout")) is None else m.args[0] for i in (unit, engine, e2e, heavy)]
     assert limits == [None, E2E_TIMEOUT_S, E2E_TIMEOUT_S, HEAVY_TIMEOUT_S]
+
+
+def test_no_two_test_files_share_a_name():
+    """The test folders are not packages, so pytest imports each test file by its bare name: two files with one name
+    in two folders make the second fail to collect ("import file mismatch")."""
+    names: dict[str, list[str]] = {}
+    for p in (ROOT / "tests").rglob("test_*.py"):
+        names.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    assert not {n: ps for n, ps in names.items() if len(ps) > 1}
