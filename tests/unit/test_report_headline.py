@@ -96,3 +96,34 @@ def test_broken_summary_json_is_an_error_naming_it(tmp_path, capsys):
     (run / "summary.json").write_text("{not json")
     assert main(["report", str(run)]) == 2
     assert "summary.json: invalid JSON" in capsys.readouterr().err
+
+
+def test_smooth_is_the_trailing_mean_of_its_window():
+    ys = [1.0, 2.0, math.nan, 4.0, 10.0]
+    want = [1.0, 1.5, 2.0, 4.0, 7.0]  # windows [1] [1,2] [2,nan] [nan,4] [4,10] with the NaN skipped
+    assert report_mod.smooth(ys, 2) == want
+    assert math.isnan(report_mod.smooth([math.nan, math.nan], 3)[1])
+    assert report_mod.smooth(ys[:2], 1) == ys[:2]
+
+
+def test_accuracy_points_put_each_evaluation_after_its_update():
+    """Before training at 0, step s's evaluation (after update s) at s + 1, after training after the last step:
+    the same axis as the reward, which step s measures before its update."""
+    records = [{"step": s, **({"eval/accuracy": 0.1 * s} if s in (1, 3) else {})} for s in range(6)]
+    xs, ys = report_mod.accuracy_points(records, {"eval/accuracy_before": 0.05, "eval/accuracy_after": 0.9})
+    assert xs == [0.0, 2.0, 4.0, 6.0] and ys == pytest.approx([0.05, 0.1, 0.3, 0.9])
+    assert report_mod.accuracy_points(records, {}) == ([2.0, 4.0], pytest.approx([0.1, 0.3]))
+
+
+def test_the_training_plot_draws_accuracy_from_the_summary_and_the_reward_smoothed(tmp_path, figures):
+    """A run without --eval-every still gets its before -> after accuracy panel; 10+ steps of reward get the
+    smoothed curve in front of the faint raw one."""
+    run = noise_run(tmp_path / "run", 1e-3, steps=12)
+    assert main(["report", str(run)]) == 0
+    axes = dict(figures)["reward.png"]
+    assert [a[1] for a in axes] == ["mean reward", "held-out accuracy"]
+    from tether.train.plots import write_plots
+
+    records = report_mod.read_records(run / "metrics.jsonl")
+    write_plots(records, tmp_path, json.loads((run / "summary.json").read_text()))
+    assert (tmp_path / "reward.png").stat().st_size > 0

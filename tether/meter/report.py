@@ -3,7 +3,8 @@
 The page needs no server: plots are PNG files in ``RUN_DIR/report/`` referenced by relative paths.
 Keys read (defined in docs/metrics.md, section "Keys the report reads"):
 
-    reward.png         reward/mean, eval/accuracy, length/mean, entropy/mean
+    reward.png         reward/mean (smoothed, raw faint behind), eval/accuracy (+ summary.json's before/after),
+                       length/mean, entropy/mean
     ess.png            meter/{engine,staleness,drift,total}/{ess_token,ess_seq,ess_geo}
     quantiles.png      meter/{ratio}/logr_{p001,p01,p05,p50,p95,p99,p999} (ratio: total, else engine)
     decomposition.png  meter/decomp/{engine,staleness,total}/var  (cross = total - engine - staleness)
@@ -101,6 +102,11 @@ LABELS = {
     "ess_token": "token ESS",
     "ess_seq": "sequence ESS (product of ratios)",
     "ess_geo": "sequence ESS (geometric mean)",
+    "meter/total/ess_seq": "sequence ESS (fraction)",
+    "meter/total/abs_logr_p99": "|log ratio|, 99th percentile (nats/token)",
+    "meter/total/chi2": "chi-square of the token ratios",
+    "meter/decomp/engine/var_share": "engine share of the log-ratio variance",
+    "meter/decomp/staleness/var_share": "staleness share of the log-ratio variance",
 }
 """Axis labels in words with units, by metric key (or by its last part)."""
 
@@ -108,6 +114,49 @@ LABELS = {
 def label(key: str) -> str:
     """The readable label of ``key`` (the key itself when it has none)."""
     return LABELS.get(key) or LABELS.get(key.rsplit("/", 1)[-1], key)
+
+
+def smooth(ys: list[float], window: int) -> list[float]:
+    """Trailing moving average: ``out[i] = mean(ys[max(0, i - window + 1) : i + 1])``, skipping NaNs (NaN where the
+    whole window is NaN)."""
+    out = []
+    for i in range(len(ys)):
+        vals = [v for v in ys[max(0, i - window + 1):i + 1] if not math.isnan(v)]
+        out.append(sum(vals) / len(vals) if vals else math.nan)
+    return out
+
+
+def accuracy_points(records, summary: dict[str, Any] | None = None) -> tuple[list[float], list[float]]:
+    """Held-out accuracy against updates done, on the axis where step s's reward was measured before update s:
+    before training at 0 (``eval/accuracy_before``), ``eval/accuracy`` of step s (after its update) at s + 1, and
+    after training (``eval/accuracy_after``) after the last step; a later value at the same x replaces an earlier."""
+    summary = summary or {}
+    points: dict[float, float] = {}
+    before, after = _num(summary.get("eval/accuracy_before")), _num(summary.get("eval/accuracy_after"))
+    if before is not None:
+        points[0.0] = before
+    xs, ys = series(records, "eval/accuracy")
+    for x, y in zip(xs, ys):
+        points[x + 1] = y
+    if after is not None and records:
+        points[float(records[-1]["step"]) + 1] = after
+    keys = sorted(points)
+    return keys, [points[k] for k in keys]
+
+
+def draw_series(ax, records, key: str, summary: dict[str, Any] | None = None) -> None:
+    """One training curve: the reward smoothed (a trailing mean over a tenth of the run) with the raw series faint
+    behind it; held-out accuracy as points before, during and after training (``accuracy_points``); else a line."""
+    if key == "eval/accuracy":
+        ax.plot(*accuracy_points(records, summary), "o-", lw=1.5, ms=4)
+        return
+    xs, ys = series(records, key)
+    if key == "reward/mean" and len(ys) >= 10:
+        ax.plot(xs, ys, lw=1, alpha=0.3, color="C0", label="per step")
+        ax.plot(xs, smooth(ys, max(2, len(ys) // 10)), lw=1.8, color="C0", label=f"mean of {max(2, len(ys) // 10)}")
+        ax.legend(fontsize=7, loc="best")
+        return
+    ax.plot(xs, ys, lw=1.5)
 
 
 def _run_mean(records, key: str) -> float | None:
@@ -173,14 +222,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_training(records, path: Path, verdict: Verdict | None = None) -> str | None:
-    keys = [k for k in ("reward/mean", "eval/accuracy", "length/mean", "entropy/mean") if _has(records, k)]
+def plot_training(records, path: Path, verdict: Verdict | None = None,
+                  summary: dict[str, Any] | None = None) -> str | None:
+    keys = [k for k in ("reward/mean", "eval/accuracy", "length/mean", "entropy/mean")
+            if _has(records, k) or (k == "eval/accuracy" and len(accuracy_points(records, summary)[0]) > 1)]
     if not keys:
         return "no reward/mean, length/mean or entropy/mean"
     plt = _plt()
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), sharex=True, squeeze=False)
     for ax, k in zip(axes[:, 0], keys):
-        ax.plot(*series(records, k), lw=1.5)
+        draw_series(ax, records, k, summary)
         ax.set_ylabel(label(k), fontsize=8)
         ax.grid(alpha=0.3)
     step_axis(axes[-1, 0])
@@ -389,12 +440,14 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` and ``run_dir/report/*.png``; returns the HTML path."""
     run_dir = Path(run_dir)
     records = read_records(run_dir / "metrics.jsonl")
-    lines, verdict = headline(records, _read_json(run_dir / "summary.json"), _read_json(run_dir / "config.json"))
+    summary = _read_json(run_dir / "summary.json")
+    lines, verdict = headline(records, summary, _read_json(run_dir / "config.json"))
     img_dir = run_dir / "report"
     img_dir.mkdir(exist_ok=True)
     sections = []
     for fname, title, fn in PLOTS:
-        missing = fn(records, img_dir / fname, verdict)
+        missing = (plot_training(records, img_dir / fname, verdict, summary) if fn is plot_training
+                   else fn(records, img_dir / fname, verdict))
         if missing is None:
             sections.append(f'<h2>{html.escape(title)}</h2>\n<img src="report/{fname}" alt="{html.escape(title)}">')
         else:

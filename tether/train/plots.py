@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from tether.meter.headline import accuracy_sentence
-from tether.meter.report import floor_band, label, run_verdict, step_axis
+from tether.meter.report import (
+    accuracy_points,
+    draw_series,
+    floor_band,
+    label,
+    run_verdict,
+    series,
+    step_axis,
+)
 
 PLOTS = {
     "reward.png": ("Reward", ["reward/mean", "eval/accuracy"]),
@@ -19,16 +27,6 @@ PLOTS = {
 }
 FLOOR_POWER = {"mismatch/abs_logp_diff_mean": 1, "meter/total/kl_k3": 2}
 """Panels with a float-tolerance band: |log r| is at most the floor, the KL at most its square."""
-
-
-def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    xs, ys = [], []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, (int, float)):
-            xs.append(r["step"])
-            ys.append(float(v))
-    return xs, ys
 
 
 def write_plots(records: list[dict[str, Any]], out_dir: str | Path,
@@ -46,13 +44,13 @@ def write_plots(records: list[dict[str, Any]], out_dir: str | Path,
               "mismatch.png": verdict.text if verdict else None}
     written = []
     for fname, (title, keys) in PLOTS.items():
-        present = [k for k in keys if _series(records, k)[0]]
+        present = [k for k in keys if series(records, k)[0]
+                   or (k == "eval/accuracy" and len(accuracy_points(records, summary)[0]) > 1)]
         if not present:
             continue
         fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.4 * len(present) + 0.4), sharex=True, squeeze=False)
         for ax, key in zip(axes[:, 0], present):
-            xs, ys = _series(records, key)
-            ax.plot(xs, ys, lw=1.5)
+            draw_series(ax, records, key, summary)
             if verdict is not None and key in FLOOR_POWER:
                 floor_band(ax, 0.0, verdict.floor ** FLOOR_POWER[key], verdict)
             if key.endswith("ess_token"):
