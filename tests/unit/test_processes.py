@@ -98,3 +98,15 @@ def test_no_two_test_files_share_a_name():
     for p in (ROOT / "tests").rglob("test_*.py"):
         names.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
     assert not {n: ps for n, ps in names.items() if len(ps) > 1}
+
+
+def test_every_test_folder_is_collected(pytestconfig):
+    """pytest skips folders matching norecursedirs (its default holds "dist", which once left tests/dist out of
+    every `make test`): each folder under tests/ that holds a test file must survive that list."""
+    import fnmatch
+
+    patterns = pytestconfig.getini("norecursedirs")
+    folders = {p.parent for p in (ROOT / "tests").rglob("test_*.py")}
+    skipped = [str(f.relative_to(ROOT)) for f in folders
+               if any(fnmatch.fnmatch(part, pat) for part in f.relative_to(ROOT).parts for pat in patterns)]
+    assert not skipped, f"pytest would not collect {skipped} (norecursedirs {patterns})"
