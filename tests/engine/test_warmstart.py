@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from tether.engine.torch_engine import TorchEngine
 from tether.models.builtin import tiny_model
 from tether.models.tiny import TinyConfig
-from tether.models.warmstart import cache_root, warm_start
+from tether.models.warmstart import cache_key, cache_root, warm_start
 from tether.rollout import SamplingParams
 from tether.tasks.base import Example
 
@@ -75,3 +76,33 @@ def test_warm_start_learns_and_caches(tmp_path, monkeypatch):
     different_task, _ = tiny_model(0, CFG)
     info4 = warm_start(different_task, tok, ReverseTask("xyz"), steps=0, seed=0)
     assert info4.cache_path.name != info.cache_path.name
+
+
+def test_a_dataset_is_keyed_by_its_rows_not_its_path(tmp_path):
+    """The same rows at two paths share one warm start; an edited row, or another in-memory dataset,
+    gets its own (by path, an edited file loaded a stale warm start and two in-memory datasets, both
+    named 'dataset', shared one entry)."""
+    from tether.tasks.jsonl import JsonlTask
+    from tether.tasks.trl_data import TRLDatasetTask
+
+    rows = [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(40)]
+
+    def jsonl(name, data):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in data))
+        return JsonlTask(str(path))
+
+    model, tok = tiny_model(0, CFG)
+
+    def key(task):
+        return cache_key(model, tok, task, steps=5, seed=0, hparams={})
+
+    a, b = jsonl("a/data.jsonl", rows), jsonl("b/other.jsonl", rows)
+    assert key(a) == key(b)
+    trained = a.train_examples()[0].prompt  # a row of the training split (the rest may be held out)
+    edited = [{**r, "answer": "0"} if r["prompt"] == trained else r for r in rows]
+    assert key(jsonl("a/edited.jsonl", edited)) != key(a)
+    mem1, mem2 = TRLDatasetTask(rows), TRLDatasetTask(rows[:-1])
+    assert mem1.name == mem2.name == "dataset" and key(mem1) != key(mem2)
+    assert key(TRLDatasetTask(list(rows))) == key(mem1)

@@ -5,9 +5,10 @@ sequences drawn from ``task.sample(rng)``; the loss covers the completion tokens
 tokens are context). AdamW, linear warmup then cosine decay, gradient clipping at 1.
 
 The result is cached under ``$TETHER_CACHE/warmstart`` (default ``~/.cache/tether/warmstart``),
-keyed by a hash of the initial weights, the model config, the tokenizer vocabulary, the task's
-name and config, the training hyper-parameters and the seed; files are written atomically (temp
-file + rename), so a killed run never leaves a half-written cache entry.
+keyed by a hash of the initial weights, the model config, the tokenizer vocabulary, the task (a
+dataset's training rows, a generated task's name and config), the training hyper-parameters and
+the seed; files are written atomically (temp file + rename), so a killed run never leaves a
+half-written cache entry.
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ def cache_key(model: torch.nn.Module, tokenizer, task, *, steps: int, seed: int,
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     vocab = tokenizer.vocab() if hasattr(tokenizer, "vocab") else getattr(tokenizer, "vocab_size", None)
+    if hasattr(task, "cache_identity"):  # a dataset: its training rows, not its path (tether.tasks.base)
+        task_meta = {"task_rows": task.cache_identity()}
+    else:  # a generated task: its name and config say which problems it draws
+        task_meta = {"task": getattr(task, "name", type(task).__name__),
+                     "task_config": _describe(getattr(task, "config", None))}
     meta = {"format": CACHE_FORMAT, "model": _describe(getattr(model, "config", None)), "vocab": vocab,
-            "eos": tokenizer.eos_id, "task": getattr(task, "name", type(task).__name__),
-            "task_config": _describe(getattr(task, "config", None)), "steps": steps, "seed": seed,
-            "hparams": hparams}
+            "eos": tokenizer.eos_id, **task_meta, "steps": steps, "seed": seed, "hparams": hparams}
     h.update(json.dumps(meta, sort_keys=True, default=repr).encode())
     return h.hexdigest()[:24]
 

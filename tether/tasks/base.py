@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +45,16 @@ class DatasetExperts:
     """
 
     _train: list[Example]
+
+    def cache_identity(self) -> dict:
+        """What a warm start on this task depends on: the training rows in order (prompt, answer, solution),
+        as a digest. Keyed by the file path instead, an edited file would load a stale warm start, the same
+        rows at two paths would train twice, and two in-memory datasets (no path) would share one entry."""
+        h = hashlib.sha256()
+        for ex in self._train:
+            h.update(json.dumps([ex.prompt, ex.answer, ex.solution]).encode())
+            h.update(b"\n")
+        return {"dataset_rows": len(self._train), "sha256": h.hexdigest()}
 
     @property
     def n_expert_solutions(self) -> int:
