@@ -292,3 +292,16 @@ def test_alp_config_fields_are_checked_at_the_edge():
     ]:
         with pytest.raises(ValueError, match=match):
             TrainConfig.from_flat(**values)
+
+
+def test_the_layers_of_a_lora_wrapped_model_are_found():
+    peft = pytest.importorskip("peft")
+    model = hf_llama(False)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_layers(wrapped) is model.model.layers
+    alp = LayerPerturbation(2, std=0.2).double().attach(wrapped)
+    tokens = torch.randint(0, 19, (1, 4), generator=torch.Generator().manual_seed(0))
+    alp.begin_step(0)
+    noisy = wrapped(input_ids=tokens).logits
+    alp.detach_hooks()
+    assert alp.forward_index == 0 and not torch.allclose(noisy, wrapped(input_ids=tokens).logits)
