@@ -24,7 +24,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from train_runs import add_run_options, fmt, mean_of, run_all, run_dir  # benchmarks/ is on sys.path when run
+from train_runs import (  # benchmarks/ is on sys.path when run
+    accuracy_change,
+    add_run_options,
+    fmt,
+    mean_of,
+    run_all,
+    run_dir,
+)
 
 SOURCE = "bf16 rollout"
 BASE = ["--rollout-precision", "bf16"]
@@ -58,13 +65,11 @@ def table(results: list[dict], out: Path) -> str:
         if not ok:
             lines.append(f"| {method} | failed: {rs[0]['error'][-200:]!r} |")
             continue
-        delta = [100 * (r["acc_after"] - r["acc_before"]) for r in ok]
-        sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
-        per_seed = ", ".join(f"{100 * r['acc_before']:.1f}->{100 * r['acc_after']:.1f}" for r in ok)
+        acc = accuracy_change(ok)
         ex = [extra(out, method, r["seed"]) for r in ok]
         m = {k: statistics.mean(v) if (v := [e[k] for e in ex if e[k] is not None]) else None
              for k in ("logr_p99", "clipfrac", "sigma_end")}
-        lines.append(f"| {method} | {statistics.mean(delta):+.1f} ± {sd:.1f} (n={len(ok)}: {per_seed}) | "
+        lines.append(f"| {method} | {acc} | "
                      f"{fmt(m['logr_p99'])} | {fmt(m['clipfrac'])} | {fmt(m['sigma_end'])} | "
                      f"{statistics.mean(r['step_s'] for r in ok):.2f} |")
     return "\n".join(lines)
