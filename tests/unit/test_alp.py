@@ -305,3 +305,32 @@ def test_the_layers_of_a_lora_wrapped_model_are_found():
     noisy = wrapped(input_ids=tokens).logits
     alp.detach_hooks()
     assert alp.forward_index == 0 and not torch.allclose(noisy, wrapped(input_ids=tokens).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda.is_available() is false")
+def test_on_cuda_the_noise_repeats_and_bf16_recomputation_sees_it():
+    """Not run on the CPU-only CI; written for a machine with a GPU (bf16 autocast, CUDA generators)."""
+    transformers = pytest.importorskip("transformers")
+    dev = torch.device("cuda")
+    a = gaussian_noise(torch.Size([4, 8]), 99, dtype=torch.float32, device=dev)
+    assert torch.equal(a, gaussian_noise(a.shape, 99, dtype=torch.float32, device=dev))
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=19, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        model = transformers.LlamaForCausalLM(cfg).to(dev)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        alp = LayerPerturbation(3, std=0.05, seed=3).to(dev).attach(model.train())
+        alp.begin_step(1)
+        tokens = torch.randint(0, 19, (4, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=tokens, use_cache=False).logits
+        logits.float().square().mean().backward()
+        return logits.detach().float(), alp.log_sigma_L.grad.clone()
+
+    (logits, sigma_grad), (logits_ck, sigma_grad_ck) = run(False), run(True)
+    torch.testing.assert_close(logits_ck, logits, rtol=0, atol=0)
+    torch.testing.assert_close(sigma_grad_ck, sigma_grad, rtol=1e-2, atol=1e-6)
+    assert sigma_grad.abs().min() > 0
