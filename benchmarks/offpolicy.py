@@ -23,7 +23,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from train_runs import add_run_options, fmt, run_all  # benchmarks/ is on sys.path when the script runs
+from train_runs import (  # benchmarks/ is on sys.path when the script runs
+    accuracy_change,
+    add_run_options,
+    fmt,
+    run_all,
+)
 
 ASYNC = ["--mode", "async"]
 ROWS: list[tuple[str, str, list[str]]] = [
@@ -64,10 +69,7 @@ def table(results: list[dict]) -> str:
         if not ok:
             lines.append(f"| {source} | {corr} | failed: {rs[0]['error'][-200:]!r} |")
             continue
-        delta = [100 * (r["acc_after"] - r["acc_before"]) for r in ok]
-        sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
-        per_seed = ", ".join(f"{100 * r['acc_before']:.1f}->{100 * r['acc_after']:.1f}" for r in ok)
-        acc = f"{statistics.mean(delta):+.1f} ± {sd:.1f} (n={len(ok)}: {per_seed})"
+        acc = accuracy_change(ok)
         m = {k: statistics.mean([r[k] for r in ok if r[k] is not None]) if any(r[k] is not None for r in ok) else None
              for k in ("engine_abs_logr", "total_abs_logr", "total_ess_token", "staleness_kl_k3", "step_s", "old_logits_s",
                        "old_logits_mb", "samples_per_s")}

@@ -115,5 +115,15 @@ def write_report(out: Path, report: dict, text: str, json_path: str | None) -> N
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def accuracy_change(ok: list[dict]) -> str:
+    """Held-out accuracy change of finished runs in points: ``mean ± sd (n=N: before->after per seed)``."""
+    import statistics
+
+    delta = [100 * (r["acc_after"] - r["acc_before"]) for r in ok]
+    sd = statistics.stdev(delta) if len(delta) > 1 else 0.0
+    per_seed = ", ".join(f"{100 * r['acc_before']:.1f}->{100 * r['acc_after']:.1f}" for r in ok)
+    return f"{statistics.mean(delta):+.1f} ± {sd:.1f} (n={len(ok)}: {per_seed})"
+
+
 def fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)

@@ -1,6 +1,8 @@
 """The objective presets listed by `tether objectives`, generated from the registry by `tether.commands.objectives.render_catalogue()`: do not edit."""
 
 PRESETS = (
+    ('alp', 'Token-ALP: dual-clip PPO on pi_theta/mu (bypass: mu is the only anchor), pi_theta perturbed per layer with --alp; eps 0.2/0.2, c 10.'),
+    ('alp_seq', 'Seq-ALP: dual-clip PPO on the product sequence ratio pi_theta/mu (bypass), pi_theta perturbed per layer with --alp; s clipped to [0.5, 4], c 3.'),
     ('auto', 'Rollout correction chosen each step by the meter: token / sequence TIS or geometric rejection.'),
     ('calibrl', "CalibRL: dual-clip PPO on on-policy rows plus an expert-baseline calibration term |A| LeakyReLU_0.5 pushing log pi_theta towards/away from pi_old's expert log-probs."),
     ('cispo', 'CISPO: score function weighted by the detached clipped token ratio (ROLL eps 0.1/0.1).'),

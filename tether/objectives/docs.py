@@ -31,7 +31,8 @@ presets run in `tether distill` (docs/distill.md).
 Choices, deviations from the peers and derivations are in `docs/objectives_notes/`: corrections.md (`tis`,
 `icepop`, `mis` and the rejection masks), [length_calibration.md](objectives_notes/length_calibration.md) (the
 `length_calibration` option of `tis`, `mis` and `icepop`: sequence thresholds that mean the same at every length,
-derived, with the lab's evidence), ratio_family.md, peer_presets.md, advantages_kl.md.
+derived, with the lab's evidence), [alp.md](objectives_notes/alp.md) (`alp`, `alp_seq` and the layerwise
+perturbation of `tether train --alp`), ratio_family.md, peer_presets.md, advantages_kl.md.
 
 | preset | description | advantage | agg |
 |---|---|---|---|

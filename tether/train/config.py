@@ -214,6 +214,29 @@ class AgentConfig:
         _check(self.drift_every >= 0, "drift_every", "must be >= 0", self.drift_every)
 
 
+@dataclass
+class AlpConfig:
+    """ALP's layerwise perturbation of the training forward (docs/objectives_notes/alp.md); exists only with
+    ``alp``. Defaults: the official README (sigma_0 1e-6, its learning rate 5e-4, all layers)."""
+    std: float = opt(1e-6, "initial noise scale sigma_0 of every perturbed layer (> 0)")
+    lr: float = opt(5e-4, "learning rate of the per-layer log-scales log sigma_l (AdamW, no weight decay; the run's "
+                          "LR schedule applies to it too)")
+    learnable: bool = opt(True, "learn the per-layer log-scales (--no-alp-learnable: fixed at std)")
+    start: int = opt(0, "first perturbed decoder layer")
+    end: int | None = opt(None, "perturb layers [start, end) (none: to the last layer)")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        _check(math.isfinite(self.std) and self.std > 0, "alp_std", "must be finite and > 0", self.std)
+        _check(math.isfinite(self.lr) and self.lr > 0, "alp_lr", "must be finite and > 0", self.lr)
+        _check(self.start >= 0, "alp_start", "must be >= 0", self.start)
+        _check(self.end is None or self.end > self.start, "alp_end", "must be > alp_start or none", self.end)
+
+
+def _alp_on(values: dict) -> bool:
+    return values.get("alp") is True
+
+
 def _kl_on(values: dict) -> bool:
     return values.get("kl_placement", KLPlacement.NONE) is not KLPlacement.NONE
 
@@ -271,6 +294,11 @@ class TrainConfig:
                                     "(reward or loss needs kl_coef)", group="KL penalty")
     kl: KLConfig | None = section(KLConfig, "the KL penalty", prefix="kl_", switch=_kl_on,
                                   needs="kl_placement reward or loss", group="KL penalty")
+    alp: bool = opt(False, "ALP: learnable Gaussian noise on every decoder layer's input in the training forward "
+                           "only (pair with --objective alp or alp_seq, the ratio against the rollout policy)",
+                    group="ALP perturbation")
+    perturb: AlpConfig | None = section(AlpConfig, "ALP's perturbation", prefix="alp_", switch=_alp_on, needs="alp",
+                                        group="ALP perturbation")
     # the run
     steps: int = opt(100, "number of RL steps (one optimiser update phase each)", group="run")
     seed: int = opt(0, "seed of everything: task sampling, generation, initialisation", group="run")
@@ -383,6 +411,13 @@ class TrainConfig:
             raise ValueError("config section 'agent' (AgentConfig) needs env")
         if self.env is not None:
             self._validate_agent()
+        if self.alp != (self.perturb is not None):
+            if self.alp:
+                self.perturb = AlpConfig()
+            else:
+                raise ValueError("config section 'perturb' (AlpConfig) needs alp")
+        if self.alp:
+            self._validate_alp()
         if (self.kl_placement is KLPlacement.NONE) != (self.kl is None):
             raise ValueError("config field 'kl_coef' must be > 0 when kl_placement is not 'none'"
                              if self.kl is None else "config section 'kl' (KLConfig) needs kl_placement reward or loss")
@@ -399,6 +434,17 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ValueError("config field 'overwrite' cannot be combined with 'resume' (a resume continues the run)")
         self._validate_offpolicy()
+
+    def _validate_alp(self) -> None:
+        if self.mode is TrainMode.DIST:
+            raise ValueError("config field 'alp' is not supported with mode 'dist' yet (the sharded trainer ranks "
+                             "would each need the perturbation's scales)")
+        if self.share_engine_weights:
+            raise ValueError("config field 'alp' excludes share_engine_weights (the engine would sample from the "
+                             "perturbed model; ALP perturbs the training forward only)")
+        if self.old_logits is not OldLogits.RECOMPUTE:
+            raise ValueError("config field 'alp' needs old_logits 'recompute': ALP's ratio is against the rollout "
+                             "policy (bypass mode), so no other anchor is kept")
 
     def _validate_agent(self) -> None:
         if self.overlong_buffer is not None:

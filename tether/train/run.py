@@ -187,7 +187,9 @@ class Run:
         self.ref_model = setup.frozen_copy(self.model) if cfg.kl is not None else None
         if self.ranks is not None:
             self.ranks.shard(self.model)  # FSDP2: before the optimiser, which then holds each rank's shards
-        self.optimizer, self.scheduler = setup.build_optimizer(cfg, self.model)
+        self.alp = setup.build_alp(cfg, self.model)  # ALP's hooks: on the trainer's model only, after every copy
+        self.optimizer, self.scheduler = setup.build_optimizer(
+            cfg, self.model, self.alp.param_groups(cfg.perturb.lr) if self.alp is not None else None)
         a = cfg.async_ or AsyncConfig()  # sync: recompute, which keeps no versions and ignores the rest
         self.old_logits = OldLogitSource(cfg.old_logits, self.model, self.logprobs,
                                          keep_versions=max(a.lag, a.max_staleness) + 1, ewma_beta=a.ewma_beta)
@@ -233,6 +235,8 @@ class Run:
             if self.ref_model is not None:
                 self.ref_model.load_state_dict(ckpt["ref_model"])
             self.state = RunState(**ckpt["run_state"])
+            if self.alp is not None:
+                self.alp.load_state_dict(ckpt["alp"])
             self.last_checkpoint = self.state.step
             self.old_logits.load_state_dict(ckpt["old_logits"])
         else:
@@ -385,6 +389,8 @@ class Run:
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
         counters["reward_failed"] += expert_failed
         mask_BT = rollout.loss_mask_BT
+        if self.alp is not None:  # this step's noise seeds (the same on a resume)
+            self.alp.begin_step(s)
         keep_B = batch.keep_B if batch.keep_B is not None else torch.ones(rollout.batch_size, dtype=torch.bool,
                                                                           device=mask_BT.device)
         if cfg.overlong_buffer is not None:
@@ -465,6 +471,7 @@ class Run:
             "async/version_min": (int(rollout_m.version_BT[rollout_m.loss_mask_BT].min())
                                   if rollout_m.loss_mask_BT.any() else s),
             **self.experts.metrics,
+            **(self.alp.metrics() if self.alp is not None else {}),
             **(self.episodes.metrics(batch.episodes, s, model, current_BT) if batch.episodes is not None else {}),
         })
         return metrics
@@ -552,6 +559,7 @@ class Run:
             "scheduler": self.scheduler.state_dict(), "run_state": self.state.__dict__,
             "old_logits": self.old_logits.state_dict(),
             **({"ref_model": self.ref_model.state_dict()} if self.ref_model is not None else {}),
+            **({"alp": self.alp.state_dict()} if self.alp is not None else {}),
             **(extra or {}),
         })
         self.last_checkpoint = step

@@ -107,11 +107,27 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
+def build_alp(cfg: TrainConfig, model: torch.nn.Module):
+    """ALP's layerwise perturbation on the trainer's ``model`` (``cfg.alp``), or None. Call it after every copy of
+    the model was made (engine, reference): only this model carries the hooks."""
+    if cfg.perturb is None:
+        return None
+    from tether.models.perturb import LayerPerturbation, decoder_layers
+
+    a = cfg.perturb
+    alp = LayerPerturbation(len(decoder_layers(model)), std=a.std, learnable=a.learnable, start=a.start, end=a.end,
+                            seed=cfg.seed)
+    return alp.to(next(model.parameters()).device).attach(model)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, extra_groups: list[dict] | None = None):
+    """AdamW over the model's trainable weights, plus ``extra_groups`` (ALP's scales, with their own learning
+    rate), and the LR schedule over all of them."""
     params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": params}, *(extra_groups or [])]
     # fused: one kernel per tensor instead of ~10 passes (8 ms -> 1.6 ms per step for the 1.8 M tiny model)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused)
     total = cfg.steps * cfg.epochs * cfg.minibatches
 
     def factor(i: int) -> float:
