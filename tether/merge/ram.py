@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -215,13 +215,15 @@ def merge_delta(deltas_N: Tensor, method: MergeMethod, *, threshold: float = DEF
 def merge_state_dicts(base: Mapping[str, Tensor], models: Sequence[Mapping[str, Tensor]], method: MergeMethod, *,
                       threshold: float = DEFAULT_THRESHOLD, rescale: float = DEFAULT_RESCALE,
                       ratio: OverlapRatio = OverlapRatio.UNIQUE, labels: Sequence[str] | None = None,
+                      on_param: Callable[[str, str], None] | None = None,
                       ) -> tuple[dict[str, Tensor], list[OverlapStats], list[float]]:
     """``(merged, stats, lambdas)``: ``merged[name] = θ_0 + Δ`` in the base's dtype for every parameter of
     ``base``; the per-model :class:`OverlapStats`; the RAM+ factors ``λ_j`` (all 1.0 for the other methods).
 
     Every model must have exactly the base's parameter names (``ValueError`` naming the parameter and the
     model otherwise). Tensors are read parameter by parameter, twice for ``ram-plus`` (counts, then merge),
-    so lazy mappings keep memory at one parameter per model."""
+    so lazy mappings keep memory at one parameter per model. ``on_param(phase, name)`` is called after each
+    parameter of each pass (``phase`` ``"count"`` then ``"merge"``), for progress."""
     method, ratio = MergeMethod(method), OverlapRatio(ratio)
     if not (math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"threshold must be a finite number >= 0, got {threshold}")
@@ -236,16 +238,18 @@ def merge_state_dicts(base: Mapping[str, Tensor], models: Sequence[Mapping[str, 
             raise ValueError(f"{label} {what} ({len(missing)} missing, {len(extra)} extra): the models must share "
                              "the base's architecture and parameter names")
 
-    def deltas():
+    def deltas(phase: str):
         for name in names:
             yield name, stack_deltas(name, base[name], [sd[name] for sd in models], labels)
+            if on_param is not None:
+                on_param(phase, name)
 
-    stats = overlap_stats(deltas(), len(models), threshold)
+    stats = overlap_stats(deltas("count"), len(models), threshold)
     lambdas = [1.0] * len(models)
     if method is MergeMethod.RAM_PLUS:
         lambdas = rescale_factors([s.changed for s in stats], [s.shared for s in stats], rescale=rescale, ratio=ratio)
     merged = {}
-    for name, deltas_N in deltas():
+    for name, deltas_N in deltas("merge"):
         b = base[name]
         merged[name] = (b.to(deltas_N.dtype) + merge_delta(deltas_N, method, threshold=threshold,
                                                            lambdas_N=lambdas)).to(b.dtype)
