@@ -196,3 +196,23 @@ def test_bad_input_is_a_clear_error_before_any_work(folders, tmp_path, capsys):
     out.mkdir()
     (out / "x").write_text("taken")
     assert "exists and is not an empty folder" in error(capsys, [*common, "--models", str(a)])
+
+
+def test_tiny_export_base_merges_with_a_save_pretrained_model(tmp_path):
+    """tether's tiny-model folder writes a short config.json, save_pretrained a full one: the defaults only one
+    file spells out are not an architecture difference."""
+    from tether.models.builtin import tiny_model
+    from tether.models.tiny import TinyConfig, save_hf
+
+    model, tok = tiny_model(0, TinyConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64))
+    base = save_hf(model, tok, tmp_path / "base")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(base))
+    with torch.no_grad():
+        hf_model.model.norm.weight.add_(0.5)
+    hf_model.save_pretrained(str(tmp_path / "tuned"))
+    assert set(json.loads((tmp_path / "tuned" / "config.json").read_text())) - set(
+        json.loads((base / "config.json").read_text()))  # the case under test: keys only one side has
+    assert main(["merge", "--base", str(base), "--models", str(tmp_path / "tuned"), "--out", str(tmp_path / "o"),
+                 "--method", "ram", "--no-progress"]) == 0
+    merged = load(tmp_path / "o")
+    torch.testing.assert_close(merged["model.norm.weight"], load(base)["model.norm.weight"] + 0.5)

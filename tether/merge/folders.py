@@ -142,14 +142,17 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 def check_compatible(base: ModelFolder, models: list[ModelFolder]) -> None:
     """Raise ``ValueError`` naming the folder and the field / parameter where a model differs from the base:
-    an architecture field of ``config.json``, a parameter name, a shape, or floating vs integer dtype."""
+    a ``config.json`` field both files set (bar :data:`CONFIG_IGNORED`), a parameter name, a shape, or
+    floating vs integer dtype."""
     arch = {k: v for k, v in base.config.items() if k not in CONFIG_IGNORED}
     for m in models:
         other = {k: v for k, v in m.config.items() if k not in CONFIG_IGNORED}
-        for key in sorted(set(arch) | set(other)):
-            if arch.get(key) != other.get(key):
-                raise ValueError(f"{m.label} {m.path}: config.json field {key!r} is {other.get(key)!r}, the base "
-                                 f"{base.path} has {arch.get(key)!r} (the models must share one architecture)")
+        # a key only one file has is a default the other left out (save_pretrained writes them all, tether's
+        # tiny-model export only the ones it sets); the shapes below catch any real difference it hides
+        for key in sorted(set(arch) & set(other)):
+            if arch[key] != other[key]:
+                raise ValueError(f"{m.label} {m.path}: config.json field {key!r} is {other[key]!r}, the base "
+                                 f"{base.path} has {arch[key]!r} (the models must share one architecture)")
         missing, extra = sorted(set(base.shapes) - set(m.shapes)), sorted(set(m.shapes) - set(base.shapes))
         if missing:
             raise ValueError(f"{m.label} {m.path}: lacks parameter {missing[0]!r} of the base ({len(missing)} missing)")
