@@ -61,13 +61,13 @@ def load(path):
     return safetensors_torch.load_file(str(path / "model.safetensors"))
 
 
-def expected(base, a, b, method, r=1.05, ratio="unique"):
-    """The merge from the definitions: changed where |model - base| > 1e-5, shared where both changed."""
+def expected(base, a, b, method, r=1.05, ratio="unique", t=1e-5):
+    """The merge from the definitions: changed where |model - base| > t, shared where both changed."""
     sb, sa, s2 = load(base), load(a), load(b)
     da = {k: sa[k] - sb[k] for k in sb}
     db = {k: s2[k] - sb[k] for k in sb}
-    ma = {k: da[k].abs() > 1e-5 for k in sb}
-    mb = {k: db[k].abs() > 1e-5 for k in sb}
+    ma = {k: da[k].abs() > t for k in sb}
+    mb = {k: db[k].abs() > t for k in sb}
     changed = [sum(int(ma[k].sum()) for k in sb), sum(int(mb[k].sum()) for k in sb)]
     shared = sum(int((ma[k] & mb[k]).sum()) for k in sb)
     rho = [shared / (c - shared) if ratio == "unique" else shared / c for c in changed]
@@ -80,21 +80,26 @@ def expected(base, a, b, method, r=1.05, ratio="unique"):
             delta = (da[k] + db[k]) / 2
         else:
             la, lb = (lam if method == "ram-plus" else [1.0, 1.0])
-            delta = torch.where(both, (da[k] + db[k]) / 2, la * da[k] * only_a + lb * db[k] * only_b)
+            delta = torch.where(both, (da[k] * ma[k] + db[k] * mb[k]) / 2, la * da[k] * only_a + lb * db[k] * only_b)
         out[k] = sb[k] + delta
     return out, changed, shared, lam
 
 
 @pytest.mark.parametrize("method,flags", [("ram-plus", []), ("ram", []), ("average", []),
-                                          ("ram-plus", ["--rescale", "1.5", "--overlap-ratio", "changed"])])
+                                          ("ram-plus", ["--rescale", "1.5", "--overlap-ratio", "changed"]),
+                                          ("ram", ["--threshold", "0.005"])])
 def test_merged_folder_loads_and_equals_the_reference(folders, tmp_path, capsys, method, flags):
     _, base, a, b = folders
     out = tmp_path / "merged"
     assert main(["merge", "--base", str(base), "--models", str(a), str(b), "--out", str(out),
                  "--method", method, "--no-progress", *flags]) == 0
-    r = float(flags[1]) if flags else 1.05
-    ratio = flags[3] if flags else "unique"
-    want, changed, shared, lam = expected(base, a, b, method, r, ratio)
+    opts = dict(zip(flags[::2], flags[1::2]))
+    r, ratio = float(opts.get("--rescale", 1.05)), opts.get("--overlap-ratio", "unique")
+    t = float(opts.get("--threshold", 1e-5))
+    want, changed, shared, lam = expected(base, a, b, method, r, ratio, t)
+    if t != 1e-5:  # the case under test: the threshold drops changes the default would keep
+        assert want.keys() == expected(base, a, b, method)[0].keys()
+        assert max((want[k] - expected(base, a, b, method)[0][k]).abs().max() for k in want) > 1e-3
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     got = model.state_dict()
     for k, v in want.items():
@@ -216,3 +221,22 @@ def test_tiny_export_base_merges_with_a_save_pretrained_model(tmp_path):
                  "--method", "ram", "--no-progress"]) == 0
     merged = load(tmp_path / "o")
     torch.testing.assert_close(merged["model.norm.weight"], load(base)["model.norm.weight"] + 0.5)
+
+
+def test_integer_tensors_must_match_and_are_copied(folders, tmp_path, capsys):
+    """A non-floating tensor has no task vector: equal everywhere -> the base's copy; different -> an error."""
+    _, base, a, _ = folders
+    copies = {}
+    for name, src, value in (("base", base, 7), ("same", a, 7), ("other", a, 8)):
+        copies[name] = tmp_path / name
+        shutil.copytree(src, copies[name])
+        state = load(src)
+        state["step_counter"] = torch.tensor([value], dtype=torch.int64)
+        safetensors_torch.save_file(state, str(copies[name] / "model.safetensors"))
+    out = tmp_path / "o"
+    assert main(["merge", "--base", str(copies["base"]), "--models", str(copies["same"]), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert load(out)["step_counter"].tolist() == [7]
+    err = error(capsys, ["--base", str(copies["base"]), "--models", str(copies["other"]), "--out",
+                         str(tmp_path / "o2"), "--no-progress"])
+    assert "non-floating parameter 'step_counter' differs from the base's" in err
