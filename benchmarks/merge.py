@@ -14,7 +14,7 @@ bfloat16 (base and sources), as the paper's RL checkpoints are stored: an update
 resolution at a weight leaves it bit-identical, which is where the sparse task vectors RAM is built for come
 from; fp32 keeps every update.
 
-    python benchmarks/merge.py [--seeds 0 1 2] [--base-steps 1000] [--rl-steps 30] [--lr 1e-4] [--eval-size 100]
+    python benchmarks/merge.py [--seeds 0 1 2] [--base-steps 1000] [--rl-steps 30] [--lr 2e-5] [--prompts 16] [--eval-size 100]
         [--precision fp32 bf16] [--threads 2] [--json OUT.json]
     python benchmarks/merge.py --table RUN.json ...   # one table of earlier runs (e.g. one seed each)
 
@@ -41,14 +41,14 @@ BASE_TASK = {"max_digits": 2, "ops": "+-"}
 METHODS = ("average", "ram", "ram-plus")
 
 
-def build_base(seed: int, args: argparse.Namespace, out: Path, cache: Path) -> Path:
+def build_base(seed: int, args: argparse.Namespace, out: Path) -> Path:
     from tether.models.builtin import warm_started_tiny
     from tether.models.tiny import TinyConfig, save_hf
     from tether.tasks.registry import get_task
 
     config = TinyConfig(d_model=args.d_model, n_layers=args.layers, n_heads=4, d_ff=2 * args.d_model + 64)
     model, tokenizer = warm_started_tiny(get_task("arithmetic", **BASE_TASK), seed=seed, steps=args.base_steps,
-                                         config=config, cache_dir=cache)
+                                         config=config)  # cached under $TETHER_CACHE/warmstart
     return save_hf(model, tokenizer, out)
 
 
@@ -85,7 +85,7 @@ def accuracy(folder: Path, task: str, args: argparse.Namespace) -> float:
 def one_seed(seed: int, args: argparse.Namespace, root: Path) -> list[dict]:
     """One row per precision: the same base and RL sources, merged and evaluated as fp32 and as bf16."""
     t0 = time.perf_counter()
-    base = build_base(seed, args, root / "base", root / "cache")
+    base = build_base(seed, args, root / "base")
     sources = {t: rl(base, t, seed, args, root / f"run_{t}", root / f"model_{t}") for t in TASKS}
     rows = []
     for precision in args.precision:
@@ -117,12 +117,20 @@ def fmt(values: list[float]) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """Accuracy per model and task, and the mean of both tasks minus plain averaging's on the same seed (paired:
+    the seeds' bases differ by far more than the methods do)."""
     names = list(rows[0]["accuracy"])
-    lines = ["| model | add (held-out %) | sub (held-out %) | mean of both |", "|---|---|---|---|"]
+
+    def both(r, name):
+        return (r["accuracy"][name]["add"] + r["accuracy"][name]["sub"]) / 2
+
+    lines = ["| model | add (held-out %) | sub (held-out %) | mean of both | mean of both - average's, paired |",
+             "|---|---|---|---|---|"]
     for name in names:
         add = [r["accuracy"][name]["add"] for r in rows]
         sub = [r["accuracy"][name]["sub"] for r in rows]
-        lines.append(f"| {name} | {fmt(add)} | {fmt(sub)} | {fmt([(a + m) / 2 for a, m in zip(add, sub)])} |")
+        paired = fmt([both(r, name) - both(r, "average") for r in rows])
+        lines.append(f"| {name} | {fmt(add)} | {fmt(sub)} | {fmt([both(r, name) for r in rows])} | {paired} |")
     shared = [f for r in rows for f in r["shared_fraction"]]
     changed = [f for r in rows for f in r["changed_fraction"]]
     lam = [x for r in rows for x in r["lambda"]]
@@ -148,8 +156,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=96, help="base model hidden size (d_ff = 2 d_model + 64)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rl-steps", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-4, help="RL learning rate")
-    p.add_argument("--prompts", type=int, default=8, help="RL prompts per step (8 completions each)")
+    p.add_argument("--lr", type=float, default=2e-5, help="RL learning rate (tether train's default)")
+    p.add_argument("--prompts", type=int, default=16, help="RL prompts per step (8 completions each)")
     p.add_argument("--eval-size", type=int, default=100)
     p.add_argument("--precision", choices=["fp32", "bf16"], nargs="+", default=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
