@@ -13,7 +13,7 @@ from tether.train.config import TrainConfig
 pytestmark = pytest.mark.e2e
 ENV = "tests.agent.toy_envs:Copy"
 SMALL = dict(env=ENV, prompts_per_step=4, group_size=4, max_new_tokens=3, warmstart_steps=5, eval_size=8,
-             progress=False, threads=1)
+             progress=False, threads=1, plots=False)
 
 
 def _train(tmp_path, name="run", **kw):

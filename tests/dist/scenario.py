@@ -30,7 +30,7 @@ from tether.train.checkpoint import load_checkpoint_dir
 from tether.train.config import TrainConfig
 
 SMALL = dict(prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps=0, eval_size=4, threads=1,
-             seed=5, progress=False, checkpoint_every=3, lr=1e-3, objective="ppo", steps=3, mode="dist")
+             seed=5, progress=False, plots=False, checkpoint_every=3, lr=1e-3, objective="ppo", steps=3, mode="dist")
 
 
 def digit_share(run, rollout, examples):

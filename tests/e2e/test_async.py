@@ -22,7 +22,7 @@ from tether.train.signals import Interrupted
 
 pytestmark = pytest.mark.e2e
 SMALL = dict(prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps=0, eval_size=4, threads=2,
-             seed=5, progress=False, checkpoint_every=2, lr=1e-3)
+             seed=5, progress=False, checkpoint_every=2, lr=1e-3, plots=False)
 
 
 def digit_share(run, rollout, examples):

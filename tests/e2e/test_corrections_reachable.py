@@ -16,7 +16,7 @@ from tether.train.metrics_log import read_metrics
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps=30, eval_size=10,
-            threads=1, progress=False, seed=1)
+            threads=1, progress=False, seed=1, plots=False)
 
 
 @pytest.mark.parametrize("objective,args,metric", [
@@ -37,8 +37,8 @@ def test_rejection_presets_drop_tokens_in_a_run(tmp_path, objective, args, metri
 def cli(tmp_path, name, *flags):
     out = tmp_path / name
     data = {**TINY, **varied_reward(tmp_path)}
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in data.items() if k != "progress"]
-    proc = run_child(tether_command("train", *args, "--no-progress", "--out", str(out), *flags), env=tether_env())
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in data.items() if k not in ("progress", "plots")]
+    proc = run_child(tether_command("train", *args, "--no-progress", "--no-plots", "--out", str(out), *flags), env=tether_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_metrics(out / "metrics.jsonl"), json.loads((out / "config.json").read_text())
 

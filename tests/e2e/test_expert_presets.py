@@ -23,7 +23,7 @@ from tether.train.config import TrainConfig, TrainMode
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(prompts_per_step=4, group_size=4, max_new_tokens=6, warmstart_steps=30, eval_size=10, threads=1,
-            progress=False, seed=1)
+            progress=False, seed=1, plots=False)
 TEACHER_INPUTS = {"logp_teacher_BT", "logp_theta_BTV", "logp_teacher_BTV"}
 
 

@@ -16,7 +16,7 @@ from tether.cli import main
 pytestmark = pytest.mark.e2e
 safetensors_torch = pytest.importorskip("safetensors.torch")
 SMALL = dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6, eval_size=4, progress=False, threads=1,
-             checkpoint_every=1, lr=5e-3)
+             checkpoint_every=1, lr=5e-3, plots=False)
 
 
 def task_files(tmp_path, name, op, reward_body):

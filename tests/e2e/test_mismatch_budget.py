@@ -19,7 +19,7 @@ from tether.train.sync import TrainingStopped, train
 
 pytestmark = pytest.mark.e2e
 SMALL = dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
-             progress=False, threads=2, checkpoint_every=1, lr=1e-4)
+             progress=False, threads=2, checkpoint_every=1, lr=1e-4, plots=False)
 
 
 @pytest.fixture

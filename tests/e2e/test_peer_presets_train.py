@@ -35,11 +35,11 @@ def train(tmp_path, name, *, cli: bool) -> Path:
     settings = {**TINY, **varied_reward(tmp_path)}
     if cli:
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-        proc = run_child(tether_command("train", "--objective", name, *flags, "--no-progress", "--out", str(out)),
+        proc = run_child(tether_command("train", "--objective", name, *flags, "--no-progress", "--no-plots", "--out", str(out)),
                          env=tether_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
-        sync.train(TrainConfig.from_flat(objective=name, out=str(out), progress=False, **settings))
+        sync.train(TrainConfig.from_flat(objective=name, out=str(out), progress=False, plots=False, **settings))
     return out
 
 

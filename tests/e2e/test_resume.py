@@ -18,7 +18,7 @@ from tether.train.checkpoint import load_checkpoint_dir
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(HEAVY_TIMEOUT_S)]
 ARGS = ["--steps", "8", "--checkpoint-every", "2", "--prompts-per-step", "4", "--group-size", "4",
         "--max-new-tokens", "6", "--warmstart-steps", "30", "--eval-size", "10", "--threads", "2",
-        "--seed", "3", "--no-progress", "--objective", "ppo", "--epochs", "2", "--minibatches", "2"]
+        "--seed", "3", "--no-progress", "--no-plots", "--objective", "ppo", "--epochs", "2", "--minibatches", "2"]
 
 
 @contextmanager

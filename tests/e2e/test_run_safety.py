@@ -25,7 +25,7 @@ from tether.train.sync import train
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(prompts_per_step=2, group_size=2, max_new_tokens=4, warmstart_steps=0, eval_size=2, threads=1, seed=1,
-             progress=False, checkpoint_every=1, lr=1e-3)
+             progress=False, checkpoint_every=1, lr=1e-3, plots=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.e2e
 
 
 SMALL = dict(steps=3, prompts_per_step=4, group_size=2, max_new_tokens=4, warmstart_steps=0, eval_size=2,
-             threads=1, seed=7, progress=False, checkpoint_every=100)
+             threads=1, seed=7, progress=False, checkpoint_every=100, plots=False)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from tether.train.metrics_log import read_metrics
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(steps=2, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
-             progress=False, threads=1, checkpoint_every=1)
+             progress=False, threads=1, checkpoint_every=1, plots=False)
 LOOPS = {"sync": sync.train, "async": async_loop.train}
 
 
@@ -138,6 +138,22 @@ def test_reward_timeout_marks_slow_calls_failed(tmp_path):
     with pytest.raises(TrainingStopped, match=r"failed on every sample of the first step \(step 0, 4 of 4\), first "
                                               r"error: timeout: no result within 0.05 s"):
         run(tmp_path, "slow", task=str(data), reward=f"{reward}:slow", reward_timeout_s=0.05, steps=1, group_size=2)
+
+
+def test_plots_are_written_at_the_end_unless_no_plots(tmp_path):
+    """The default draws reward.png and mismatch.png (the tests pass --no-plots where the pictures are not
+    what they check: drawing is a large share of a one-step run); `tether train --no-plots` draws none."""
+    from tether.cli import main
+
+    summary, _ = run(tmp_path, "drawn", steps=1, plots=True)
+    drawn = [tmp_path / "drawn" / name for name in ("reward.png", "mismatch.png")]
+    assert summary["plots"] == [str(p) for p in drawn] and all(p.stat().st_size > 1000 for p in drawn)
+    args = ["train", "--no-plots", "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "4", "--warmstart-steps", "20", "--eval-size", "5", "--threads", "1",
+            "--quiet", "--out", str(tmp_path / "bare")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "bare" / "summary.json").read_text()).get("plots", []) == []
+    assert not list((tmp_path / "bare").glob("*.png"))
 
 
 def test_grad_clip_none_trains_and_negative_is_refused(tmp_path):

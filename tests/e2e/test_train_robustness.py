@@ -17,7 +17,7 @@ from tether.train.sync import TrainingStopped, train
 
 pytestmark = pytest.mark.e2e
 SMALL = dict(steps=4, prompts_per_step=2, group_size=4, max_new_tokens=6, warmstart_steps=20, eval_size=5,
-             progress=False, threads=2, checkpoint_every=1)
+             progress=False, threads=2, checkpoint_every=1, plots=False)
 
 
 def test_malformed_dataset_row_names_file_line_and_field(tmp_path):

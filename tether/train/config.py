@@ -375,6 +375,8 @@ class TrainConfig:
     wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)",
                       group="logging")
     mlflow: bool = opt(False, "also log metrics to a local MLflow store in RUN/mlruns (needs mlflow)", group="logging")
+    plots: bool = opt(True, "write RUN/reward.png and RUN/mismatch.png at the end (--no-plots: none, for sweeps "
+                      "of many short runs; `tether report RUN` still draws its page from metrics.jsonl)", group="logging")
     # sections
     budget: BudgetConfig = section(BudgetConfig, "the mismatch budget", prefix="budget_", group="mismatch budget")
     async_: AsyncConfig | None = section(AsyncConfig, "the async loop", switch=_async_on, needs="mode 'async'",

@@ -47,7 +47,8 @@ def write_summary(run_dir: Path, cfg_dict: dict[str, Any], counters: dict[str, A
         if v is not None:
             summary[f"{key}_mean"] = v
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    summary["plots"] = [str(p) for p in write_plots(records, run_dir, summary)]
+    plots = write_plots(records, run_dir, summary) if cfg_dict.get("plots", True) else []
+    summary["plots"] = [str(p) for p in plots]
     return summary
 
 
