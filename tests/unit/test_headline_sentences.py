@@ -159,3 +159,13 @@ def test_decomposition_and_correction_sentences():
     assert decomposition_sentence({}, "fp32") is None
     no_split = {"mismatch/total": 0.01, "mismatch/age_mean": 1.0}
     assert decomposition_sentence(no_split).endswith("not separated (old_logits snapshot separates them)")
+
+
+def test_a_negative_cross_term_is_said_in_words():
+    from tether.meter.headline import decomposition_sentence
+
+    n = {"mismatch/total": 0.005, "mismatch/engine_share": 0.42, "mismatch/staleness_share": 0.75,
+         "mismatch/cross_share": -0.17}
+    assert decomposition_sentence(n, "int8").endswith("42 % engine, 75 % staleness, -17 % cross term (the two parts "
+                                                      "partly cancel)")
+    assert "cancel" not in decomposition_sentence({**n, "mismatch/cross_share": 0.0}, "int8")

@@ -208,6 +208,8 @@ def decomposition_sentence(numbers: dict, precision: str | None = "fp32") -> str
     if all(v is not None for v in shares):
         text += (f"; of its variance {_share(shares[0])} engine, {_share(shares[1])} staleness, "
                  f"{_share(shares[2])} cross term")
+        if shares[2] < 0:
+            text += " (the two parts partly cancel)"
     elif numbers.get("mismatch/age_mean"):
         text += "; engine and staleness not separated (old_logits snapshot separates them)"
     return text
@@ -228,5 +230,5 @@ def correction_sentence(numbers: dict, objective: str | None) -> str:
     text += f"{', the other' if cut else ''} {100 * untouched:.4g} % reweighted by pi_old/mu"
     ess = [numbers.get(k) for k in ("correction/ess_before", "correction/ess_after")]
     if all(v is not None for v in ess):
-        text += f"; ESS per token {ess[0]:.4g} before, {ess[1]:.4g} after"
+        text += f"; ESS per token {ess[0]:.5g} before, {ess[1]:.5g} after"
     return text
