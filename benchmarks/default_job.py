@@ -47,9 +47,19 @@ def start_job(name: str, flags: list[str], seed: int, out: Path, extra: list[str
                "command": " ".join(["tether", *cmd[3:]])}
 
 
-def finish_job(p: subprocess.Popen, rec: dict) -> dict:
-    """Wait for the job (its own CPU time: ``wait4``'s rusage of that child) and read its summary."""
-    _, status, usage = os.wait4(p.pid, 0)
+def finish_jobs(started: list[tuple[subprocess.Popen, dict]]) -> list[dict]:
+    """Wait for every started job, each timed when it ends (whichever ends first), and read their summaries."""
+    by_pid = {p.pid: (p, rec) for p, rec in started}
+    while by_pid:
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in by_pid:
+            p, rec = by_pid.pop(pid)
+            _finish(p, rec, status, usage)
+    return [rec for _, rec in started]
+
+
+def _finish(p: subprocess.Popen, rec: dict, status: int, usage) -> None:
+    """A job that ended: its wall time, its own CPU time (``wait4``'s rusage of that child) and its summary."""
     p.returncode = os.waitstatus_to_exitcode(status)
     rec["wall_s"] = time.perf_counter() - rec.pop("t0")
     rec["cpu_s"] = usage.ru_utime + usage.ru_stime
@@ -59,7 +69,6 @@ def finish_job(p: subprocess.Popen, rec: dict) -> dict:
     rec.update({"rl_s": summary["time/total_s"], "step_s": summary["time/step_s_mean"],
                 "acc_before": summary["eval/accuracy_before"], "acc_after": summary["eval/accuracy_after"],
                 **{k: v for k, v in summary.items() if k.startswith(("mismatch/", "correction/"))}})
-    return rec
 
 
 def _mean_sd(vals: list[float]) -> str:
@@ -93,22 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra", default="", help="more flags for both jobs, e.g. '--steps 20'")
     ap.add_argument("--together", action="store_true", help="run a seed's two jobs at the same time (same load)")
     ap.add_argument("--prewarm", action="store_true", help="build every seed's warm start before timing")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: print the table of OUT/results.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
+    if args.table_only:
+        print(table(json.loads((out / "results.json").read_text())))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     jobs = EXPLICIT if args.explicit else JOBS
     extra = args.extra.split()
     if args.prewarm:
         for seed in args.seeds:  # one step of the classic job caches the seed's warm start
-            finish_job(*start_job("prewarm", jobs["classic"], seed, out, ["--steps", "1", "--eval-size", "1"]))
+            finish_jobs([start_job("prewarm", jobs["classic"], seed, out, ["--steps", "1", "--eval-size", "1"])])
     rows = []
     for i, seed in enumerate(args.seeds):
         order = list(jobs) if i % 2 == 0 else list(jobs)[::-1]
         if args.together:  # both jobs of a seed at once: the same load on both
-            started = [start_job(name, jobs[name], seed, out, extra) for name in order]
-            done = [finish_job(*job) for job in started]
+            done = finish_jobs([start_job(name, jobs[name], seed, out, extra) for name in order])
         else:
-            done = [finish_job(*start_job(name, jobs[name], seed, out, extra)) for name in order]
+            done = [rec for name in order for rec in finish_jobs([start_job(name, jobs[name], seed, out, extra)])]
         for rec in done:
             rows.append(rec)
             print(json.dumps(rec), flush=True)
