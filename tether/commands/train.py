@@ -13,7 +13,7 @@ HELP = "Run RL post-training (default: the built-in model on arithmetic, CPU, a 
 DESCRIPTION = (HELP + " The default job: the engine one weight version ahead (mode async, max_staleness 1) with "
                "int8 weights against the fp32 trainer, pi_old from snapshots (old_logits snapshot), objective tis; "
                "the defaults listed below are the classic job's, which --classic runs (and which any --objective, "
-               "--mode, --model, --engine, --env, --bf16 or --eval-every starts from). docs/quickstart.md")
+               "--mode, --model, --engine, --env, --bf16 or --eval-every starts from). docs/default_job.md")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.description = DESCRIPTION
     p.add_argument("--classic", action="store_true", help="the classic job instead of the default job: synchronous, "
-                   "fp32 engine sharing the trainer's numerics, GRPO (the default before issue 24; docs/quickstart.md)")
+                   "fp32 engine sharing the trainer's numerics, GRPO (the default before issue 24; docs/default_job.md)")
     add_dataclass_arguments(p, TrainConfig)
 
 

@@ -234,7 +234,7 @@ TRL_ALIASES = {
 
 DEFAULT_JOB: dict[str, Any] = {"mode": "async", "max_staleness": 1, "old_logits": "snapshot",
                                "rollout_precision": "int8", "objective": "tis"}
-"""The default job (issue 24, docs/quickstart.md): what ``tether train`` adds to ``TrainConfig``'s field defaults,
+"""The default job (issue 24, docs/default_job.md): what ``tether train`` adds to ``TrainConfig``'s field defaults,
 which are the classic job (synchronous, fp32 engine, GRPO; ``tether train --classic``). The engine runs one
 weight version ahead of the trainer with int8 weights while the trainer stays fp32, so every batch carries the two
 commonest mismatch sources at once (staleness and engine numerics); ``pi_old`` comes from a snapshot of each
