@@ -28,9 +28,9 @@ def documented_table() -> dict[str, tuple[str, str]]:
 
 
 def _value(cfg: TrainConfig, field: str) -> str:
-    v = cfg.lag if field == "max_staleness" and cfg.async_ is not None else getattr(cfg, field, None)
-    if field in ("max_staleness", "old_logits") and cfg.async_ is not None:
-        v = getattr(cfg.async_, field)
+    """A field of the config as the docs' table writes it (an async field from the async section)."""
+    owner = cfg.async_ if field in ("max_staleness", "old_logits") and cfg.async_ is not None else cfg
+    v = getattr(owner, field)
     return str(getattr(v, "value", v))
 
 
