@@ -286,7 +286,10 @@ def given(args: argparse.Namespace, name: str) -> Any:
     return None if v is _UNSET else v
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+def config_from_args(cls: type[T], args: argparse.Namespace,
+                     job: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> T:
+    """``cls`` from a config file (``--config``) and the flags given, flags winning. ``job(values)`` (a command's
+    default job): more values placed under the given ones (``tether train``'s ``default_job``)."""
     values: dict[str, Any] = {}
     where = ""
     if getattr(args, "config", None):
@@ -296,6 +299,8 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         v = getattr(args, ff.name, _UNSET)
         if v is not _UNSET:
             values[ff.name] = v
+    if job is not None:
+        values = {**job(values), **values}
     return build(cls, values, where)
 
 

@@ -38,7 +38,8 @@ def cli(tmp_path, name, *flags):
     out = tmp_path / name
     data = {**TINY, **varied_reward(tmp_path)}
     args = [f"--{k.replace('_', '-')}={v}" for k, v in data.items() if k not in ("progress", "plots")]
-    proc = run_child(tether_command("train", *args, "--no-progress", "--no-plots", "--out", str(out), *flags), env=tether_env())
+    proc = run_child(tether_command("train", "--classic", *args, "--no-progress", "--no-plots", "--out", str(out),
+                                    *flags), env=tether_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return read_metrics(out / "metrics.jsonl"), json.loads((out / "config.json").read_text())
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 HOSTILE = ROOT / "tests" / "unit" / "_hostile_rewards.py"
 TINY = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--warmstart-steps", "30",
-        "--eval-size", "10", "--threads", "2", "--no-progress", "--no-plots", "--checkpoint-every", "1"]
+        "--eval-size", "10", "--threads", "2", "--no-progress", "--no-plots", "--checkpoint-every", "1", "--classic"]
 
 
 def alive(pid: int) -> bool:

@@ -16,7 +16,8 @@ from tether.train.progress import Reporter, auto_every, plain_line
 
 pytestmark = pytest.mark.e2e
 FLAGS = ["--steps", "4", "--warmstart-steps", "7", "--eval-size", "6", "--prompts-per-step", "2", "--group-size", "2",
-         "--max-new-tokens", "4", "--threads", "1", "--checkpoint-every", "4"]
+         "--max-new-tokens", "4", "--threads", "1", "--checkpoint-every", "4",
+         "--classic"]  # the sync loop's phases (the default job's async phase: test_default_job.py)
 
 
 def test_auto_every_gives_about_ten_lines_and_log_every_overrides():

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 REWARDS = ROOT / "tests" / "unit" / "_batched_rewards.py"
 TINY = ["--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6", "--warmstart-steps", "30",
-        "--eval-size", "10", "--threads", "2", "--no-progress", "--no-plots"]
+        "--eval-size", "10", "--threads", "2", "--no-progress", "--no-plots", "--classic"]  # scored in the trainer's thread
 
 
 def train(tmp_path: Path, *flags: str, config: str | None = None):

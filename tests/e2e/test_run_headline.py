@@ -10,7 +10,8 @@ from tether.cli import main
 
 pytestmark = pytest.mark.e2e
 TINY = ["--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "6",
-        "--warmstart-steps", "30", "--eval-size", "10", "--threads", "1", "--no-progress", "--seed", "1"]
+        "--warmstart-steps", "30", "--eval-size", "10", "--threads", "1", "--no-progress", "--seed", "1",
+        "--classic"]  # sync GRPO with only the engine's int8 (the default job's headline: test_default_job.py)
 
 
 def test_int8_run_summary_and_report_name_the_mismatch(tmp_path, capsys):

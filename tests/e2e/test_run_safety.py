@@ -143,7 +143,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_message(tmp_path, monkeypatch, c
     monkeypatch.setattr(checkpoint, "open", full_after_one, raising=False)
     args = ["train", "--out", str(run), "--steps", "3", "--checkpoint-every", "1", "--prompts-per-step", "2",
             "--group-size", "2", "--max-new-tokens", "4", "--warmstart-steps", "0", "--eval-size", "2",
-            "--threads", "1", "--no-progress"]
+            "--threads", "1", "--no-progress", "--classic"]
     assert main(args) == 1
     err = capsys.readouterr().err
     assert (f"no space left on device while writing checkpoint step 2 to {run / 'checkpoints'}; "
@@ -159,7 +159,7 @@ def test_a_second_process_on_a_live_run_dir_is_refused(run, tmp_path):
     live = tmp_path / "live"
     cmd = [sys.executable, "-m", "tether", "train", "--out", str(live), "--steps", "100000", "--prompts-per-step",
            "2", "--group-size", "2", "--max-new-tokens", "4", "--warmstart-steps", "0", "--eval-size", "2",
-           "--threads", "1", "--no-progress"]
+           "--threads", "1", "--no-progress", "--classic"]
     with started(cmd, env=tether_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as p:
         while p.poll() is None and not (live / "metrics.jsonl").exists():  # pytest-timeout is the safety net
             time.sleep(0.1)

@@ -179,7 +179,8 @@ def test_grad_clip_none_trains_and_negative_is_refused(tmp_path):
     (["--reward-timeout-s", "0"], "reward_timeout_s"),
 ])
 def test_ignored_or_out_of_range_flags_are_refused_at_the_edge(tmp_path, flags, field):
-    r = run_child(tether_command("train", *flags, "--out", str(tmp_path / "x")), env=tether_env())
+    # --classic: the async fields are ignored flags there (the default job's mode async would accept them)
+    r = run_child(tether_command("train", "--classic", *flags, "--out", str(tmp_path / "x")), env=tether_env())
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"'{field}'" in r.stderr and "Traceback" not in r.stderr
 

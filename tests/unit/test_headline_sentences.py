@@ -98,3 +98,74 @@ def test_end_summary_reports_a_real_mismatch(tmp_path, capsys):
     print_summary(_summary(tmp_path, {"reward_failed": 0}, 3e-3))
     out = capsys.readouterr().out
     assert "engine mismatch 0.003 nats/token" in out and "float noise" not in out and "counters" not in out
+
+
+def test_ess_of_weights_from_their_mean_and_spread_is_the_direct_ess():
+    from tether.meter.headline import _ess_of_weights
+
+    rng = __import__("random").Random(0)
+    for n in (1, 2, 7, 50):
+        w = [rng.uniform(0.0, 2.0) for _ in range(n)]
+        mean = sum(w) / n
+        std = math.sqrt(sum((x - mean) ** 2 for x in w) / n)  # population, as weight_metrics logs it
+        direct = sum(w) ** 2 / (n * sum(x * x for x in w))
+        assert _ess_of_weights(mean, std) == pytest.approx(direct, rel=1e-12)
+    assert _ess_of_weights(0.0, 0.0) == 1.0
+
+
+def _default_job_rows():
+    """Metric rows as the default job writes them: meter ratios, the exact decomposition, TIS's weight."""
+    rows = []
+    for s in range(4):
+        e, st = 0.02 + 0.002 * s, 0.005 * s
+        rows.append({"step": s, "meter/total/abs_logr_mean": e + st, "meter/engine/abs_logr_mean": e,
+                     "meter/staleness/abs_logr_mean": st, "meter/total/kl_k3": 4e-4, "meter/version/age_mean": 1.0,
+                     "meter/decomp/engine/var_share": 0.8 - 0.1 * s, "meter/decomp/staleness/var_share": 0.15 + 0.1 * s,
+                     "meter/decomp/cross/var_share": 0.05, "meter/engine/ess_token": 0.99, "meter/total/ess_token": 0.9,
+                     "tis/weight_mean": 1.0, "tis/weight_std": 0.1 * (s + 1), "tis/weight_max": 2.0,
+                     "tis/clipfrac_high": 0.001 * s, "tis/clipfrac_low": 0.0, "pg/clipfrac": 0.3})
+    return rows
+
+
+def test_mismatch_numbers_are_run_means_and_the_correction_reads_its_own_ratio():
+    from tether.meter.headline import _ess_of_weights, mismatch_numbers
+
+    rows = _default_job_rows()
+    n = mismatch_numbers(rows, "snapshot")
+    assert n["mismatch/engine"] == pytest.approx(0.023) and n["mismatch/staleness"] == pytest.approx(0.0075)
+    assert n["mismatch/engine_share"] + n["mismatch/staleness_share"] + n["mismatch/cross_share"] == pytest.approx(1)
+    assert n["correction/prefix"] == "tis" and n["correction/truncated_frac"] == pytest.approx(0.0015)
+    assert "correction/masked_frac" not in n
+    assert n["correction/ess_before"] == 0.99  # snapshot: TIS weights pi_old(v)/mu, the engine ratio
+    assert n["correction/ess_after"] == pytest.approx(sum(_ess_of_weights(1.0, 0.1 * k) for k in (1, 2, 3, 4)) / 4)
+    assert mismatch_numbers(rows, "recompute")["correction/ess_before"] == 0.9  # pi_old(current)/mu: the total
+    assert "correction/prefix" not in mismatch_numbers([{k: v for k, v in r.items() if not k.startswith("tis/")}
+                                                        for r in rows])
+
+
+def test_decomposition_and_correction_sentences():
+    from tether.meter.headline import correction_sentence, decomposition_sentence, mismatch_numbers
+
+    n = mismatch_numbers(_default_job_rows(), "snapshot")
+    text = decomposition_sentence(n, "int8")
+    assert text == ("mismatch pi_old/mu 0.0305 nats/token (KL 0.0004): from the int8 engine 0.023 nats/token, from "
+                    "staleness (tokens 1 version old on average) 0.0075; of its variance 65 % engine, 30 % staleness, "
+                    "5 % cross term")
+    assert correction_sentence(n, "tis").startswith(
+        "correction tis: weight truncated on 0.15 % of tokens, the other 99.85 % reweighted by pi_old/mu; ESS per "
+        "token 0.99 before, ")
+    assert correction_sentence({}, "grpo") == ("no mismatch correction: objective grpo logged no importance weight "
+                                               "on pi_old/mu")
+    assert decomposition_sentence({}, "fp32") is None
+    no_split = {"mismatch/total": 0.01, "mismatch/age_mean": 1.0}
+    assert decomposition_sentence(no_split).endswith("not separated (old_logits snapshot separates them)")
+
+
+def test_a_negative_cross_term_is_said_in_words():
+    from tether.meter.headline import decomposition_sentence
+
+    n = {"mismatch/total": 0.005, "mismatch/engine_share": 0.42, "mismatch/staleness_share": 0.75,
+         "mismatch/cross_share": -0.17}
+    assert decomposition_sentence(n, "int8").endswith("42 % engine, 75 % staleness, -17 % cross term (the two parts "
+                                                      "partly cancel)")
+    assert "cancel" not in decomposition_sentence({**n, "mismatch/cross_share": 0.0}, "int8")

@@ -10,17 +10,24 @@ from tether.configs import add_dataclass_arguments, config_from_args, given
 
 NAME = "train"
 HELP = "Run RL post-training (default: the built-in model on arithmetic, CPU, a few minutes)."
+DESCRIPTION = (HELP + " The default job: the engine one weight version ahead (mode async, max_staleness 1) with "
+               "int8 weights against the fp32 trainer, pi_old from snapshots (old_logits snapshot), objective tis; "
+               "the defaults listed below are the classic job's, which --classic runs (and which any --objective, "
+               "--mode, --model, --engine, --env, --bf16 or --eval-every starts from). docs/default_job.md")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tether.train.config import TrainConfig  # imported here: the config pulls in torch (cli.py is lazy)
 
+    p.description = DESCRIPTION
+    p.add_argument("--classic", action="store_true", help="the classic job instead of the default job: synchronous, "
+                   "fp32 engine sharing the trainer's numerics, GRPO (the default before issue 24; docs/default_job.md)")
     add_dataclass_arguments(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from tether.train.checkpoint import CheckpointError
-    from tether.train.config import TrainConfig, TrainMode
+    from tether.train.config import TrainConfig, TrainMode, default_job
     from tether.train.signals import Interrupted
     from tether.train.summary import print_summary
     from tether.train.sync import TrainingStopped, train
@@ -31,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         if not saved.exists():
             raise FileNotFoundError(f"--resume {resume}: no config.json there (not a tether run directory?)")
         args.config = str(saved)  # the run's own config; explicit flags still override it
-    cfg = config_from_args(TrainConfig, args)
+    cfg = config_from_args(TrainConfig, args, job=None if args.classic else default_job)
     if cfg.mode is TrainMode.ASYNC:  # docs/async.md
         from tether.train.async_loop import train
     elif cfg.mode is TrainMode.DIST:  # docs/distributed.md

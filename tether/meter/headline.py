@@ -112,3 +112,123 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def run_mean(records: list[dict], key: str) -> float | None:
+    """Mean of the finite numbers under ``key`` over a run's metric rows (None when no row has one)."""
+    vals = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+            and math.isfinite(r[key])]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ess_of_weights(mean: float, std: float) -> float:
+    """Normalised ESS ``(sum w)^2 / (n sum w^2) = m^2 / (m^2 + s^2)`` of weights with mean ``m`` and population
+    standard deviation ``s`` (1 when both are 0: no weight, no evidence of degeneracy)."""
+    den = mean * mean + std * std
+    return mean * mean / den if den > 0 else 1.0
+
+
+def correction_prefix(records: list[dict]) -> str | None:
+    """The prefix ``P`` of the objective's mismatch-correction weight, the first under which rows log both
+    ``P/weight_mean`` and ``P/weight_std`` (``tis``, ``icepop``, ``infer``, ...); None for an objective without
+    one (GRPO: no importance weight)."""
+    for row in records:
+        for key in row:
+            if key.endswith("/weight_mean") and key.count("/") == 1:
+                prefix = key.rsplit("/", 1)[0]
+                if f"{prefix}/weight_std" in row:
+                    return prefix
+    return None
+
+
+def mismatch_numbers(records: list[dict], old_logits: str | None = None) -> dict[str, float | str]:
+    """The run's mismatch and what its correction did, as run means (summary.json keys; only those measured).
+
+    ``mismatch/*``: the mean per-token ``|log r|`` of the total ratio pi_old(current)/mu, of its engine part
+    pi_old(v)/mu and of its staleness part pi_old(current)/pi_old(v), and the variance shares of the exact
+    split (``meter/decomp``: engine + staleness + cross = 1 on every step). ``correction/*``: the correction
+    weight's prefix, the share of loss tokens whose weight was truncated (``clipfrac_*``) or masked
+    (``maskfrac_*``), and the ESS per token of the ratio it corrects before (the meter's: the engine ratio when
+    ``old_logits`` is snapshot, whose pi_old is the token's own version, else the total) and of the weights
+    after (``_ess_of_weights`` of each step's weight mean and spread)."""
+    out: dict[str, float | str] = {}
+    for name, key in (("total", "meter/total/abs_logr_mean"), ("engine", "meter/engine/abs_logr_mean"),
+                      ("staleness", "meter/staleness/abs_logr_mean"), ("total_kl", "meter/total/kl_k3"),
+                      ("age_mean", "meter/version/age_mean"),
+                      ("engine_share", "meter/decomp/engine/var_share"),
+                      ("staleness_share", "meter/decomp/staleness/var_share"),
+                      ("cross_share", "meter/decomp/cross/var_share")):
+        v = run_mean(records, key)
+        if v is not None:
+            out[f"mismatch/{name}"] = v
+    prefix = correction_prefix(records)
+    if prefix is None:
+        return out
+    out["correction/prefix"] = prefix
+    for name, parts in (("truncated", ("clipfrac_high", "clipfrac_low")), ("masked", ("maskfrac_high", "maskfrac_low"))):
+        vals = [run_mean(records, f"{prefix}/{p}") for p in parts]
+        if any(v is not None for v in vals):
+            out[f"correction/{name}_frac"] = sum(v for v in vals if v is not None)
+    ratio = "engine" if str(old_logits or "") == "snapshot" else "total"
+    before = run_mean(records, f"meter/{ratio}/ess_token")
+    after = [_ess_of_weights(r[f"{prefix}/weight_mean"], r[f"{prefix}/weight_std"]) for r in records
+             if isinstance(r.get(f"{prefix}/weight_mean"), (int, float)) and isinstance(r.get(f"{prefix}/weight_std"),
+                                                                                         (int, float))]
+    if before is not None:
+        out["correction/ess_before"] = before
+    if after:
+        out["correction/ess_after"] = sum(after) / len(after)
+    return out
+
+
+def _share(v: float) -> str:
+    return f"{100 * v:.0f} %"
+
+
+def decomposition_sentence(numbers: dict, precision: str | None = "fp32") -> str | None:
+    """``mismatch pi_old/mu 0.031 nats/token (KL 0.0012): from the int8 engine 0.028 nats/token, from staleness
+    (tokens 1 version old on average) 0.011; of its variance 78 % engine, 19 % staleness, 3 % cross term`` from
+    ``mismatch_numbers``; None when the run measured no total ratio."""
+    total = numbers.get("mismatch/total")
+    if total is None:
+        return None
+    text = f"mismatch pi_old/mu {total:.3g} nats/token"
+    if numbers.get("mismatch/total_kl") is not None:
+        text += f" (KL {numbers['mismatch/total_kl']:.2g})"
+    parts = []
+    if numbers.get("mismatch/engine") is not None:
+        parts.append(f"from the {precision or 'fp32'} engine {numbers['mismatch/engine']:.3g} nats/token")
+    if numbers.get("mismatch/staleness") is not None:
+        age = numbers.get("mismatch/age_mean")
+        behind = f" (tokens {age:.2g} version{'' if age == 1 else 's'} old on average)" if age is not None else ""
+        parts.append(f"from staleness{behind} {numbers['mismatch/staleness']:.3g}")
+    if parts:
+        text += ": " + ", ".join(parts)
+    shares = [numbers.get(f"mismatch/{p}_share") for p in ("engine", "staleness", "cross")]
+    if all(v is not None for v in shares):
+        text += (f"; of its variance {_share(shares[0])} engine, {_share(shares[1])} staleness, "
+                 f"{_share(shares[2])} cross term")
+        if shares[2] < 0:
+            text += " (the two parts partly cancel)"
+    elif numbers.get("mismatch/age_mean"):
+        text += "; engine and staleness not separated (old_logits snapshot separates them)"
+    return text
+
+
+def correction_sentence(numbers: dict, objective: str | None) -> str:
+    """``correction tis: weight truncated on 0.4 % of tokens, the other 99.6 % reweighted by pi_old/mu; ESS per
+    token 0.962 before, 0.968 after`` from ``mismatch_numbers``; an objective without a correction weight:
+    ``no mismatch correction: objective grpo logged no importance weight on pi_old/mu``."""
+    prefix = numbers.get("correction/prefix")
+    if prefix is None:
+        return f"no mismatch correction: objective {objective} logged no importance weight on pi_old/mu"
+    cut = [f"weight truncated on {100 * numbers[k]:.2g} % of tokens" if k.endswith("truncated_frac") else
+           f"tokens masked {100 * numbers[k]:.2g} %" for k in ("correction/truncated_frac", "correction/masked_frac")
+           if k in numbers]
+    untouched = 1.0 - sum(numbers.get(k, 0.0) for k in ("correction/truncated_frac", "correction/masked_frac"))
+    text = f"correction {objective}{'' if prefix == objective else f' ({prefix})'}: " + ", ".join(cut)
+    text += f"{', the other' if cut else ''} {100 * untouched:.4g} % reweighted by pi_old/mu"
+    ess = [numbers.get(k) for k in ("correction/ess_before", "correction/ess_after")]
+    if all(v is not None for v in ess):
+        text += f"; ESS per token {ess[0]:.5g} before, {ess[1]:.5g} after"
+    return text

@@ -34,7 +34,10 @@ from typing import Any
 
 from tether.meter.headline import (
     accuracy_sentence,
+    correction_sentence,
+    decomposition_sentence,
     float_floor,
+    mismatch_numbers,
     mismatch_verdict,
     quarter_means,
     reward_sentence,
@@ -430,9 +433,16 @@ def headline(records, summary: dict[str, Any], config: dict[str, Any]) -> tuple[
                                      ("steps", len(records)),
                                      ("rollout precision", config.get("rollout_precision"))) if v is not None]
     lines.append(", ".join(what))
-    verdict = run_verdict(records, config.get("rollout_precision", summary.get("rollout_precision")))
+    precision = config.get("rollout_precision", summary.get("rollout_precision"))
+    verdict = run_verdict(records, precision)
     if verdict is not None:
         lines.append(verdict.text)
+    if verdict is not None and verdict.beyond_noise:  # the same sentences as the end-of-run summary
+        numbers = mismatch_numbers(records, config.get("old_logits"))
+        parts = decomposition_sentence(numbers, precision)
+        if parts:
+            lines.append(parts)
+        lines.append(correction_sentence(numbers, config.get("objective", summary.get("objective"))))
     return lines, verdict
 
 

@@ -10,12 +10,14 @@ enums and every number is range-checked before anything is built, with errors na
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tether.configs import build, coerce_fields, opt, section
+from tether.configs import build, coerce, coerce_fields, opt, section
 from tether.dist.transport import WeightTransport
 from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
@@ -253,6 +255,34 @@ TRL_ALIASES = {
 """TRL ``GRPOConfig`` names a config file may use by habit, and tether's field for each (for "did you mean")."""
 
 
+DEFAULT_JOB: dict[str, Any] = {"mode": "async", "max_staleness": 1, "old_logits": "snapshot",
+                               "rollout_precision": "int8", "objective": "tis"}
+"""The default job (issue 24, docs/default_job.md): what ``tether train`` adds to ``TrainConfig``'s field defaults,
+which are the classic job (synchronous, fp32 engine, GRPO; ``tether train --classic``). The engine runs one
+weight version ahead of the trainer with int8 weights while the trainer stays fp32, so every batch carries the two
+commonest mismatch sources at once (staleness and engine numerics); ``pi_old`` comes from a snapshot of each
+token's own version, so the meter splits the mismatch exactly into its engine and staleness parts; TIS truncates
+the engine's importance weight ``pi_old(v)/mu`` at 2 and the PPO clip on ``pi_theta/pi_old(v)`` bounds the rest."""
+
+DEFAULT_JOB_OFF = ("objective", "mode", "model", "engine", "env", "bf16", "eval_every", "vllm_sync_every",
+                   "share_engine_weights")
+"""Fields that, set to anything but their ``TrainConfig`` default (``objective`` and ``mode``: set at all), pick
+a job of their own: the default job then adds nothing (``default_job``)."""
+
+
+def default_job(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The default job's settings (``DEFAULT_JOB``) not already in ``given`` (the flat values of a command line
+    and its config file); ``{}`` when ``given`` picks a job of its own (``DEFAULT_JOB_OFF``), so ``tether train
+    --objective sapo`` or ``--mode sync`` run exactly the fields they name over the classic defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name in DEFAULT_JOB_OFF:
+        if name not in given:
+            continue
+        if name in ("objective", "mode") or coerce(TrainConfig, name, given[name]) != defaults[name]:
+            return {}
+    return {k: v for k, v in DEFAULT_JOB.items() if k not in given}
+
+
 @dataclass
 class TrainConfig:
     """``tether train``'s config (module docstring). Build it from flat names with ``TrainConfig.from_flat``."""
@@ -391,6 +421,13 @@ class TrainConfig:
         """The config from flat field names and values, exactly as the CLI and config files give them
         (``TrainConfig.from_flat(mode="async", max_staleness=2, kl_placement="reward", kl_coef=0.1)``)."""
         return build(cls, values)
+
+    @classmethod
+    def default(cls, **values: Any) -> TrainConfig:
+        """The config ``tether train`` runs for these flat values: the default job (``DEFAULT_JOB``) under them,
+        unless they pick a job of their own (``default_job``). ``TrainConfig.default()`` is a bare
+        ``tether train``; ``TrainConfig()`` / ``from_flat()`` are the classic job (``tether train --classic``)."""
+        return build(cls, {**default_job(values), **values})
 
     def __post_init__(self) -> None:
         coerce_fields(self)

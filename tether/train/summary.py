@@ -6,7 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tether.meter.headline import accuracy_sentence, duration, mismatch_verdict, reward_sentence
+from tether.meter.headline import (
+    accuracy_sentence,
+    correction_sentence,
+    decomposition_sentence,
+    duration,
+    mismatch_numbers,
+    mismatch_verdict,
+    reward_sentence,
+)
 from tether.train.metrics_log import read_metrics
 from tether.train.plots import write_plots
 
@@ -46,6 +54,7 @@ def write_summary(run_dir: Path, cfg_dict: dict[str, Any], counters: dict[str, A
         v = _mean(records, key, slice(None))
         if v is not None:
             summary[f"{key}_mean"] = v
+    summary.update(mismatch_numbers(records, cfg_dict.get("old_logits")))  # mismatch/*, correction/* (headline.py)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plots = write_plots(records, run_dir, summary) if cfg_dict.get("plots", True) else []
     summary["plots"] = [str(p) for p in plots]
@@ -90,6 +99,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                                summary.get("meter/staleness/abs_logr_mean_mean"))
     if verdict:
         lines.append(verdict[1])
+    if verdict and verdict[0]:  # a real mismatch: its size and parts, and what the correction did with it
+        parts = decomposition_sentence(summary, summary.get("rollout_precision"))
+        if parts:
+            lines.append(parts)
+        lines.append(correction_sentence(summary, summary.get("objective")))
     counts = [f"{v:g} {_counter_label(k[len('count/'):])}" for k, v in summary.items()
               if k.startswith("count/") and isinstance(v, (int, float)) and v]
     if counts:
