@@ -219,3 +219,32 @@ def test_lean_decode_config_switch_reaches_the_engine(tmp_path):
     assert on.lean and not off.lean
     with pytest.raises(ValueError, match="lean_decode"):
         TrainConfig.from_flat(lean_decode=False)  # the built-in model has its own decode path
+
+
+def test_training_runs_take_the_lean_path_by_default_and_the_stock_path_with_the_flag(tmp_path, monkeypatch):
+    """`tether train --model FOLDER` decodes on the lean path; `--no-lean-decode` on the stock forward; in
+    fp32 with one seed both sample the same tokens, so the logged rewards are equal."""
+    from tests.engine.hf_helpers import tiny_llama_folder
+    from tether.cli import main
+    from tether.train.metrics_log import read_metrics
+
+    folder = tiny_llama_folder(tmp_path / "m")
+    paths: list[str] = []
+    real = TorchEngine._stepper
+
+    def spy(self, batch, max_len):
+        stepper = real(self, batch, max_len)
+        paths.append(self.decode_path)
+        return stepper
+
+    monkeypatch.setattr(TorchEngine, "_stepper", spy)
+    rows = {}
+    for name, flags in (("lean", []), ("stock", ["--no-lean-decode"])):
+        paths.clear()
+        out = tmp_path / name
+        assert main(["train", "--model", str(folder), "--steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+                     "--max-new-tokens", "4", "--eval-size", "2", "--threads", "1", "--no-progress", "--seed", "0",
+                     "--out", str(out), *flags]) == 0
+        assert paths and set(paths) == {name}, paths
+        rows[name] = read_metrics(out / "metrics.jsonl")
+    assert [r["reward/mean"] for r in rows["lean"]] == [r["reward/mean"] for r in rows["stock"]]

@@ -211,7 +211,7 @@ def apply_rope(x_xD: Tensor, cos_xD: Tensor, sin_signed_xD: Tensor) -> Tensor:
     """``x cos + rotate_half(x) sin`` with ``rotate_half(x) = [-x_2, x_1]``, written as
     ``x cos + [x_2, x_1] sin_signed``."""
     half = x_xD.shape[-1] // 2
-    swapped = torch.cat([x_xD[..., half:], x_xD[..., :half]], dim=-1)
+    swapped = torch.cat([x_xD.narrow(-1, half, half), x_xD.narrow(-1, 0, half)], dim=-1)
     return x_xD * cos_xD + swapped * sin_signed_xD
 
 
@@ -241,13 +241,14 @@ class LeanStepper:
         (rotated together, not yet rotated here)."""
         w = self.w
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).unflatten(-1, (w.n_heads + 2 * w.n_kv, w.head_dim))
-        return qkv[..., :w.n_heads + w.n_kv, :], qkv[..., w.n_heads + w.n_kv:, :]
+        n = w.n_heads + w.n_kv
+        return qkv.narrow(-2, 0, n), qkv.narrow(-2, n, w.n_kv)
 
     def _mlp(self, layer: _Layer, h: Tensor) -> Tensor:
         x = rms_norm(h, layer.norm2, layer.eps2)
         gu = F.linear(x, layer.gu_w, layer.gu_b)
         i = self.w.intermediate
-        return h + F.linear(F.silu(gu[..., :i]) * gu[..., i:], layer.down_w, layer.down_b)
+        return h + F.linear(F.silu(gu.narrow(-1, 0, i)) * gu.narrow(-1, i, i), layer.down_w, layer.down_b)
 
     def _logits(self, h_BC: Tensor) -> Tensor:
         w = self.w
@@ -292,18 +293,21 @@ class LeanStepper:
         S = s + 1
         cos, sin = self.cos[positions_B][:, None], self.sin[positions_B][:, None]  # [B, 1, D]
         bias = self.bias_BL[:, None, None, :S]  # [B, 1, 1, S]; slot s is the new token (never masked)
+        # per-step views over all layers (one dispatch each, not one per layer)
+        k_slot, v_slot = self.k.select(3, s), self.v.select(3, s)  # [layers, B, K, D]
+        k_used, v_used = self.k.narrow(3, 0, S), self.v.narrow(3, 0, S)  # [layers, B, K, S, D]
         h = F.embedding(tokens_B, w.embed)
         for li, layer in enumerate(w.layers):
             x = rms_norm(h, layer.norm1, layer.eps1)
             qk, v = self._qkv(layer, x)  # [B, H + K, D], [B, K, D]
             qk = apply_rope(qk, cos, sin)
-            self.k[li, :, :, s] = qk[:, H:]
-            self.v[li, :, :, s] = v
-            q = (qk[:, :H] * w.scale).view(B, K, G, D)
-            scores = torch.matmul(q, self.k[li, :, :, :S].transpose(-1, -2))  # [B, K, G, S]
+            k_slot[li].copy_(qk.narrow(1, H, K))
+            v_slot[li].copy_(v)
+            q = (qk.narrow(1, 0, H) * w.scale).view(B, K, G, D)
+            scores = torch.matmul(q, k_used[li].transpose(-1, -2))  # [B, K, G, S]
             probs = torch.softmax((scores if self.fp32 else scores.float()) + bias, dim=-1)
             probs = probs if self.fp32 else probs.to(w.dtype)
-            att = torch.matmul(probs, self.v[li, :, :, :S])  # [B, K, G, D]
+            att = torch.matmul(probs, v_used[li])  # [B, K, G, D]
             h = h + F.linear(att.reshape(B, H * D), layer.o_w, layer.o_b)
             h = self._mlp(layer, h)
         self.filled = S
