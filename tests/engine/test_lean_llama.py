@@ -33,7 +33,8 @@ def one_thread():
 
 def tiny(kind: str, seed: int = 0, **extra) -> torch.nn.Module:
     """A random tiny model of the given family. GQA (4 query / 2 key-value heads) everywhere; the
-    Llama one has a non-default rope_theta and llama3 rope scaling; the Qwen2 one non-zero q/k/v biases."""
+    Llama one has a non-default rope_theta and llama3 rope scaling; the Qwen2 one non-zero q/k/v biases;
+    the Qwen3 one q/k norms."""
     torch.manual_seed(seed)
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
@@ -42,6 +43,12 @@ def tiny(kind: str, seed: int = 0, **extra) -> torch.nn.Module:
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             **{**common, "rope_parameters": rope, "tie_word_embeddings": True, **extra}))
+    elif kind == "qwen3":  # per-head q/k norms before RoPE (random weights, so a skipped norm shows)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{**common, "head_dim": 8, **extra}))
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**common, **extra}))
         with torch.no_grad():
@@ -61,7 +68,7 @@ def max_gap_to_trainer(model, rollout) -> float:
     return float((lp - rollout.logp_mu_BT)[m].abs().max())
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral"])
 def test_lean_path_matches_the_stock_forward_and_the_trainer(kind):
     model = tiny(kind)
     assert lean_llama.unsupported_reason(model, 64) is None

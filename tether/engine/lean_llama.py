@@ -1,4 +1,4 @@
-"""A lean decode path for Hugging Face Llama-layout decoders (Llama, SmolLM2, Qwen2, Mistral).
+"""A lean decode path for Hugging Face Llama-layout decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral).
 
 The stock ``transformers`` forward costs thousands of small ops per decode step (a ``DynamicCache``
 that concatenates, a mask rebuilt from a growing ``attention_mask``, generic attention dispatch).
@@ -10,7 +10,8 @@ For models whose layers are exactly
 
 :class:`LeanWeights` reads the weights once into a fused layout (``[W_q; W_k; W_v]`` and
 ``[W_gate; W_up]`` concatenated by output rows, so each is one matmul; biases likewise, zeros where a
-projection has none, e.g. Qwen2's ``o_proj``) in the model's own dtype (bf16 when the engine runs in
+projection has none, e.g. Qwen2's ``o_proj``; Qwen3's per-head q/k RMSNorms applied to q and k
+before RoPE, their weights stacked per head) in the model's own dtype (bf16 when the engine runs in
 bf16), and :class:`LeanStepper` runs prefill and one-token steps over a preallocated KV cache
 ``[layers, B, H_kv, L, D]`` written in place. The maths is the stock forward's, op for op where the
 rounding matters:
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 """Architectures (exact class names) whose decoder layers have the Llama layout above."""
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 """RoPE types whose inverse frequencies and scaling do not depend on the sequence length."""
@@ -75,10 +76,15 @@ def structural_reason(model) -> str | None:
         for key, mod in mods.items():
             if not _is_linear(mod):
                 return f"layer {i} {key} is a {type(mod).__name__}, not a plain Linear (e.g. a LoRA adapter)"
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, *_qk_norms(a)):
             if not hasattr(norm, "variance_epsilon"):
                 return f"layer {i} has a {type(norm).__name__} norm, not an RMSNorm"
     return None
+
+
+def _qk_norms(attn) -> tuple:
+    """Qwen3's per-head RMSNorms of q and k (before RoPE); () for the other architectures."""
+    return (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else ()
 
 
 def _sliding_window(model, layer) -> int | None:
@@ -133,6 +139,8 @@ class _Layer:
     gu_b: Tensor | None
     down_w: Tensor
     down_b: Tensor | None
+    qk_norm: Tensor | None = None  # [H + H_kv, D]: q_norm's weight for each query head, then k_norm's
+    eps_qk: float = 0.0
 
 
 class LeanWeights:
@@ -167,6 +175,13 @@ class LeanWeights:
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             qkv = (a.q_proj, a.k_proj, a.v_proj)
+            qk_norm, eps_qk = None, 0.0
+            if _qk_norms(a):
+                if a.q_norm.variance_epsilon != a.k_norm.variance_epsilon:
+                    raise ValueError("LeanWeights: q_norm and k_norm have different eps")
+                qk_norm = torch.cat([a.q_norm.weight.expand(self.n_heads, self.head_dim),
+                                     a.k_norm.weight.expand(self.n_kv, self.head_dim)])
+                eps_qk = float(a.q_norm.variance_epsilon)
             self.layers.append(_Layer(
                 norm1=layer.input_layernorm.weight, eps1=float(layer.input_layernorm.variance_epsilon),
                 qkv_w=torch.cat([p.weight for p in qkv]), qkv_b=_cat_bias(qkv, self.dtype, self.device),
@@ -175,7 +190,7 @@ class LeanWeights:
                 eps2=float(layer.post_attention_layernorm.variance_epsilon),
                 gu_w=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
                 gu_b=_cat_bias((m.gate_proj, m.up_proj), self.dtype, self.device),
-                down_w=m.down_proj.weight, down_b=m.down_proj.bias))
+                down_w=m.down_proj.weight, down_b=m.down_proj.bias, qk_norm=qk_norm, eps_qk=eps_qk))
         self._fingerprint = fingerprint(model)
         self._cos = self._sin = None
 
@@ -242,7 +257,10 @@ class LeanStepper:
         w = self.w
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).unflatten(-1, (w.n_heads + 2 * w.n_kv, w.head_dim))
         n = w.n_heads + w.n_kv
-        return qkv.narrow(-2, 0, n), qkv.narrow(-2, n, w.n_kv)
+        qk = qkv.narrow(-2, 0, n)
+        if layer.qk_norm is not None:  # per head, over D: the same maths as q_norm and k_norm apart
+            qk = rms_norm(qk, layer.qk_norm, layer.eps_qk)
+        return qk, qkv.narrow(-2, n, w.n_kv)
 
     def _mlp(self, layer: _Layer, h: Tensor) -> Tensor:
         x = rms_norm(h, layer.norm2, layer.eps2)

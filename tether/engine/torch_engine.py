@@ -1,7 +1,7 @@
 """Batched autoregressive sampling with a KV cache, recording the behaviour distribution.
 
 ``TorchEngine`` drives either the built-in :class:`~tether.models.tiny.TinyLM` (preallocated cache)
-or any ``transformers`` causal LM: a Llama-layout one (Llama, SmolLM2, Qwen2, Mistral) through the lean
+or any ``transformers`` causal LM: a Llama-layout one (Llama, SmolLM2, Qwen2, Qwen3, Mistral) through the lean
 decode path of :mod:`tether.engine.lean_llama` (fused weights, preallocated cache) unless ``lean=False``,
 any other through its stock forward and ``past_key_values`` cache (the reason is logged once). Prompts are left-padded
 inside the engine (positions from the prompt start, padding masked out of attention); the returned

@@ -343,7 +343,7 @@ class TrainConfig:
     share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
                                      "trainer's own fp32 weights (no second copy in memory)", group="engine")
     lean_decode: bool = opt(True, "Hugging Face model, torch engine: decode Llama-layout models (Llama, SmolLM2, "
-                            "Qwen2, Mistral) on the lean path (fused weights, preallocated cache); "
+                            "Qwen2, Qwen3, Mistral) on the lean path (fused weights, preallocated cache); "
                             "--no-lean-decode forces the stock transformers forward (docs/engines.md)",
                             group="engine")
     # logging
