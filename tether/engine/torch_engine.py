@@ -1,7 +1,9 @@
 """Batched autoregressive sampling with a KV cache, recording the behaviour distribution.
 
 ``TorchEngine`` drives either the built-in :class:`~tether.models.tiny.TinyLM` (preallocated cache)
-or any ``transformers`` causal LM (its own ``past_key_values`` cache). Prompts are left-padded
+or any ``transformers`` causal LM: a Llama-layout one (Llama, SmolLM2, Qwen2, Qwen3, Mistral) through the lean
+decode path of :mod:`tether.engine.lean_llama` (fused weights, preallocated cache) unless ``lean=False``,
+any other through its stock forward and ``past_key_values`` cache (the reason is logged once). Prompts are left-padded
 inside the engine (positions from the prompt start, padding masked out of attention); the returned
 :class:`~tether.rollout.Rollout` is right-padded, with masks from ``(prompt_len_B, completion_len_B)``
 only, so a pad id equal to the EOS id cannot hide the real EOS.
@@ -16,13 +18,17 @@ and prompts give the same tokens.
 from __future__ import annotations
 
 import copy as copy_module
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from tether.engine import lean_llama
 from tether.engine.sampling import sample_from_logprobs, sampling_logprobs
 from tether.rollout import Rollout, SamplingParams
+
+log = logging.getLogger("tether.engine")
 
 
 def is_builtin(model) -> bool:
@@ -103,11 +109,14 @@ class TorchEngine:
             sequences (matched on ids, so exact for character tokenizers; for BPE tokenizers only
             the canonical tokenisation of the stop string is matched).
         version: initial weight version.
+        lean: decode a supported ``transformers`` model (:data:`~tether.engine.lean_llama.SUPPORTED`)
+            on the lean path (default); ``False`` forces the stock forward. :attr:`decode_path` says
+            which path the last :meth:`generate` took, :attr:`lean_reason` why it was not the lean one.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_id: int | Sequence[int], pad_id: int | None = None,
                  dtype: torch.dtype | None = None, copy: bool = False,
-                 encode: Callable[[str], list[int]] | None = None, version: int = 0) -> None:
+                 encode: Callable[[str], list[int]] | None = None, version: int = 0, lean: bool = True) -> None:
         if copy:
             model = copy_module.deepcopy(model)
         if dtype is not None:
@@ -124,6 +133,14 @@ class TorchEngine:
         p = next(self.model.parameters())
         self.device = p.device
         self.vocab_size = model.config.vocab_size
+        self.lean = bool(lean)
+        self._lean_weights: lean_llama.LeanWeights | None = None
+        self._lean_static = None if self._builtin or not self.lean else lean_llama.structural_reason(model)
+        self._logged: set[str] = set()
+        self.decode_path: str | None = None
+        """``"builtin"``, ``"lean"`` or ``"stock"``: the path of the last :meth:`generate` (None before)."""
+        self.lean_reason: str | None = None
+        """Why the last :meth:`generate` of a ``transformers`` model did not take the lean path (None if it did)."""
 
     @property
     def max_len(self) -> int | None:
@@ -147,7 +164,29 @@ class TorchEngine:
                                  f"engine expects {tuple(dst.shape)}")
             if src.data_ptr() != dst.data_ptr():
                 dst.copy_(src)
+        self._lean_weights = None  # the fused copy is rebuilt from the new weights at the next generate
         self.version = int(version)
+
+    def _stepper(self, batch: int, max_len: int):
+        """The prefill/step driver of one call: built-in, lean (fused weights rebuilt when any parameter
+        changed since they were read) or the stock ``transformers`` forward."""
+        if self._builtin:
+            self.decode_path, self.lean_reason = "builtin", None
+            return _BuiltinStepper(self.model, batch, max_len)
+        reason = "disabled (lean=False)" if not self.lean else (
+            self._lean_static or lean_llama.call_reason(self.model, max_len))
+        if reason is None:
+            w = self._lean_weights
+            if w is None or w.stale(self.model):
+                w = self._lean_weights = lean_llama.LeanWeights(self.model)
+            self.decode_path, self.lean_reason = "lean", None
+            return lean_llama.LeanStepper(w, batch, max_len)
+        if self.lean and reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("TorchEngine: %s decodes with the stock transformers forward: %s",
+                        type(self.model).__name__, reason)
+        self.decode_path, self.lean_reason = "stock", reason
+        return _HFStepper(self.model, batch, max_len)
 
     def close(self) -> None:
         """Nothing to release: the model lives in this process and is freed with the engine. Present
@@ -207,7 +246,7 @@ class TorchEngine:
         N, dev, V = params.max_new_tokens, self.device, self.vocab_size
         stops = self._stop_sequences(params)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
-        stepper = (_BuiltinStepper if self._builtin else _HFStepper)(self.model, B, P + N)
+        stepper = self._stepper(B, P + N)
         tok_NB = torch.full((N, B), self.pad_id, dtype=torch.long, device=dev)
         logp_NB = torch.zeros(N, B, dtype=torch.float32, device=dev)
         kept_NB = torch.full((N, B), V, dtype=torch.long, device=dev) if params.truncates else None

@@ -270,6 +270,6 @@ def hf_policy(cfg, model: torch.nn.Module, tokenizer: HFTokenizer) -> tuple[torc
     # the engine's own copy; with share_engine_weights the very same modules (load_weights then copies nothing)
     engine_model = model if cfg.share_engine_weights else copy.deepcopy(model).eval()
     engine = TorchEngine(engine_model, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
-                         dtype=torch.bfloat16 if cfg.bf16 else None, encode=tokenizer.encode)
+                         dtype=torch.bfloat16 if cfg.bf16 else None, encode=tokenizer.encode, lean=cfg.lean_decode)
     check_vocab(tokenizer, model, engine_model=engine.model, engine_tokenizer=tokenizer)
     return model, tokenizer, engine

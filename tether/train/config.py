@@ -400,6 +400,10 @@ class TrainConfig:
                                   "versions stale, recorded per token)", group="engine")
     share_engine_weights: bool = opt(False, "Hugging Face model, synchronous loop: the engine samples from the "
                                      "trainer's own fp32 weights (no second copy in memory)", group="engine")
+    lean_decode: bool = opt(True, "Hugging Face model, torch engine: decode Llama-layout models (Llama, SmolLM2, "
+                            "Qwen2, Qwen3, Mistral) on the lean path (fused weights, preallocated cache); "
+                            "--no-lean-decode forces the stock transformers forward (docs/engines.md)",
+                            group="engine")
     # logging
     tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard (needs tensorboard)", group="logging")
     wandb: bool = opt(False, "also log metrics to Weights & Biases, offline, in RUN/wandb (needs wandb)",
@@ -587,6 +591,9 @@ class TrainConfig:
             if self.model == "tiny" and getattr(self, name):
                 raise ValueError(f"config field '{name}' needs a Hugging Face model (--model PATH or smollm2), "
                                  "not the built-in 'tiny'")
+        if not self.lean_decode and (self.model == "tiny" or self.engine is not EngineKind.TORCH):
+            raise ValueError("config field 'lean_decode' (off) needs a Hugging Face model and engine 'torch' (the "
+                             "built-in model and vLLM have their own decode paths)")
     def _validate_engine(self) -> None:
         if self.vllm_sync_every < 1:
             raise ValueError(f"config field 'vllm_sync_every' must be >= 1, got {self.vllm_sync_every}")
