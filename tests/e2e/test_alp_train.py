@@ -28,7 +28,8 @@ def test_tether_train_alp_learns_the_layer_scales_and_logs_them(tmp_path):
     out = tmp_path / "cli"
     argv = ["train", "--alp", "--alp-std", "0.05", "--alp-lr", "0.05", "--objective", "alp_seq",
             "--task", task["task"], "--reward", task["reward"], "--out", str(out), "--quiet", "--threads", "1"]
-    argv += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items() if k not in ("progress", "threads")]
+    argv += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items() if k not in ("progress", "threads", "plots")]
+    argv += ["--no-plots"]
     assert main(argv) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == SMALL["steps"]
