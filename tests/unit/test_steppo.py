@@ -90,12 +90,13 @@ def test_clipped_steps_have_no_gradient_and_a_step_counts_once():
     mask = torch.tensor([[False, True, True, False, True, True]])
     step = torch.tensor([[-1, 0, 0, 0, 1, 1]])
     adv = torch.tensor([[0.0, 1.0, 1.0, 0.0, -2.0, -2.0]], dtype=torch.float64)
-    loss, m = steppo_loss(theta, old, adv, mask, step, eps_low=0.2, eps_high=0.2)
-    # step 0: r = e > 1.2, A > 0 -> clipped, -1.2; step 1: r = 1, A = -2 -> +2; seq-mean-token-sum: their sum
-    assert math.isclose(float(loss.detach()), -1.2 + 2.0, rel_tol=1e-12)
-    (g,) = torch.autograd.grad(loss, theta)
-    assert (g[0, 1:3] == 0).all() and torch.allclose(g[0, 4:], torch.tensor([1.0, 1.0], dtype=torch.float64))
-    assert float(m["steppo/clipfrac"]) == 0.5
+    for ratio, grad in (("geomean", 1.0), ("product", 2.0)):  # d log r / d log pi_t: 1/n_k, or 1
+        loss, m = steppo_loss(theta, old, adv, mask, step, ratio=ratio, eps_low=0.2, eps_high=0.2)
+        # step 0: r = e or e^2 > 1.2, A > 0 -> clipped, -1.2; step 1: r = 1, A = -2 -> +2; seq-mean-token-sum: their sum
+        assert math.isclose(float(loss.detach()), -1.2 + 2.0, rel_tol=1e-12)
+        (g,) = torch.autograd.grad(loss, theta)
+        assert (g[0, 1:3] == 0).all() and torch.allclose(g[0, 4:], torch.tensor([grad, grad], dtype=torch.float64))
+        assert float(m["steppo/clipfrac"]) == 0.5
 
 
 def test_one_step_rows_are_gspo():

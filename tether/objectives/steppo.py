@@ -5,7 +5,7 @@ token as the unit of the PPO surrogate by the step: one ratio, one advantage and
 With ``k(t)`` the step of loss token ``t`` (``LossInputs.step_BT``: the rollout's ``turn_BT``), ``S_ik`` the
 loss tokens of step ``k`` of row ``i``, ``n_ik = |S_ik|`` and ``delta_t = clamp(log pi_theta - log pi_old)``::
 
-    log r_ik = sum_{t in S_ik} delta_t                 (ratio "product":  r_ik = prod_t pi_theta / pi_old)
+    log r_ik = sum_{t in S_ik} delta_t                 (ratio "product", the default: r_ik = prod_t pi_theta / pi_old)
     log r_ik = (1 / n_ik) sum_{t in S_ik} delta_t      (ratio "geomean":  length-normalised, GSPO per step)
     A_ik     = (1 / n_ik) sum_{t in S_ik} A_t          (the per-token advantage is constant on a step when it
                                                         comes from tether.agent's credit; this is then its value)
@@ -19,8 +19,10 @@ aggregation (``aggregation.aggregate``), so micro-batching keeps the loss of the
     step_weight "one":    every token of step k carries l_ik / n_ik  (the step counts once, whatever its length)
     step_weight "tokens": every token of step k carries l_ik         (a step counts by its length)
 
-The default (``step_weight "one"``, ``agg "seq-mean-token-sum"``) is the spec's loss ``-sum_k min(r_k A_k,
-clip(r_k) A_k)`` per episode, averaged over episodes. A row without ``step_BT`` (single-turn) is one step; with
+The default (``ratio "product"``, ``step_weight "one"``, ``agg "seq-mean-token-sum"``) is the spec's loss
+``-sum_k min(r_k A_k, clip(r_k) A_k)`` per episode, averaged over episodes; on-policy (``theta = theta_old``) its
+gradient is exactly ``sum_k A_k sum_{t in S_k} grad log pi(y_t)``, the policy gradient (``tether lab``'s exact
+check, tests/unit/test_lab.py). ``geomean`` scales a step's gradient by ``1 / n_k``. A row without ``step_BT`` (single-turn) is one step; with
 ``ratio "geomean"``, ``step_weight "tokens"`` and ``agg "seq-mean-token-mean"`` StepPO is then exactly GSPO's
 loss and gradient with these clip ranges (tests/unit/test_steppo.py).
 """
@@ -58,7 +60,7 @@ def step_index(mask_BT: Tensor, step_BT: Tensor | None) -> tuple[Tensor, int]:
 
 
 def steppo_loss(logp_theta_BT: Tensor, logp_old_BT: Tensor, advantages_BT: Tensor, mask_BT: Tensor,
-                step_BT: Tensor | None, *, ratio: str = "geomean", eps_low: float = 0.2, eps_high: float = 0.2,
+                step_BT: Tensor | None, *, ratio: str = "product", eps_low: float = 0.2, eps_high: float = 0.2,
                 step_weight: str = "one", agg: str = "seq-mean-token-sum", num_tokens: float | Tensor | None = None,
                 num_seqs: float | Tensor | None = None, horizon: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """StepPO's clipped step surrogate (module docstring); returns ``(loss, metrics)``.
@@ -67,12 +69,12 @@ def steppo_loss(logp_theta_BT: Tensor, logp_old_BT: Tensor, advantages_BT: Tenso
     a different value), ``ratio_mean``, ``abs_log_ratio_mean``, ``steps`` (steps in the batch)."""
     mode = parse_choice(StepRatio, ratio, "steppo hyper-parameter 'ratio'")
     weight = parse_choice(StepWeight, step_weight, "steppo hyper-parameter 'step_weight'")
-    dt = logp_theta_BT.dtype
     mask = mask_BT.bool()
     k_BT, K = step_index(mask, step_BT)
+    delta_BT = token_log_ratio(logp_theta_BT, logp_old_BT, mask, clamp=LOG_RATIO_CLAMP)
+    dt = delta_BT.dtype
     m = mask.to(dt)
     B = logp_theta_BT.shape[0]
-    delta_BT = token_log_ratio(logp_theta_BT, logp_old_BT, mask, clamp=LOG_RATIO_CLAMP)
     n_BK = torch.zeros(B, K, dtype=dt, device=m.device).scatter_add_(1, k_BT, m)
     sum_BK = torch.zeros(B, K, dtype=dt, device=m.device).scatter_add(1, k_BT, delta_BT * m)
     adv_BK = torch.zeros(B, K, dtype=dt, device=m.device).scatter_add_(1, k_BT, advantages_BT.to(dt).detach() * m)
@@ -121,12 +123,12 @@ register(Preset(
     name="steppo",
     description="StepPO: one ratio, advantage and PPO clip per agent step (turn), not per token [INFERRED].",
     fn=steppo,
-    defaults={"ratio": "geomean", "eps_low": 0.2, "eps_high": 0.2, "step_weight": "one",
+    defaults={"ratio": "product", "eps_low": 0.2, "eps_high": 0.2, "step_weight": "one",
               "agg": "seq-mean-token-sum"},
     advantage="grpo",
     source="arXiv 2604.18401 (StepPO; abstract only, methods.md §6 (d)3: the reading is INFERRED; clip 0.2 is "
            "PPO's default, no paper value)",
-    equation=("log r_k = mean (geomean) or sum (product) of the step's token log-ratios; A_k = mean of its "
+    equation=("log r_k = sum (product, default) or mean (geomean) of the step's token log-ratios; A_k = mean of its "
               "advantages; l_k = max(-A_k r_k, -A_k clip(r_k, 1-eps_low, 1+eps_high)); each token of step k "
               "carries l_k / n_k (step_weight one) or l_k; default seq-mean-token-sum = sum_k l_k per episode"),
     check=_check,
