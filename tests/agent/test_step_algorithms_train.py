@@ -27,3 +27,24 @@ def test_steppo_trains_one_term_per_turn_on_frozenlake(tmp_path):
         # the ratio is per turn: as many step terms as turns played, more than one per episode (step_BT reached it)
         assert r["steppo/steps"] == pytest.approx(r["agent/turns_mean"] * 6)
         assert r["steppo/steps"] > 6 and r["loss"] == r["loss"]
+
+
+def test_fission_adds_forked_groups_on_calculator(tmp_path):
+    rows = _train(tmp_path, "fission", "--env", "calculator", "--fission", "2", "--max-new-tokens", "6")
+    assert len(rows) == 2
+    # one failed episode forked per group that has one (2 groups of 3), 2 continuations each
+    assert all(r["agent/fission_rows"] in (0, 2, 4) for r in rows) and sum(r["agent/fission_rows"] for r in rows) > 0
+    for r in rows:
+        assert 0 <= r["agent/fission_success_rate"] <= 1
+        assert r["agent/mismatch/policy/n_tokens"] > 0 and r["loss"] == r["loss"]
+
+
+def test_fission_is_validated_at_the_edge(capsys):
+    assert main(["train", "--env", "calculator", "--fission", "1", "--steps", "1"]) == 2
+    assert "config field 'fission' must be >= 2" in capsys.readouterr().err
+    from tether.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="'fission'"):
+        TrainConfig.from_flat(env="calculator", fission=0)
+    with pytest.raises(ValueError, match="fission"):  # an agent setting: refused without --env
+        TrainConfig.from_flat(fission=2)
