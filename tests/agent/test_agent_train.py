@@ -66,6 +66,7 @@ def test_async_episode_versions_never_decrease_along_a_row(tmp_path):
     finally:
         Episodes.collect = orig
     assert len(rows) == 4
+    assert all("agent/success_rate" in r for r in rows)  # the episodes reach the step (turn credit, agent metrics)
     grew = False
     for r in seen[1:]:  # the first collect is the evaluation
         v = r.version_BT

@@ -21,6 +21,15 @@ and was not appended) and ``env_error`` (``env.step`` raised or returned a non-f
 is kept, and it is counted in ``failed``; a failing ``env.reset`` is an error that names the environment
 and the seed, before any generation). Truncated episodes (``max_turns``, ``budget``) keep
 ``finished_B`` False, like a single-turn completion cut at the length limit.
+
+Replays (``replays[e]``, Fission-GRPO's forks, ``tether.agent.fission``): after ``reset`` the episode first replays
+the given actions of an earlier episode with the same seed (tokens ``Source.CACHE``, with the original ``log mu``
+and versions; never in the loss), appending the environment's replies, then samples on from there; its turn
+indices continue from the replayed ones. The replayed row must equal the earlier row's prefix token for token,
+else the environment is not deterministic under ``reset(seed)`` and the replay is an error naming it.
+
+A step *marks failure* (``EpisodeBatch.failure_EK``, :func:`marks_failure`) when its reward is negative or its
+``info`` has a true ``invalid`` or ``error``.
 """
 
 from __future__ import annotations
@@ -64,6 +73,12 @@ class EpisodeBatch:
     """[start, end) of each turn's sampled action in the row's tokens."""
     messages: list[list[dict] | None] = field(default_factory=list)
     """Each episode's conversation as messages, where its environment keeps them (text environments)."""
+    failure_EK: Tensor | None = None
+    """True on the turns whose step marks failure (:func:`marks_failure`)."""
+    replayed_EK: Tensor | None = None
+    """True on the turns replayed from an earlier episode (``replays``), not sampled in this batch."""
+    fission_B: Tensor | None = None
+    """True on the rows of Fission-GRPO's forked groups (``tether.agent.fission``); None: no fission."""
 
     @property
     def returns_E(self) -> Tensor:
@@ -80,6 +95,13 @@ class EpisodeBatch:
         total = max(int(attn.sum()), 1)
         for s in (Source.POLICY, Source.ENV, Source.TOOL):
             out[f"agent/tokens_{s.name.lower()}_frac"] = int((src == s).sum()) / total
+        if self.fission_B is not None:  # Fission-GRPO: how many rows were forked, how often they recovered
+            forked = self.fission_B
+            out["agent/fission_rows"] = float(forked.sum())
+            out["agent/fission_success_rate"] = float(self.success_E[forked].float().mean()) if forked.any() else 0.0
+            out["agent/fission_base_success_rate"] = float(self.success_E[~forked].float().mean())
+            out["agent/fission_replayed_turns_mean"] = (float(self.replayed_EK[forked].sum()) / max(int(forked.sum()), 1)
+                                                        if self.replayed_EK is not None else 0.0)
         return out
 
 
@@ -95,6 +117,8 @@ class _Episode:
     rewards: list[float] = field(default_factory=list)
     states: list[object] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
+    marks: list[bool] = field(default_factory=list)
+    replayed: int = 0
     outcome: str | None = None
     success: bool | None = None
     last_state: object = None
@@ -108,6 +132,51 @@ class _Episode:
         self.logp += list(logp) if logp is not None else [0.0] * n
         self.versions += list(versions) if versions is not None else [-1] * n
         self.kept += list(kept) if kept is not None else [vocab_size] * n
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Actions of an earlier episode to replay after ``reset`` (module docstring): each turn's action tokens with
+    the ``log mu``, versions and kept counts they were sampled with, and the earlier row's tokens up to the end
+    of the last replayed turn's reply (what the replay must reproduce)."""
+    actions: list[list[int]]
+    logp: list[list[float]]
+    versions: list[list[int]]
+    kept: list[list[int]] | None
+    tokens: list[int]
+
+
+def marks_failure(reward: float, info: dict) -> bool:
+    """Whether a step marks failure: a negative reward, or ``info["invalid"]`` / ``info["error"]`` true."""
+    return reward < 0 or bool(info.get("invalid")) or bool(info.get("error"))
+
+
+def _replay(ep: _Episode, env: Env, replay: Replay, seed: int, vocab_size: int) -> None:
+    """Replay ``replay``'s actions into the fresh episode ``ep`` (module docstring)."""
+    name = type(getattr(env, "env", env)).__name__
+    for k, action in enumerate(replay.actions):
+        start = len(ep.tokens)
+        ep.append(action, Source.CACHE, k, replay.logp[k], replay.versions[k],
+                  replay.kept[k] if replay.kept is not None else None, vocab_size=vocab_size)
+        ep.spans.append((start, len(ep.tokens)))
+        ep.states.append(ep.last_state)
+        try:
+            step = env.step(action)
+        except Exception as exc:
+            raise ValueError(f"environment {name} (episode seed {seed}): replaying turn {k} failed: {exc}") from exc
+        if step.done or step.observation is None:
+            raise ValueError(f"environment {name} (episode seed {seed}): the replayed turn {k} ended the episode, "
+                             "which the earlier episode went on from")
+        ep.rewards.append(float(step.reward))
+        ep.marks.append(marks_failure(float(step.reward), step.info))
+        if "success" in step.info:
+            ep.success = bool(step.info["success"])
+        ep.append(step.observation.tokens, step.observation.source, k, vocab_size=vocab_size)
+        ep.last_state = _anchor(env, step.info, step.observation, f"episode seed {seed}, replayed turn {k}")
+    if ep.tokens != list(replay.tokens):
+        raise ValueError(f"environment {name} is not deterministic under reset(seed={seed}): replaying the same "
+                         "actions gave other observations (Fission-GRPO forks need a restorable environment)")
+    ep.replayed = len(replay.actions)
 
 
 def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object:
@@ -131,21 +200,23 @@ def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object
 
 def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[int], params: SamplingParams, *,
                  group_B: Tensor, seed_fn: Callable[[int, int], int], max_turns: int, max_episode_tokens: int,
-                 before_turn: Callable[[int], None] | None = None, chunk_tokens: int | None = None) -> EpisodeBatch:
+                 before_turn: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
+                 replays: Sequence[Replay | None] | None = None) -> EpisodeBatch:
     """Run one episode per environment (``envs[e].reset(episode_seeds[e])``) to its end (module docstring).
 
     Turn ``k``'s actions are sampled with seeds ``seed_fn(k, c)`` (``c``: the chunk, 0 without partial
     rollouts), so a batch is a fixed function of its seeds and the weights. ``before_turn(k)`` runs before
     every turn's generation (and, with ``chunk_tokens``, before every chunk: ``generate_partial``'s hook).
+    ``replays[e]``: actions episode ``e`` replays after ``reset`` before it samples (module docstring).
     """
     if max_turns < 1:
         raise ValueError(f"run_episodes: max_turns must be >= 1, got {max_turns}")
-    if len(envs) != len(episode_seeds) or len(envs) != len(group_B):
+    if len(envs) != len(episode_seeds) or len(envs) != len(group_B) or (replays is not None and len(replays) != len(envs)):
         raise ValueError(f"run_episodes: {len(envs)} environments, {len(episode_seeds)} seeds, {len(group_B)} groups")
     V, N = engine.vocab_size, params.max_new_tokens
     eps: list[_Episode] = []
     failed = 0
-    for env, seed in zip(envs, episode_seeds):
+    for e, (env, seed) in enumerate(zip(envs, episode_seeds)):
         try:
             obs = env.reset(int(seed))
             if not obs.tokens:
@@ -159,12 +230,14 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
             raise ValueError(f"environment {type(env).__name__}.reset(seed={seed}): the first observation has "
                              f"{len(obs.tokens)} tokens; with max_new_tokens {N} it passes max_episode_tokens "
                              f"{max_episode_tokens}")
+        if replays is not None and replays[e] is not None:
+            _replay(ep, env, replays[e], int(seed), V)
         eps.append(ep)
     caps = [min(max_turns, getattr(env, "max_turns", None) or max_turns) for env in envs]
     for k in range(max_turns):
         active = [e for e, ep in enumerate(eps) if ep.outcome is None]
         for e in list(active):
-            if k >= caps[e]:
+            if len(eps[e].rewards) >= caps[e]:  # turns so far (replayed ones included)
                 eps[e].outcome = "max_turns"
             elif len(eps[e].tokens) + N > max_episode_tokens:
                 eps[e].outcome = "budget"
@@ -176,12 +249,13 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
                                chunk_tokens=chunk_tokens, before_chunk=before_turn)
         for j, e in enumerate(active):
             ep = eps[e]
+            kk = len(ep.rewards)  # this turn's index: k, or k + the replayed turns
             a = int(sub.prompt_len_B[j])
             b = a + int(sub.completion_len_B[j])
             action = sub.tokens_BT[j, a:b].tolist()
             kept = sub.kept_count_BT[j, a:b].tolist() if sub.kept_count_BT is not None else None
             start = len(ep.tokens)
-            ep.append(action, Source.POLICY, k, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
+            ep.append(action, Source.POLICY, kk, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
                       kept, vocab_size=V)
             ep.spans.append((start, len(ep.tokens)))
             ep.states.append(ep.last_state)
@@ -192,12 +266,14 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
                     raise ValueError(f"non-finite reward {reward}")
             except Exception as exc:
                 log.warning("environment %s (episode seed %s) failed at turn %d: %s", type(envs[e]).__name__,
-                            episode_seeds[e], k, exc)
+                            episode_seeds[e], kk, exc)
                 ep.rewards.append(0.0)
+                ep.marks.append(True)
                 ep.outcome = "env_error"
                 failed += 1
                 continue
             ep.rewards.append(reward)
+            ep.marks.append(marks_failure(reward, step.info))
             if "success" in step.info:
                 ep.success = bool(step.info["success"])
             if step.done or step.observation is None:
@@ -207,8 +283,8 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
             if len(ep.tokens) + len(obs.tokens) > max_episode_tokens:
                 ep.outcome = "budget"
                 continue
-            ep.append(obs.tokens, obs.source, k, vocab_size=V)
-            ep.last_state = _anchor(envs[e], step.info, obs, f"episode seed {episode_seeds[e]}, turn {k}")
+            ep.append(obs.tokens, obs.source, kk, vocab_size=V)
+            ep.last_state = _anchor(envs[e], step.info, obs, f"episode seed {episode_seeds[e]}, turn {kk}")
     for ep in eps:
         if ep.outcome is None:
             ep.outcome = "max_turns"
@@ -243,16 +319,20 @@ def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, 
         finished_B=torch.tensor([ep.outcome == "done" for ep in eps]),
         source_BT=source_BT,
         turn_BT=grid(-1, torch.long, lambda ep: ep.turns),
-        policy_id_BT=torch.where(policy_BT, 0, -1),
+        policy_id_BT=torch.where(policy_BT | (source_BT == Source.CACHE), 0, -1),  # a replay: the policy's own
     )
     rewards_EK = torch.zeros(E, K)
     mask_EK = torch.zeros(E, K, dtype=torch.bool)
     state_EK = torch.full((E, K), -1, dtype=torch.long)
+    failure_EK = torch.zeros(E, K, dtype=torch.bool)
+    replayed_EK = torch.zeros(E, K, dtype=torch.bool)
     ids: dict[object, int] = {}
     for i, ep in enumerate(eps):
         n = len(ep.rewards)
         rewards_EK[i, :n] = torch.tensor(ep.rewards, dtype=torch.float32)
         mask_EK[i, :n] = True
+        failure_EK[i, :n] = torch.tensor(ep.marks[:n], dtype=torch.bool)
+        replayed_EK[i, :ep.replayed] = True
         for k, s in enumerate(ep.states[:n]):
             state_EK[i, k] = ids.setdefault(s, len(ids))
     returns = rewards_EK.sum(dim=1)
@@ -260,7 +340,8 @@ def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, 
     return EpisodeBatch(rollout=rollout, rewards_EK=rewards_EK, turn_mask_EK=mask_EK, state_EK=state_EK,
                         outcomes=[ep.outcome for ep in eps], success_E=success, failed=failed,
                         action_spans=[ep.spans for ep in eps],
-                        messages=[list(getattr(env, "messages", None) or []) or None for env in envs])
+                        messages=[list(getattr(env, "messages", None) or []) or None for env in envs],
+                        failure_EK=failure_EK, replayed_EK=replayed_EK)
 
 
 def broadcast_turns(values_EK: Tensor, rollout: Rollout) -> Tensor:

@@ -9,6 +9,8 @@ mismatch control, the presets and the update are the same code.
   advantage estimator on episode returns, on every turn; the others are ``tether.agent.credit``'s estimators on
   per-turn rewards, broadcast to each turn's action tokens. A KL-in-reward term is added to an episode's last
   turn.
+* **fission** (``AgentConfig.fission`` = G'): one failed episode per group forked at its failing step, G'
+  continuations from that state as one more group (``tether.agent.fission``); training collects only.
 * **evaluate**: greedy episodes on the fixed evaluation seeds; the success rate is the run's accuracy.
 * **metrics**: outcomes, turns, success, token shares per source (``EpisodeBatch.metrics``), and every
   ``drift_every`` steps the tokenisation-drift meter where the environment keeps its messages.
@@ -62,11 +64,27 @@ class Episodes:
     def collect(self, specs: list[EpisodeSpec], params: SamplingParams, *, seed_fn: Callable[[int, int], int],
                 before_chunk: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
                 copies: int | None = None) -> EpisodeBatch:
-        """``group_size`` episodes per spec; turn k, chunk c sampled with ``seed_fn(k, c)``."""
+        """``group_size`` episodes per spec (``copies`` instead: evaluation, never forked); turn k, chunk c sampled
+        with ``seed_fn(k, c)``; with ``fission`` set, the forked groups after them."""
         envs, seeds, group_B = self.envs(specs, self.cfg.group_size if copies is None else copies)
-        return run_episodes(self.policy.engine, envs, seeds, params, group_B=group_B, seed_fn=seed_fn,
-                            max_turns=self.a.max_turns, max_episode_tokens=self.max_episode_tokens,
-                            before_turn=before_chunk, chunk_tokens=chunk_tokens)
+
+        def play(envs, seeds, group_B, replays=None, chunk0=0):
+            return run_episodes(self.policy.engine, envs, seeds, params, group_B=group_B,
+                                seed_fn=lambda k, c: seed_fn(k, chunk0 + c), max_turns=self.a.max_turns,
+                                max_episode_tokens=self.max_episode_tokens, before_turn=before_chunk,
+                                chunk_tokens=chunk_tokens, replays=replays)
+
+        batch = play(envs, seeds, group_B)
+        if self.a.fission is None or copies is not None:
+            return batch
+        from tether.agent.fission import FISSION_CHUNK, fission
+
+        def fork(fork_seeds, replays, fork_groups):
+            fork_envs = [as_env(self.task.make(), self.renderer) for _ in fork_seeds]
+            return play(fork_envs, fork_seeds, fork_groups, replays, FISSION_CHUNK)
+
+        engine = self.policy.engine
+        return fission(batch, seeds, self.a.fission, fork, pad_id=engine.pad_id, vocab_size=engine.vocab_size)
 
     def evaluate(self) -> float:
         """Greedy success rate on the first ``eval_size`` evaluation seeds."""

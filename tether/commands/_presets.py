@@ -37,6 +37,7 @@ PRESETS = (
     ('roll_infer', "PPO clip times ROLL's train-inference correction: TIS weight [0, 2], catastrophic 1e-4 veto, optional token / sequence rejection."),
     ('sapo', 'SAPO: a soft sigmoid gate of the token ratio instead of a hard clip (tau+ 1.0, tau- 1.05).'),
     ('sft', 'Supervised fine-tuning: negative log-likelihood of the given (e.g. teacher-sampled) tokens.'),
+    ('steppo', 'StepPO: one ratio, advantage and PPO clip per agent step (turn), not per token [INFERRED].'),
     ('tis', 'PPO clip times truncated IS weights min(pi_old/mu, C) (C=2, token level).'),
     ('topr', "TOPR: REINFORCE where A > 0, ratio tapered at 1 where A <= 0 (the paper: the reward's sign)."),
     ('vespo', 'VESPO: REINFORCE weighted by a Gamma kernel of the sequence ratio (k+ 2, lam+ 3, k- 3, lam- 2).'),

@@ -52,6 +52,9 @@ class LossInputs:
     distillation); carries the gradient."""
     logp_teacher_BTV: Tensor | None = None
     """Teacher log-probs over the vocabulary ``[B, T, V]`` (no gradient)."""
+    step_BT: Tensor | None = None
+    """Agent step (turn) of every token, ``long`` (the rollout's ``turn_BT``: >= 0 on loss tokens); None: a
+    single-turn row, one step (StepPO)."""
 
     def __post_init__(self) -> None:
         shape = self.logp_theta_BT.shape

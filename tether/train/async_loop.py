@@ -114,7 +114,7 @@ def admit(run: Run, board: WeightBoard, lease: EngineLease, batch: Batch, clock:
         policy=cfg.staleness_policy, decay=cfg.downweight_decay)
     bias = drop_bias_metrics(batch.rewards_B, rollout.completion_len_B, keep_B)
     out = Batch(s, rollout, batch.rewards_B, batch.failed, keep_B=keep_B, weight_BT=weight_BT,
-                failed_by_reward=batch.failed_by_reward)
+                failed_by_reward=batch.failed_by_reward, episodes=batch.episodes)  # the same rows: keep the episodes
     if cfg.staleness_policy is StalenessPolicy.DROP:
         with clock("refill"):
             out, refill = refill_dropped(run, board, lease, batch, keep_B, s)

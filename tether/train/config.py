@@ -198,6 +198,8 @@ class AgentConfig:
     gamma: float = opt(1.0, "discount of step returns (turn, turn_unbiased, gigpo, discounted credit)")
     gigpo_omega: float = opt(1.0, "gigpo credit: weight of the step-level (anchor-state) advantage")
     drift_every: int = opt(1, "measure tokenisation drift every N steps (re-render the chat and compare; 0: never)")
+    fission: int | None = opt(None, "Fission-GRPO: fork one failed episode per group at its failing step and sample "
+                                    "this many (G' >= 2) continuations from that state as a new group (none: off)")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -214,6 +216,8 @@ class AgentConfig:
         _check(0 < self.gamma <= 1, "gamma", "must be in (0, 1]", self.gamma)
         _check(self.gigpo_omega >= 0, "gigpo_omega", "must be >= 0", self.gigpo_omega)
         _check(self.drift_every >= 0, "drift_every", "must be >= 0", self.drift_every)
+        _check(self.fission is None or self.fission >= 2, "fission",
+               "must be >= 2 (a forked group needs two continuations to compare) or none", self.fission)
 
 
 @dataclass

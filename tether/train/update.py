@@ -67,7 +67,7 @@ def update_phase(cfg, preset, objective_args: dict[str, Any], model: torch.nn.Mo
         return LossInputs(
             logp_theta_BT=logp_theta_BT, logp_old_BT=old_BT, advantages_BT=advantages_BT[idx],
             mask_BT=sub.loss_mask_BT, logp_mu_BT=sub.logp_mu_BT, logp_prox_BT=old_BT,
-            logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[idx], **norm, **extra)
+            logp_ref_BT=None if logp_ref_BT is None else logp_ref_BT[idx], step_BT=sub.turn_BT, **norm, **extra)
 
     for _ in range(cfg.epochs):
         order = rows[torch.randperm(len(rows), generator=gen)]
