@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -64,6 +65,9 @@ class EpisodeBatch:
     """[start, end) of each turn's sampled action in the row's tokens."""
     messages: list[list[dict] | None] = field(default_factory=list)
     """Each episode's conversation as messages, where its environment keeps them (text environments)."""
+    labels: list[list[list[int]]] = field(default_factory=list)
+    """With a teacher (``run_episodes(teacher=...)``): the teacher's action tokens for the state of every turn
+    that happened, whoever acted there (DAgger's labels, ``tether.agent.dagger``); else empty."""
 
     @property
     def returns_E(self) -> Tensor:
@@ -95,6 +99,7 @@ class _Episode:
     rewards: list[float] = field(default_factory=list)
     states: list[object] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
     outcome: str | None = None
     success: bool | None = None
     last_state: object = None
@@ -129,14 +134,38 @@ def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object
     return key
 
 
+class Teacher(Protocol):
+    """A second policy that can act on some turns (``run_episodes(teacher=...)``; DAgger, BEPA's expert cache).
+
+    ``label(env)`` is the teacher's action (token ids, EOS included) in the environment's current state;
+    ``acts(e, k)`` whether it, not the engine, acts at turn ``k`` of episode ``e``. Its actions are recorded with
+    ``Source.TEACHER``, policy id ``TEACHER_POLICY_ID`` and behaviour log-prob ``logp(label)`` per token."""
+
+    def label(self, env: Env) -> list[int]:
+        ...
+
+    def acts(self, e: int, k: int) -> bool:
+        ...
+
+    def logp(self, label: list[int]) -> list[float]:
+        ...
+
+
+TEACHER_POLICY_ID = 1
+"""``policy_id_BT`` of a teacher's tokens (the trained policy is 0)."""
+
+
 def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[int], params: SamplingParams, *,
                  group_B: Tensor, seed_fn: Callable[[int, int], int], max_turns: int, max_episode_tokens: int,
-                 before_turn: Callable[[int], None] | None = None, chunk_tokens: int | None = None) -> EpisodeBatch:
+                 before_turn: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
+                 teacher: Teacher | None = None) -> EpisodeBatch:
     """Run one episode per environment (``envs[e].reset(episode_seeds[e])``) to its end (module docstring).
 
     Turn ``k``'s actions are sampled with seeds ``seed_fn(k, c)`` (``c``: the chunk, 0 without partial
     rollouts), so a batch is a fixed function of its seeds and the weights. ``before_turn(k)`` runs before
     every turn's generation (and, with ``chunk_tokens``, before every chunk: ``generate_partial``'s hook).
+    ``teacher``: before every turn the teacher labels each running episode's state (``EpisodeBatch.labels``)
+    and, where ``teacher.acts(e, k)``, its label is the action (``Source.TEACHER``) instead of a sample.
     """
     if max_turns < 1:
         raise ValueError(f"run_episodes: max_turns must be >= 1, got {max_turns}")
@@ -169,20 +198,35 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
             elif len(eps[e].tokens) + N > max_episode_tokens:
                 eps[e].outcome = "budget"
         active = [e for e in active if eps[e].outcome is None]
+        labels = {e: teacher.label(envs[e]) for e in active} if teacher is not None else {}
+        by_teacher = {e for e in active if teacher is not None and teacher.acts(e, k)}
+        for e in by_teacher:
+            if len(eps[e].tokens) + len(labels[e]) > max_episode_tokens:
+                eps[e].outcome = "budget"
+        active = [e for e in active if eps[e].outcome is None]
         if not active:
             break
-        sub = generate_partial(engine, [eps[e].tokens for e in active], params,
-                               seed_fn=lambda c, k=k: seed_fn(k, c), group_B=group_B[active],
-                               chunk_tokens=chunk_tokens, before_chunk=before_turn)
-        for j, e in enumerate(active):
+        sampled = [e for e in active if e not in by_teacher]
+        sub = generate_partial(engine, [eps[e].tokens for e in sampled], params,
+                               seed_fn=lambda c, k=k: seed_fn(k, c), group_B=group_B[sampled],
+                               chunk_tokens=chunk_tokens, before_chunk=before_turn) if sampled else None
+        row = {e: j for j, e in enumerate(sampled)}
+        for e in active:
             ep = eps[e]
-            a = int(sub.prompt_len_B[j])
-            b = a + int(sub.completion_len_B[j])
-            action = sub.tokens_BT[j, a:b].tolist()
-            kept = sub.kept_count_BT[j, a:b].tolist() if sub.kept_count_BT is not None else None
             start = len(ep.tokens)
-            ep.append(action, Source.POLICY, k, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
-                      kept, vocab_size=V)
+            if e in row:
+                j = row[e]
+                a = int(sub.prompt_len_B[j])
+                b = a + int(sub.completion_len_B[j])
+                action = sub.tokens_BT[j, a:b].tolist()
+                kept = sub.kept_count_BT[j, a:b].tolist() if sub.kept_count_BT is not None else None
+                ep.append(action, Source.POLICY, k, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
+                          kept, vocab_size=V)
+            else:
+                action = labels[e]
+                ep.append(action, Source.TEACHER, k, teacher.logp(action), vocab_size=V)
+            if teacher is not None:
+                ep.labels.append(labels[e])
             ep.spans.append((start, len(ep.tokens)))
             ep.states.append(ep.last_state)
             try:
@@ -243,7 +287,7 @@ def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, 
         finished_B=torch.tensor([ep.outcome == "done" for ep in eps]),
         source_BT=source_BT,
         turn_BT=grid(-1, torch.long, lambda ep: ep.turns),
-        policy_id_BT=torch.where(policy_BT, 0, -1),
+        policy_id_BT=torch.where(policy_BT, 0, torch.where(source_BT == Source.TEACHER, TEACHER_POLICY_ID, -1)),
     )
     rewards_EK = torch.zeros(E, K)
     mask_EK = torch.zeros(E, K, dtype=torch.bool)
@@ -260,7 +304,8 @@ def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, 
     return EpisodeBatch(rollout=rollout, rewards_EK=rewards_EK, turn_mask_EK=mask_EK, state_EK=state_EK,
                         outcomes=[ep.outcome for ep in eps], success_E=success, failed=failed,
                         action_spans=[ep.spans for ep in eps],
-                        messages=[list(getattr(env, "messages", None) or []) or None for env in envs])
+                        messages=[list(getattr(env, "messages", None) or []) or None for env in envs],
+                        labels=[ep.labels for ep in eps] if any(ep.labels for ep in eps) else [])
 
 
 def broadcast_turns(values_EK: Tensor, rollout: Rollout) -> Tensor:

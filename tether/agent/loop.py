@@ -17,6 +17,7 @@ mismatch control, the presets and the update are the same code.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 from tether.agent.episodes import EpisodeBatch, broadcast_turns, run_episodes
 from tether.agent.render import PlainRenderer, Renderer, as_env
 from tether.agent.task import EnvTask, EpisodeSpec
-from tether.rollout import SamplingParams
+from tether.rollout import Rollout, SamplingParams, Source
 
 
 def renderer_for(policy: Any, cfg: Any) -> Renderer:
@@ -49,10 +50,86 @@ class Episodes:
         self.max_episode_tokens = min(x for x in (self.a.max_episode_tokens, limit) if x is not None) \
             if (self.a.max_episode_tokens or limit) else 1 << 30
         self.credit_fn = None
+        from tether.train.setup import sampling_params
+
+        self.sampling = sampling_params(cfg)
+        if self.a.algorithm == "bepa":
+            from tether.agent.bepa import TrajectoryCache
+
+            self.cache = TrajectoryCache(self.a.bepa_cache_size)
+        if self.a.algorithm == "dagger":
+            from tether.agent.dagger import Aggregate
+
+            self.aggregate = Aggregate()
         if self.a.credit != "episode":
             from tether.agent.credit import CREDIT
 
             self.credit_fn = CREDIT[self.a.credit]
+
+    def teacher(self, step: int, n_episodes: int):
+        """DAgger's mixture teacher for step ``step`` (``beta_step``, one seeded draw per episode and turn);
+        None for the other algorithms."""
+        if self.a.algorithm != "dagger":
+            return None
+        from tether.agent.dagger import ScriptedTeacher, beta_schedule, mixture_mask
+        from tether.train.seeds import step_seed
+
+        beta = beta_schedule(step, self.a.dagger_beta, self.a.dagger_beta_decay)
+        mask = mixture_mask(beta, n_episodes, self.a.max_turns, step_seed(self.cfg.seed, step, 7))
+        return ScriptedTeacher(self.policy.tokenizer, mask)
+
+    def train_batch(self, ep: EpisodeBatch, specs: list[EpisodeSpec], step: int
+                    ) -> tuple[EpisodeBatch, Rollout, Tensor, dict[str, float]]:
+        """What the update trains on, from the step's episodes: (episodes, rollout, rewards, metrics). RL: the
+        episodes' own rows and returns; bepa: the same after the cache's injection; dagger: a sample of the
+        aggregate of teacher-labelled states (``tether.agent.dagger``), rewards 0 (the SFT loss reads none)."""
+        from tether.train.seeds import step_seed
+
+        algo = self.a.algorithm
+        engine = self.policy.engine
+        if algo == "bepa":
+            from tether.agent.bepa import assimilate
+
+            keys = [spec.seed for spec in specs for _ in range(self.cfg.group_size)]
+            ep, out = assimilate(ep, keys, self.cache, self._expert_episode, pad_id=engine.pad_id,
+                                 vocab_size=engine.vocab_size)
+            return ep, ep.rollout, ep.returns_E, out
+        if algo == "dagger":
+            from tether.agent.dagger import label_rows, sft_rollout
+
+            self.aggregate.add(label_rows(ep))
+            rows = self.aggregate.sample(self.a.dagger_rows, step_seed(self.cfg.seed, step, 8))
+            rollout = sft_rollout(rows, pad_id=engine.pad_id, vocab_size=engine.vocab_size, version=step,
+                                  params=self.sampling)
+            teacher_frac = float((ep.rollout.sources_BT == Source.TEACHER).sum()) / max(
+                int(((ep.rollout.sources_BT == Source.TEACHER) | ep.rollout.loss_mask_BT).sum()), 1)
+            out = {"dagger/beta": self._beta(step), "dagger/aggregate_rows": float(len(self.aggregate.rows)),
+                   "dagger/trained_rows": float(len(rows)), "dagger/teacher_token_frac": teacher_frac}
+            return ep, rollout, torch.zeros(rollout.batch_size), out
+        return ep, ep.rollout, ep.returns_E, {}
+
+    @staticmethod
+    def meter_rows(rollout: Rollout) -> Rollout:
+        """``rollout`` with its teacher tokens scored too (``token_logprobs`` scores the loss mask only): what
+        ``agent/mismatch/teacher/...`` reads when the update trains on other rows (DAgger)."""
+        src = rollout.sources_BT
+        return replace(rollout, source_BT=torch.where(src == Source.TEACHER, torch.full_like(src, int(Source.POLICY)), src))
+
+    def _beta(self, step: int) -> float:
+        from tether.agent.dagger import beta_schedule
+
+        return beta_schedule(step, self.a.dagger_beta, self.a.dagger_beta_decay)
+
+    def _expert_episode(self, seed: int) -> EpisodeBatch:
+        """The scripted solver's episode from ``seed`` (acting at every turn; BEPA's LEVEL-1 seeding)."""
+        from tether.agent.dagger import ScriptedTeacher
+
+        always = torch.ones(1, self.a.max_turns, dtype=torch.bool)
+        env = as_env(self.task.make(), self.renderer)
+        return run_episodes(self.policy.engine, [env], [seed], self.sampling, group_B=torch.zeros(1, dtype=torch.long),
+                            seed_fn=lambda k, c: 0, max_turns=self.a.max_turns,
+                            max_episode_tokens=self.max_episode_tokens,
+                            teacher=ScriptedTeacher(self.policy.tokenizer, always))
 
     def envs(self, specs: list[EpisodeSpec], copies: int) -> tuple[list, list[int], Tensor]:
         envs = [as_env(self.task.make(), self.renderer) for _ in specs for _ in range(copies)]
@@ -61,12 +138,14 @@ class Episodes:
 
     def collect(self, specs: list[EpisodeSpec], params: SamplingParams, *, seed_fn: Callable[[int, int], int],
                 before_chunk: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
-                copies: int | None = None) -> EpisodeBatch:
-        """``group_size`` episodes per spec; turn k, chunk c sampled with ``seed_fn(k, c)``."""
+                copies: int | None = None, step: int | None = None) -> EpisodeBatch:
+        """``group_size`` episodes per spec; turn k, chunk c sampled with ``seed_fn(k, c)``. ``step``: a
+        training step's episodes (DAgger's mixture teacher acts on some turns); None: the student alone."""
         envs, seeds, group_B = self.envs(specs, self.cfg.group_size if copies is None else copies)
         return run_episodes(self.policy.engine, envs, seeds, params, group_B=group_B, seed_fn=seed_fn,
                             max_turns=self.a.max_turns, max_episode_tokens=self.max_episode_tokens,
-                            before_turn=before_chunk, chunk_tokens=chunk_tokens)
+                            before_turn=before_chunk, chunk_tokens=chunk_tokens,
+                            teacher=None if step is None else self.teacher(step, len(envs)))
 
     def evaluate(self) -> float:
         """Greedy success rate on the first ``eval_size`` evaluation seeds."""

@@ -175,6 +175,8 @@ def _agent_on(values: dict) -> bool:
 
 CREDITS = ("episode", "turn", "turn_unbiased", "gigpo", "discounted")
 """Turn-level credit estimators of multi-turn episodes (``tether.agent.credit``)."""
+AGENT_ALGORITHMS = ("rl", "dagger", "bepa")
+"""What a run with ``env`` trains (``AgentConfig.algorithm``; docs/agents.md)."""
 CREDIT_BASELINES = ("std", "mean", "loo")
 """How a turn-level credit estimator centres a value against its cell (``tether.agent.credit.BASELINES``)."""
 
@@ -196,9 +198,23 @@ class AgentConfig:
     gamma: float = opt(1.0, "discount of step returns (turn, turn_unbiased, gigpo, discounted credit)")
     gigpo_omega: float = opt(1.0, "gigpo credit: weight of the step-level (anchor-state) advantage")
     drift_every: int = opt(1, "measure tokenisation drift every N steps (re-render the chat and compare; 0: never)")
+    algorithm: str = opt("rl", "agent algorithm: rl (the objective preset on the episodes), dagger (teacher/student "
+                               "mixture, teacher labels, SFT on the aggregate; tether.agent.dagger), bepa (GRPO with "
+                               "a per-task cache injected into all-fail groups; tether.agent.bepa)")
+    dagger_beta: float = opt(1.0, "dagger: beta_0, the probability that the teacher acts at a turn of step 0")
+    dagger_beta_decay: float = opt(0.5, "dagger: p in beta_i = beta_0 * p^i (1: constant beta)")
+    dagger_rows: int = opt(64, "dagger: aggregated (state, teacher action) rows trained on per step (a uniform "
+                               "sample of the aggregate)")
+    bepa_cache_size: int = opt(1024, "bepa: tasks the trajectory cache holds at most (the oldest entry goes first)")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        _check(self.algorithm in AGENT_ALGORITHMS, "algorithm", f"must be one of {', '.join(AGENT_ALGORITHMS)}",
+               repr(self.algorithm))
+        _check(0 <= self.dagger_beta <= 1, "dagger_beta", "must be in [0, 1]", self.dagger_beta)
+        _check(0 <= self.dagger_beta_decay <= 1, "dagger_beta_decay", "must be in [0, 1]", self.dagger_beta_decay)
+        _check(self.dagger_rows >= 1, "dagger_rows", "must be >= 1", self.dagger_rows)
+        _check(self.bepa_cache_size >= 1, "bepa_cache_size", "must be >= 1", self.bepa_cache_size)
         _check(self.max_turns >= 1, "max_turns", "must be >= 1", self.max_turns)
         _check(self.max_episode_tokens is None or self.max_episode_tokens >= 2, "max_episode_tokens",
                "must be >= 2 or none", self.max_episode_tokens)
@@ -447,6 +463,18 @@ class TrainConfig:
                              "policy (bypass mode), so no other anchor is kept")
 
     def _validate_agent(self) -> None:
+        algo = self.agent.algorithm
+        if algo != "rl" and self.mode is not TrainMode.SYNC:
+            raise ValueError(f"config field 'algorithm' {algo} needs mode 'sync' (its episodes and cache are built "
+                             "between steps)")
+        if algo == "dagger":
+            if self.objective == "grpo":  # the default: DAgger's update is SFT on the teacher's labels
+                self.objective = "sft"
+            _check(self.objective in ("sft", "pear"), "objective", "must be sft (or pear) with algorithm dagger "
+                   "(SFT on the teacher's labels)", repr(self.objective))
+        elif self.objective in ("sft", "pear"):
+            raise ValueError(f"config field 'objective' {self.objective} trains on labels: with env use --algorithm "
+                             "dagger (the episodes' own tokens are sampled, not labelled)")
         if self.overlong_buffer is not None:
             raise ValueError("config field 'overlong_buffer' is a single-turn length penalty; with env the episode's "
                              "token budget is max_episode_tokens")
