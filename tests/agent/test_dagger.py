@@ -9,17 +9,16 @@ import random
 import pytest
 import torch
 
+from tests.agent.toy_envs import Tok, scripted_episodes
 from tether.agent.dagger import (
     Aggregate,
     LabelRow,
-    ScriptedTeacher,
     beta_schedule,
     label_rows,
     mixture_mask,
     sft_rollout,
 )
-from tether.agent.episodes import TEACHER_POLICY_ID, run_episodes
-from tether.agent.render import PlainRenderer, as_env
+from tether.agent.episodes import TEACHER_POLICY_ID
 from tether.rollout import SamplingParams, Source
 from tether.train.config import TrainConfig
 
@@ -78,55 +77,12 @@ def test_sft_rollout_puts_the_loss_on_the_labels_only():
         sft_rollout([], pad_id=0, vocab_size=20, version=0, params=SamplingParams())
 
 
-class _Tok:
-    """Character ids: 'a'..'z' -> 1..26, newline 27, space 28, EOS 29."""
-    eos_id, pad_id = 29, 0
-    chars = "abcdefghijklmnopqrstuvwxyz\n "
-
-    def encode(self, text):
-        return [self.chars.index(c) + 1 for c in text]
-
-    encode_completion = encode
-
-    def decode(self, ids):
-        return "".join(self.chars[i - 1] for i in ids if 0 < i < 29)
-
-
-class _Engine:
-    """Always samples 'z' then EOS (a student that never solves Copy), log mu -0.5 per token."""
-    vocab_size, pad_id = 30, 0
-
-    def generate(self, prompts, params, *, seed=0, group_B=None):
-        from tether.rollout import Rollout
-
-        B = len(prompts)
-        T = max(len(p) for p in prompts) + 2
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        logp = torch.zeros(B, T)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p) + 2] = torch.tensor(p + [26, 29])
-            logp[i, len(p):len(p) + 2] = -0.5
-        return Rollout(tokens_BT=tokens, prompt_len_B=torch.tensor([len(p) for p in prompts]),
-                       completion_len_B=torch.full((B,), 2), logp_mu_BT=logp,
-                       version_BT=torch.zeros(B, T, dtype=torch.long), sampling=params)
-
-
-def _episodes(mask):
-    from tests.agent.toy_envs import Copy
-
-    tok = _Tok()
-    envs = [as_env(Copy(), PlainRenderer(tok)) for _ in range(mask.shape[0])]
-    return run_episodes(_Engine(), envs, list(range(mask.shape[0])), SamplingParams(max_new_tokens=2),
-                        group_B=torch.arange(mask.shape[0]), seed_fn=lambda k, c: 0, max_turns=2,
-                        max_episode_tokens=100, teacher=ScriptedTeacher(tok, mask))
-
-
 def test_teacher_acts_where_the_mask_says_and_labels_every_visited_state():
     from tests.agent.toy_envs import Copy
 
     mask = torch.tensor([[True, True], [False, False], [True, False]])
-    batch = _episodes(mask)
-    r, tok = batch.rollout, _Tok()
+    batch = scripted_episodes(mask)
+    r, tok = batch.rollout, Tok()
     for e in range(3):
         env = Copy()
         env.reset(e)
@@ -150,7 +106,7 @@ def test_teacher_acts_where_the_mask_says_and_labels_every_visited_state():
 
 
 def test_label_rows_needs_a_teacher():
-    batch = _episodes(torch.zeros(1, 2, dtype=torch.bool))
+    batch = scripted_episodes(torch.zeros(1, 2, dtype=torch.bool))
     batch.labels = []
     with pytest.raises(ValueError, match="without a teacher"):
         label_rows(batch)
