@@ -126,3 +126,25 @@ def test_two_bepa_steps_inject_into_all_fail_groups_and_meter_the_cache(tmp_path
         assert r["agent/mismatch/policy/abs_logr_mean"] < 1e-4
         assert r["agent/success_rate"] >= r["bepa/sampled_success_rate"]
     assert sum(r["bepa/injected"] for r in rows) > 0  # the 5-step warm start fails most groups
+
+
+def test_cache_state_is_plain_data_and_round_trips(tmp_path):
+    from tether.rollout import SamplingParams
+    from tether.train.checkpoint import check_plain
+
+    cache = TrajectoryCache(size=4)
+    cache.put(7, scripted_episodes(torch.ones(1, 2, dtype=torch.bool)))
+    cache.put(9, scripted_episodes(torch.tensor([[True, False]])))
+    sd = cache.state_dict()
+    check_plain(sd)
+    torch.save(sd, tmp_path / "c.pt")
+    back = TrajectoryCache(size=4)
+    back.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True), SamplingParams(max_new_tokens=2))
+    assert list(back.entries) == [7, 9]
+    for k in (7, 9):
+        x, y = cache.get(k), back.get(k)
+        for f in TrajectoryCache._ROW:
+            u, v = getattr(x.rollout, f), getattr(y.rollout, f)
+            assert (u is None and v is None) or torch.equal(u, v), f
+        assert torch.equal(x.rewards_EK, y.rewards_EK) and x.action_spans == y.action_spans
+        assert x.outcomes == y.outcomes and torch.equal(x.success_E, y.success_E)

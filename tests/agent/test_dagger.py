@@ -151,3 +151,20 @@ def test_two_dagger_steps_aggregate_labels_and_meter_each_source(tmp_path):
         if n_p:  # engine vs trainer on the student's own turns
             assert r["agent/mismatch/policy/abs_logr_mean"] < 1e-4
     assert json.loads((out / "config.json").read_text())["objective"] == "sft"
+
+
+@pytest.mark.e2e
+def test_resumed_dagger_run_equals_uninterrupted(tmp_path):
+    """The aggregate is in the checkpoint: step 1 trains on a sample of step 0's labels too, so a resume that
+    lost it would train on other rows."""
+    from tether.train.checkpoint import load_checkpoint_dir
+    from tether.train.sync import train
+
+    small = dict(env=ENV, algorithm="dagger", prompts_per_step=4, group_size=4, max_new_tokens=3, warmstart_steps=5,
+                 eval_size=8, progress=False, quiet=True, threads=1, checkpoint_every=1, dagger_rows=40)
+    train(TrainConfig.from_flat(**small, steps=2, out=str(tmp_path / "full")))
+    train(TrainConfig.from_flat(**small, steps=1, out=str(tmp_path / "part")))
+    train(TrainConfig.from_flat(**small, steps=2, out=str(tmp_path / "part"), resume=str(tmp_path / "part")))
+    a, b = (load_checkpoint_dir(tmp_path / name / "checkpoints" / "step_000002").state for name in ("full", "part"))
+    assert a["agent"]["dagger"] == b["agent"]["dagger"] and len(a["agent"]["dagger"]["label"]) > 0
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -130,6 +130,33 @@ class TrajectoryCache:
     def get(self, key: int) -> EpisodeBatch | None:
         return self.entries.get(key)
 
+    _ROW = ("tokens_BT", "prompt_len_B", "completion_len_B", "logp_mu_BT", "version_BT", "kept_count_BT",
+            "group_B", "finished_B", "source_BT", "turn_BT", "policy_id_BT")
+
+    def state_dict(self) -> dict:
+        """The entries as plain data (tensors, lists, strings): what a checkpoint can load without code."""
+        def one(row: EpisodeBatch) -> dict:
+            r = row.rollout
+            return {"rollout": {k: getattr(r, k) for k in self._ROW if getattr(r, k) is not None},
+                    "rewards_EK": row.rewards_EK, "turn_mask_EK": row.turn_mask_EK, "state_EK": row.state_EK,
+                    "outcomes": list(row.outcomes), "success_E": row.success_E,
+                    "action_spans": [[list(sp) for sp in spans] for spans in row.action_spans],
+                    "messages": list(row.messages)}
+
+        return {"size": self.size, "keys": list(self.entries), "rows": [one(v) for v in self.entries.values()]}
+
+    def load_state_dict(self, sd: dict, sampling) -> None:
+        """The entries of :meth:`state_dict`; ``sampling``: the run's ``SamplingParams`` (not stored)."""
+        from tether.rollout import Rollout
+
+        self.entries = OrderedDict()
+        for key, d in zip(sd["keys"], sd["rows"]):
+            self.entries[int(key)] = EpisodeBatch(
+                rollout=Rollout(sampling=sampling, **d["rollout"]), rewards_EK=d["rewards_EK"],
+                turn_mask_EK=d["turn_mask_EK"], state_EK=d["state_EK"], outcomes=list(d["outcomes"]),
+                success_E=d["success_E"], action_spans=[[tuple(sp) for sp in spans] for spans in d["action_spans"]],
+                messages=list(d["messages"]))
+
     def refresh(self, batch: EpisodeBatch, keys_E: list[int]) -> int:
         """Store the first successful episode of every group (``keys_E[e]``: episode e's task); returns how many."""
         seen: set[int] = set()

@@ -108,6 +108,20 @@ class Episodes:
             return ep, rollout, torch.zeros(rollout.batch_size), out
         return ep, ep.rollout, ep.returns_E, {}
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the agent algorithm: DAgger's aggregate, BEPA's cache (plain data)."""
+        if self.a.algorithm == "dagger":
+            return {"dagger": self.aggregate.state_dict()}
+        if self.a.algorithm == "bepa":
+            return {"bepa": self.cache.state_dict()}
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if "dagger" in sd:
+            self.aggregate.load_state_dict(sd["dagger"])
+        if "bepa" in sd:
+            self.cache.load_state_dict(sd["bepa"], self.sampling)
+
     @staticmethod
     def meter_rows(rollout: Rollout) -> Rollout:
         """``rollout`` with its teacher tokens scored too (``token_logprobs`` scores the loss mask only): what

@@ -239,6 +239,8 @@ class Run:
                 self.alp.load_state_dict(ckpt["alp"])
             self.last_checkpoint = self.state.step
             self.old_logits.load_state_dict(ckpt["old_logits"])
+            if self.episodes is not None:  # DAgger's aggregate, BEPA's cache
+                self.episodes.load_state_dict(ckpt.get("agent", {}))
         else:
             self.old_logits.publish(0)
         self.control = MismatchControl(self.cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
@@ -567,6 +569,7 @@ class Run:
             "old_logits": self.old_logits.state_dict(),
             **({"ref_model": self.ref_model.state_dict()} if self.ref_model is not None else {}),
             **({"alp": self.alp.state_dict()} if self.alp is not None else {}),
+            **({"agent": self.episodes.state_dict()} if self.episodes is not None else {}),
             **(extra or {}),
         })
         self.last_checkpoint = step
