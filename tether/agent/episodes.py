@@ -9,6 +9,10 @@
                           step = env.step(action tokens)    reward_{e,k}, done
                           context += step.observation       (Source.ENV / TOOL, turn k), unless done
 
+With a ``teacher`` (DAgger's mixture, BEPA's solver episodes; :class:`Teacher`) every running episode's state is
+labelled with the teacher's action before each turn, and on the turns the teacher takes, its action is
+appended instead of a sample (``Source.TEACHER``, policy id ``TEACHER_POLICY_ID``, its own log mu).
+
 Token-native: the sampled actions and the environment's replies are appended as token ids, so the row the
 trainer scores is exactly the row the engine sampled (no re-rendering, no re-tokenisation). Provenance
 (``source_BT``, ``turn_BT``, ``policy_id_BT``, ``version_BT``) is recorded per token and the loss mask comes
