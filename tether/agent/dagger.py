@@ -19,9 +19,12 @@ took (``log pi_theta - log mu_teacher``). The SFT rows themselves are single-tur
 state's context, completion: the label) with the teacher's ``log mu``; the run's meter (``meter/...``) is
 computed on them, so it reads the student-vs-teacher gap on the labels, not an engine mismatch.
 
-The teacher (:class:`ScriptedTeacher`): the environment's scripted solver ``expert_action()`` (the one the
-built-in model's warm start plays), encoded exactly as the warm start encodes it. The mixture is turn-level
-(the spec's ``mix_granularity="turn"``); the prefix variant is not implemented.
+The teacher (``--dagger-teacher``): ``scripted`` (:class:`ScriptedTeacher`, the default), the environment's
+scripted solver ``expert_action()`` (the one the built-in model's warm start plays), encoded exactly as the warm
+start encodes it; or a loaded model acting greedily (:class:`ModelTeacher`): ``builtin`` (the built-in tiny
+model warm-started on the environment's expert episodes for ``--dagger-teacher-steps`` steps, seed + 1) or a
+Hugging Face model directory sharing the student's tokenizer. The mixture is turn-level (the spec's
+``mix_granularity="turn"``); the prefix variant is not implemented.
 """
 
 from __future__ import annotations
@@ -56,15 +59,26 @@ def mixture_mask(beta: float, n_episodes: int, n_turns: int, seed: int) -> Tenso
     return torch.rand(n_episodes, n_turns, generator=gen, dtype=torch.float64) < beta
 
 
-class ScriptedTeacher:
+class _Mixture:
+    def __init__(self, mask_EK: Tensor | None) -> None:
+        self.mask_EK = mask_EK
+
+    def acts(self, e: int, k: int) -> bool:
+        """``mask_EK[e, k]`` (False past its last column, or without a mask)."""
+        m = self.mask_EK
+        return m is not None and k < m.shape[1] and bool(m[e, k])
+
+
+class ScriptedTeacher(_Mixture):
     """The environment's scripted solver as a policy (``tether.agent.episodes.Teacher``).
 
-    ``label(env)``: ``encode_completion(expert_action()) + [EOS]`` of the raw text environment under ``env``
-    (the adapter's ``env``); ``acts(e, k)``: ``mask_EK[e, k]`` (False past its last column); ``logp``: 0 per
-    token (a deterministic policy: ``mu(label) = 1``)."""
+    Its label is ``encode_completion(expert_action()) + [EOS]`` of the raw text environment under each ``env``
+    (the adapter's ``env``), with log-prob 0 per token (a deterministic policy: ``mu(label) = 1``); it acts where
+    ``mask_EK`` says."""
 
     def __init__(self, tokenizer, mask_EK: Tensor | None = None) -> None:
-        self.tokenizer, self.mask_EK = tokenizer, mask_EK
+        super().__init__(mask_EK)
+        self.tokenizer = tokenizer
 
     def label(self, env) -> list[int]:
         raw = getattr(env, "env", env)
@@ -74,12 +88,30 @@ class ScriptedTeacher:
                              "(--algorithm dagger / bepa) needs the environment's solver")
         return self.tokenizer.encode_completion(solver()) + [self.tokenizer.eos_id]
 
-    def acts(self, e: int, k: int) -> bool:
-        m = self.mask_EK
-        return m is not None and k < m.shape[1] and bool(m[e, k])
+    def labels(self, envs, contexts) -> list[tuple[list[int], list[float]]]:
+        out = [self.label(env) for env in envs]
+        return [(ids, [0.0] * len(ids)) for ids in out]
 
-    def logp(self, label: list[int]) -> list[float]:
-        return [0.0] * len(label)
+
+class ModelTeacher(_Mixture):
+    """A loaded model as the teacher: its greedy action (``top_k = 1``, ``max_new_tokens`` tokens at most) from
+    each episode's context, one batched call of its own ``engine`` per turn; the recorded log-probs are the
+    engine's under that greedy distribution (0: a deterministic policy). The model must share the student's
+    tokenizer (the contexts are the student's tokens)."""
+
+    def __init__(self, engine, max_new_tokens: int, mask_EK: Tensor | None = None) -> None:
+        super().__init__(mask_EK)
+        self.engine = engine
+        self.params = SamplingParams(temperature=1.0, top_k=1, max_new_tokens=max_new_tokens)
+
+    def labels(self, envs, contexts) -> list[tuple[list[int], list[float]]]:
+        r = self.engine.generate([list(c) for c in contexts], self.params, seed=0)
+        out = []
+        for j in range(len(contexts)):
+            a = int(r.prompt_len_B[j])
+            b = a + int(r.completion_len_B[j])
+            out.append((r.tokens_BT[j, a:b].tolist(), r.logp_mu_BT[j, a:b].tolist()))
+        return out
 
 
 @dataclass(frozen=True)

@@ -141,17 +141,15 @@ def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object
 class Teacher(Protocol):
     """A second policy that can act on some turns (``run_episodes(teacher=...)``; DAgger, BEPA's expert cache).
 
-    ``label(env)`` is the teacher's action (token ids, EOS included) in the environment's current state;
-    ``acts(e, k)`` whether it, not the engine, acts at turn ``k`` of episode ``e``. Its actions are recorded with
-    ``Source.TEACHER``, policy id ``TEACHER_POLICY_ID`` and behaviour log-prob ``logp(label)`` per token."""
+    ``labels(envs, contexts)`` is the teacher's action in each environment's current state (``contexts``: the
+    episodes' tokens so far), as (token ids, EOS included; the teacher's log-prob of each); ``acts(e, k)``
+    whether it, not the engine, acts at turn ``k`` of episode ``e``. Its actions are recorded with
+    ``Source.TEACHER``, policy id ``TEACHER_POLICY_ID`` and those log-probs as ``logp_mu``."""
 
-    def label(self, env: Env) -> list[int]:
+    def labels(self, envs: Sequence[Env], contexts: Sequence[list[int]]) -> list[tuple[list[int], list[float]]]:
         ...
 
     def acts(self, e: int, k: int) -> bool:
-        ...
-
-    def logp(self, label: list[int]) -> list[float]:
         ...
 
 
@@ -202,10 +200,11 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
             elif len(eps[e].tokens) + N > max_episode_tokens:
                 eps[e].outcome = "budget"
         active = [e for e in active if eps[e].outcome is None]
-        labels = {e: teacher.label(envs[e]) for e in active} if teacher is not None else {}
+        labels = dict(zip(active, teacher.labels([envs[e] for e in active], [eps[e].tokens for e in active]))) \
+            if teacher is not None and active else {}
         by_teacher = {e for e in active if teacher is not None and teacher.acts(e, k)}
         for e in by_teacher:
-            if len(eps[e].tokens) + len(labels[e]) > max_episode_tokens:
+            if len(eps[e].tokens) + len(labels[e][0]) > max_episode_tokens:
                 eps[e].outcome = "budget"
         active = [e for e in active if eps[e].outcome is None]
         if not active:
@@ -227,10 +226,10 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
                 ep.append(action, Source.POLICY, k, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
                           kept, vocab_size=V)
             else:
-                action = labels[e]
-                ep.append(action, Source.TEACHER, k, teacher.logp(action), vocab_size=V)
+                action, lp = labels[e]
+                ep.append(action, Source.TEACHER, k, lp, vocab_size=V)
             if teacher is not None:
-                ep.labels.append(labels[e])
+                ep.labels.append(labels[e][0])
             ep.spans.append((start, len(ep.tokens)))
             ep.states.append(ep.last_state)
             try:

@@ -61,6 +61,7 @@ class Episodes:
             from tether.agent.dagger import Aggregate
 
             self.aggregate = Aggregate()
+        self.teacher_engine = self._teacher_engine()
         if self.a.credit != "episode":
             from tether.agent.credit import CREDIT
 
@@ -76,7 +77,37 @@ class Episodes:
 
         beta = beta_schedule(step, self.a.dagger_beta, self.a.dagger_beta_decay)
         mask = mixture_mask(beta, n_episodes, self.a.max_turns, step_seed(self.cfg.seed, step, 7))
+        if self.teacher_engine is not None:
+            from tether.agent.dagger import ModelTeacher
+
+            return ModelTeacher(self.teacher_engine, self.cfg.max_new_tokens, mask)
         return ScriptedTeacher(self.policy.tokenizer, mask)
+
+    def _teacher_engine(self):
+        """The engine of a model teacher (``dagger_teacher`` builtin or a model directory); None: scripted."""
+        which = self.a.dagger_teacher
+        if self.a.algorithm != "dagger" or which == "scripted":
+            return None
+        from tether.engine.torch_engine import TorchEngine
+
+        tok = self.policy.tokenizer
+        if which == "builtin":
+            from tether.models import builtin
+
+            model, _ = builtin.warm_started_tiny(self.task, seed=self.cfg.seed + 1, steps=self.a.dagger_teacher_steps,
+                                                 max_turns=self.a.max_turns, label="teacher warm start")
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(which)
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab is not None and vocab < self.policy.engine.vocab_size:
+            raise ValueError(f"config field 'dagger_teacher': the teacher's vocabulary ({vocab}) is smaller than "
+                             f"the student's ({self.policy.engine.vocab_size}); it must share the student's tokenizer")
+        model = model.to(self.cfg.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return TorchEngine(model, eos_id=tok.eos_ids, pad_id=tok.pad_id)
 
     def train_batch(self, ep: EpisodeBatch, specs: list[EpisodeSpec], step: int
                     ) -> tuple[EpisodeBatch, Rollout, Tensor, dict[str, float]]:

@@ -175,6 +175,12 @@ def _agent_on(values: dict) -> bool:
 
 CREDITS = ("episode", "turn", "turn_unbiased", "gigpo", "discounted")
 """Turn-level credit estimators of multi-turn episodes (``tether.agent.credit``)."""
+def _is_model_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "config.json").is_file()
+
+
 AGENT_ALGORITHMS = ("rl", "dagger", "bepa")
 """What a run with ``env`` trains (``AgentConfig.algorithm``; docs/agents.md)."""
 CREDIT_BASELINES = ("std", "mean", "loo")
@@ -205,6 +211,12 @@ class AgentConfig:
     dagger_beta_decay: float = opt(0.5, "dagger: p in beta_i = beta_0 * p^i (1: constant beta)")
     dagger_rows: int = opt(64, "dagger: aggregated (state, teacher action) rows trained on per step (a uniform "
                                "sample of the aggregate)")
+    dagger_teacher: str = opt("scripted", "dagger: the teacher: scripted (the environment's solver, expert_action()), "
+                                          "builtin (the built-in tiny model warm-started dagger_teacher_steps steps on "
+                                          "the expert episodes) or a Hugging Face model directory sharing the "
+                                          "student's tokenizer; a model teacher acts greedily")
+    dagger_teacher_steps: int = opt(400, "dagger_teacher builtin: its SFT warm-start steps on the expert episodes "
+                                         "(cached on disk)")
     bepa_cache_size: int = opt(1024, "bepa: tasks the trajectory cache holds at most (the oldest entry goes first)")
 
     def __post_init__(self) -> None:
@@ -214,6 +226,9 @@ class AgentConfig:
         _check(0 <= self.dagger_beta <= 1, "dagger_beta", "must be in [0, 1]", self.dagger_beta)
         _check(0 <= self.dagger_beta_decay <= 1, "dagger_beta_decay", "must be in [0, 1]", self.dagger_beta_decay)
         _check(self.dagger_rows >= 1, "dagger_rows", "must be >= 1", self.dagger_rows)
+        _check(self.dagger_teacher_steps >= 0, "dagger_teacher_steps", "must be >= 0", self.dagger_teacher_steps)
+        _check(self.dagger_teacher in ("scripted", "builtin") or _is_model_dir(self.dagger_teacher), "dagger_teacher",
+               "must be scripted, builtin or a model directory with a config.json", repr(self.dagger_teacher))
         _check(self.bepa_cache_size >= 1, "bepa_cache_size", "must be >= 1", self.bepa_cache_size)
         _check(self.max_turns >= 1, "max_turns", "must be >= 1", self.max_turns)
         _check(self.max_episode_tokens is None or self.max_episode_tokens >= 2, "max_episode_tokens",
@@ -470,6 +485,11 @@ class TrainConfig:
         if algo == "dagger":
             if self.objective == "grpo":  # the default: DAgger's update is SFT on the teacher's labels
                 self.objective = "sft"
+            teacher = self.agent.dagger_teacher
+            _check(teacher != "builtin" or self.model == "tiny", "dagger_teacher",
+                   "builtin needs the built-in student (--model tiny: the teacher shares its tokenizer)", repr(teacher))
+            _check(teacher in ("scripted", "builtin") or self.model != "tiny", "dagger_teacher",
+                   "a model directory needs a Hugging Face student sharing its tokenizer (--model PATH)", repr(teacher))
             _check(self.objective in ("sft", "pear"), "objective", "must be sft (or pear) with algorithm dagger "
                    "(SFT on the teacher's labels)", repr(self.objective))
         elif self.objective in ("sft", "pear"):
