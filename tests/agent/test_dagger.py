@@ -208,3 +208,17 @@ def test_a_builtin_model_teacher_acts_and_labels(tmp_path):
     (r,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert r["dagger/teacher_token_frac"] == 1.0  # beta_0 = 1: the model teacher took every turn
     assert r["agent/mismatch/teacher/n_tokens"] > 0 and r["dagger/aggregate_rows"] >= 16
+
+
+@pytest.mark.e2e
+def test_a_hugging_face_teacher_folder_teaches_a_hugging_face_student(tmp_path):
+    from tests.engine.hf_helpers import tiny_llama_folder
+    from tether.train.sync import train
+
+    student, teacher = tiny_llama_folder(tmp_path / "student", seed=0), tiny_llama_folder(tmp_path / "teacher", seed=1)
+    train(TrainConfig.from_flat(env=ENV, algorithm="dagger", model=str(student), dagger_teacher=str(teacher),
+                                prompts_per_step=2, group_size=2, max_new_tokens=3, eval_size=2, progress=False,
+                                quiet=True, threads=1, steps=1, out=str(tmp_path / "run")))
+    (r,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert r["dagger/teacher_token_frac"] == 1.0 and r["agent/mismatch/teacher/n_tokens"] > 0
+    assert r["agent/mismatch/teacher/abs_logr_mean"] > 0  # another model's greedy actions under the student
