@@ -222,3 +222,11 @@ def test_a_hugging_face_teacher_folder_teaches_a_hugging_face_student(tmp_path):
     (r,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert r["dagger/teacher_token_frac"] == 1.0 and r["agent/mismatch/teacher/n_tokens"] > 0
     assert r["agent/mismatch/teacher/abs_logr_mean"] > 0  # another model's greedy actions under the student
+
+
+def test_a_scripted_teacher_needs_the_environments_solver(tmp_path):
+    from tether.train.sync import train
+
+    with pytest.raises(ValueError, match="no scripted solver"):
+        train(TrainConfig.from_flat(env="tests.agent.toy_envs:NoSolver", algorithm="dagger", warmstart_steps=0,
+                                    progress=False, quiet=True, threads=1, steps=1, out=str(tmp_path / "run")))

@@ -36,6 +36,20 @@ class Copy:
         return TextStep(f"\nsay {self.target[1]}\n", 0.5 * ok, False, {}, source=Source.TOOL)
 
 
+class NoSolver:
+    """Copy without a scripted solver (no ``expert_action``)."""
+    max_turns = 2
+
+    def __init__(self) -> None:
+        self.inner = Copy()
+
+    def reset(self, seed: int) -> str:
+        return self.inner.reset(seed)
+
+    def step(self, action: str) -> TextStep:
+        return self.inner.step(action)
+
+
 class Tok:
     """Character ids: 'a'..'z' -> 1..26, newline 27, space 28, EOS 29."""
     eos_id, pad_id = 29, 0

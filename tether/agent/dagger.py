@@ -122,10 +122,10 @@ class LabelRow:
     label_logp: tuple[float, ...]
 
 
-def label_rows(batch: EpisodeBatch, logp_fn=None) -> list[LabelRow]:
+def label_rows(batch: EpisodeBatch) -> list[LabelRow]:
     """``{(s_{e,k}, a*_T(s_{e,k}))}`` for every turn that happened: the context is the row's tokens before the
-    turn's action (``action_spans[e][k]``), the label ``batch.labels[e][k]``; ``logp_fn(label)`` its
-    behaviour log-probs (default: 0, a deterministic teacher)."""
+    turn's action (``action_spans[e][k]``), the label ``batch.labels[e][k]``, its behaviour log-probs 0 (every
+    teacher here is deterministic: the scripted solver, a greedy model)."""
     if not batch.labels:
         raise ValueError("label_rows: the episodes were run without a teacher (no labels)")
     rows = []
@@ -133,8 +133,7 @@ def label_rows(batch: EpisodeBatch, logp_fn=None) -> list[LabelRow]:
     for e, spans in enumerate(batch.action_spans):
         for k, (start, _) in enumerate(spans):
             label = batch.labels[e][k]
-            lp = logp_fn(label) if logp_fn is not None else [0.0] * len(label)
-            rows.append(LabelRow(tuple(tokens[e, :start].tolist()), tuple(label), tuple(lp)))
+            rows.append(LabelRow(tuple(tokens[e, :start].tolist()), tuple(label), (0.0,) * len(label)))
     return rows
 
 

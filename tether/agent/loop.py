@@ -61,6 +61,10 @@ class Episodes:
             from tether.agent.dagger import Aggregate
 
             self.aggregate = Aggregate()
+        self.has_solver = callable(getattr(task.make(), "expert_action", None))
+        if self.a.algorithm == "dagger" and self.a.dagger_teacher == "scripted" and not self.has_solver:
+            raise ValueError(f"{task.name} has no scripted solver (expert_action()) for --dagger-teacher scripted; "
+                             "give the environment one or use a model teacher (--dagger-teacher builtin or PATH)")
         self.teacher_engine = self._teacher_engine()
         if self.a.credit != "episode":
             from tether.agent.credit import CREDIT
@@ -122,7 +126,8 @@ class Episodes:
             from tether.agent.bepa import assimilate
 
             keys = [spec.seed for spec in specs for _ in range(self.cfg.group_size)]
-            ep, out = assimilate(ep, keys, self.cache, self._expert_episode, pad_id=engine.pad_id,
+            seed_fn = self._expert_episode if self.has_solver else None  # no solver: own successes only
+            ep, out = assimilate(ep, keys, self.cache, seed_fn, pad_id=engine.pad_id,
                                  vocab_size=engine.vocab_size)
             return ep, ep.rollout, ep.returns_E, out
         if algo == "dagger":
