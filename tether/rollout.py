@@ -27,7 +27,7 @@ from torch import Tensor
 
 
 class Source(IntEnum):
-    """Who produced a token (``Rollout.source_BT``). Only ``POLICY`` tokens enter the RL loss."""
+    """Who produced a token (``Rollout.source_BT``). Only ``POLICY`` and ``CACHE`` tokens enter the RL loss."""
     PAD = -1
     """Right padding (outside the attention mask)."""
     PROMPT = 0
@@ -41,7 +41,10 @@ class Source(IntEnum):
     TEACHER = 4
     """Sampled by a teacher or expert policy (DAgger, expert turns): not the trained policy's action."""
     CACHE = 5
-    """Replayed from a cache of earlier trajectories (BEPA)."""
+    """Replayed from a cache of earlier trajectories (BEPA): in the loss, with the ``logp_mu`` it was recorded with."""
+    REPLAY = 6
+    """A fork's replayed prefix (Fission-GRPO, ``tether.agent.fission``): the policy's own earlier actions, replayed
+    to restore a state; context for the continuations sampled from it, never in the loss."""
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,11 @@ class Rollout:
 
     @property
     def loss_mask_BT(self) -> Tensor:
-        """True on the tokens the trained policy sampled: ``source_BT == POLICY`` when the row records its
-        provenance, else the completion's positions. Never from token identity."""
+        """True on the tokens the trained policy sampled or replays: ``source_BT`` POLICY or CACHE (BEPA's injected
+        trajectories) when the row records its provenance, else the completion's positions. Never from token
+        identity."""
         if self.source_BT is not None:
-            return self.source_BT == Source.POLICY
+            return (self.source_BT == Source.POLICY) | (self.source_BT == Source.CACHE)
         pos = torch.arange(self.tokens_BT.shape[1], device=self.tokens_BT.device)
         start = self.prompt_len_B[:, None]
         return (pos[None, :] >= start) & (pos[None, :] < start + self.completion_len_B[:, None])

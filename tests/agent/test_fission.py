@@ -90,7 +90,7 @@ def test_forked_groups_start_from_the_failed_rows_prefix_and_state():
             assert r.tokens_BT[e, :end].tolist() == o.tokens_BT[f.row, :end].tolist()  # the identical token prefix
             assert not r.loss_mask_BT[e, :end].any()  # the replayed prefix is context, never trained on
             for a, b in spans[:f.replayed]:
-                assert set(r.source_BT[e, a:b].tolist()) == {int(Source.CACHE)}
+                assert set(r.source_BT[e, a:b].tolist()) == {int(Source.REPLAY)}
                 assert torch.equal(r.logp_mu_BT[e, a:b], o.logp_mu_BT[f.row, a:b])  # original provenance kept
             # the same state: the forked environment was reset with the failed episode's seed and stepped with its
             # actions, then went on from there

@@ -48,3 +48,6 @@ def test_fission_is_validated_at_the_edge(capsys):
         TrainConfig.from_flat(env="calculator", fission=0)
     with pytest.raises(ValueError, match="fission"):  # an agent setting: refused without --env
         TrainConfig.from_flat(fission=2)
+    for algorithm in ("dagger", "bepa"):  # a fork's replayed prefix would mix with teacher labels / cached episodes
+        with pytest.raises(ValueError, match="config field 'fission' forks the sampled episodes of algorithm 'rl'"):
+            TrainConfig.from_flat(env="calculator", fission=2, algorithm=algorithm)

@@ -185,10 +185,11 @@ def mismatch_by_source(rollout: Rollout, logp_BT: Tensor, logp_mu_BT: Tensor,
 
 def mismatch_by_turn(rollout: Rollout, logp_BT: Tensor, logp_mu_BT: Tensor, *, max_turns: int | None = None
                      ) -> dict[str, Tensor]:
-    """``agent/turn<k>/{...}`` (the keys of :func:`mismatch_by_source`) on the loss tokens of turn k,
-    k = 0 .. max_turns - 1 (default: the largest turn index in the batch + 1; one host sync)."""
+    """``agent/turn<k>/{...}`` (the keys of :func:`mismatch_by_source`) on the policy tokens of turn k,
+    k = 0 .. max_turns - 1 (default: the largest turn index in the batch + 1; one host sync): the tokens the
+    policy sampled in this batch (``Source.POLICY``; BEPA's replayed ``CACHE`` turns have their own source entry)."""
     z = logp_BT - logp_mu_BT
-    mask = rollout.loss_mask_BT.to(z.device)
+    mask = (rollout.sources_BT == Source.POLICY).to(z.device)
     turn = rollout.turn_BT if rollout.turn_BT is not None else torch.where(rollout.loss_mask_BT, 0, -1)
     turn = turn.to(z.device)
     K = max_turns if max_turns is not None else int(turn.max()) + 1

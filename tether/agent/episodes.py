@@ -9,6 +9,10 @@
                           step = env.step(action tokens)    reward_{e,k}, done
                           context += step.observation       (Source.ENV / TOOL, turn k), unless done
 
+With a ``teacher`` (DAgger's mixture, BEPA's solver episodes; :class:`Teacher`) every running episode's state is
+labelled with the teacher's action before each turn, and on the turns the teacher takes, its action is
+appended instead of a sample (``Source.TEACHER``, policy id ``TEACHER_POLICY_ID``, its own log mu).
+
 Token-native: the sampled actions and the environment's replies are appended as token ids, so the row the
 trainer scores is exactly the row the engine sampled (no re-rendering, no re-tokenisation). Provenance
 (``source_BT``, ``turn_BT``, ``policy_id_BT``, ``version_BT``) is recorded per token and the loss mask comes
@@ -23,7 +27,7 @@ and the seed, before any generation). Truncated episodes (``max_turns``, ``budge
 ``finished_B`` False, like a single-turn completion cut at the length limit.
 
 Replays (``replays[e]``, Fission-GRPO's forks, ``tether.agent.fission``): after ``reset`` the episode first replays
-the given actions of an earlier episode with the same seed (tokens ``Source.CACHE``, with the original ``log mu``
+the given actions of an earlier episode with the same seed (tokens ``Source.REPLAY``, with the original ``log mu``
 and versions; never in the loss), appending the environment's replies, then samples on from there; its turn
 indices continue from the replayed ones. The replayed row must equal the earlier row's prefix token for token,
 else the environment is not deterministic under ``reset(seed)`` and the replay is an error naming it.
@@ -37,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -79,6 +84,9 @@ class EpisodeBatch:
     """True on the turns replayed from an earlier episode (``replays``), not sampled in this batch."""
     fission_B: Tensor | None = None
     """True on the rows of Fission-GRPO's forked groups (``tether.agent.fission``); None: no fission."""
+    labels: list[list[list[int]]] = field(default_factory=list)
+    """With a teacher (``run_episodes(teacher=...)``): the teacher's action tokens for the state of every turn
+    that happened, whoever acted there (DAgger's labels, ``tether.agent.dagger``); else empty."""
 
     @property
     def returns_E(self) -> Tensor:
@@ -119,6 +127,7 @@ class _Episode:
     spans: list[tuple[int, int]] = field(default_factory=list)
     marks: list[bool] = field(default_factory=list)
     replayed: int = 0
+    labels: list[list[int]] = field(default_factory=list)
     outcome: str | None = None
     success: bool | None = None
     last_state: object = None
@@ -156,7 +165,7 @@ def _replay(ep: _Episode, env: Env, replay: Replay, seed: int, vocab_size: int) 
     name = type(getattr(env, "env", env)).__name__
     for k, action in enumerate(replay.actions):
         start = len(ep.tokens)
-        ep.append(action, Source.CACHE, k, replay.logp[k], replay.versions[k],
+        ep.append(action, Source.REPLAY, k, replay.logp[k], replay.versions[k],
                   replay.kept[k] if replay.kept is not None else None, vocab_size=vocab_size)
         ep.spans.append((start, len(ep.tokens)))
         ep.states.append(ep.last_state)
@@ -198,16 +207,37 @@ def _anchor(env: Env, info: dict | None, obs: Observation, where: str) -> object
     return key
 
 
+class Teacher(Protocol):
+    """A second policy that can act on some turns (``run_episodes(teacher=...)``; DAgger, BEPA's expert cache).
+
+    ``labels(envs, contexts)`` is the teacher's action in each environment's current state (``contexts``: the
+    episodes' tokens so far), as (token ids, EOS included; the teacher's log-prob of each); ``acts(e, k)``
+    whether it, not the engine, acts at turn ``k`` of episode ``e``. Its actions are recorded with
+    ``Source.TEACHER``, policy id ``TEACHER_POLICY_ID`` and those log-probs as ``logp_mu``."""
+
+    def labels(self, envs: Sequence[Env], contexts: Sequence[list[int]]) -> list[tuple[list[int], list[float]]]:
+        ...
+
+    def acts(self, e: int, k: int) -> bool:
+        ...
+
+
+TEACHER_POLICY_ID = 1
+"""``policy_id_BT`` of a teacher's tokens (the trained policy is 0)."""
+
+
 def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[int], params: SamplingParams, *,
                  group_B: Tensor, seed_fn: Callable[[int, int], int], max_turns: int, max_episode_tokens: int,
                  before_turn: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
-                 replays: Sequence[Replay | None] | None = None) -> EpisodeBatch:
+                 replays: Sequence[Replay | None] | None = None, teacher: Teacher | None = None) -> EpisodeBatch:
     """Run one episode per environment (``envs[e].reset(episode_seeds[e])``) to its end (module docstring).
 
     Turn ``k``'s actions are sampled with seeds ``seed_fn(k, c)`` (``c``: the chunk, 0 without partial
     rollouts), so a batch is a fixed function of its seeds and the weights. ``before_turn(k)`` runs before
     every turn's generation (and, with ``chunk_tokens``, before every chunk: ``generate_partial``'s hook).
     ``replays[e]``: actions episode ``e`` replays after ``reset`` before it samples (module docstring).
+    ``teacher``: before every turn the teacher labels each running episode's state (``EpisodeBatch.labels``)
+    and, where ``teacher.acts(e, k)``, its label is the action (``Source.TEACHER``) instead of a sample.
     """
     if max_turns < 1:
         raise ValueError(f"run_episodes: max_turns must be >= 1, got {max_turns}")
@@ -242,21 +272,37 @@ def run_episodes(engine: Engine, envs: Sequence[Env], episode_seeds: Sequence[in
             elif len(eps[e].tokens) + N > max_episode_tokens:
                 eps[e].outcome = "budget"
         active = [e for e in active if eps[e].outcome is None]
+        labels = dict(zip(active, teacher.labels([envs[e] for e in active], [eps[e].tokens for e in active]))) \
+            if teacher is not None and active else {}
+        by_teacher = {e for e in active if teacher is not None and teacher.acts(e, k)}
+        for e in by_teacher:
+            if len(eps[e].tokens) + len(labels[e][0]) > max_episode_tokens:
+                eps[e].outcome = "budget"
+        active = [e for e in active if eps[e].outcome is None]
         if not active:
             break
-        sub = generate_partial(engine, [eps[e].tokens for e in active], params,
-                               seed_fn=lambda c, k=k: seed_fn(k, c), group_B=group_B[active],
-                               chunk_tokens=chunk_tokens, before_chunk=before_turn)
-        for j, e in enumerate(active):
+        sampled = [e for e in active if e not in by_teacher]
+        sub = generate_partial(engine, [eps[e].tokens for e in sampled], params,
+                               seed_fn=lambda c, k=k: seed_fn(k, c), group_B=group_B[sampled],
+                               chunk_tokens=chunk_tokens, before_chunk=before_turn) if sampled else None
+        row = {e: j for j, e in enumerate(sampled)}
+        for e in active:
             ep = eps[e]
             kk = len(ep.rewards)  # this turn's index: k, or k + the replayed turns
-            a = int(sub.prompt_len_B[j])
-            b = a + int(sub.completion_len_B[j])
-            action = sub.tokens_BT[j, a:b].tolist()
-            kept = sub.kept_count_BT[j, a:b].tolist() if sub.kept_count_BT is not None else None
             start = len(ep.tokens)
-            ep.append(action, Source.POLICY, kk, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
-                      kept, vocab_size=V)
+            if e in row:
+                j = row[e]
+                a = int(sub.prompt_len_B[j])
+                b = a + int(sub.completion_len_B[j])
+                action = sub.tokens_BT[j, a:b].tolist()
+                kept = sub.kept_count_BT[j, a:b].tolist() if sub.kept_count_BT is not None else None
+                ep.append(action, Source.POLICY, kk, sub.logp_mu_BT[j, a:b].tolist(), sub.version_BT[j, a:b].tolist(),
+                          kept, vocab_size=V)
+            else:
+                action, lp = labels[e]
+                ep.append(action, Source.TEACHER, kk, lp, vocab_size=V)
+            if teacher is not None:
+                ep.labels.append(labels[e][0])
             ep.spans.append((start, len(ep.tokens)))
             ep.states.append(ep.last_state)
             try:
@@ -319,7 +365,9 @@ def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, 
         finished_B=torch.tensor([ep.outcome == "done" for ep in eps]),
         source_BT=source_BT,
         turn_BT=grid(-1, torch.long, lambda ep: ep.turns),
-        policy_id_BT=torch.where(policy_BT | (source_BT == Source.CACHE), 0, -1),  # a replay: the policy's own
+        # a replay (Fission-GRPO's fork prefix) is the policy's own earlier action; a teacher has its own id
+        policy_id_BT=torch.where(policy_BT | (source_BT == Source.REPLAY), 0,
+                                 torch.where(source_BT == Source.TEACHER, TEACHER_POLICY_ID, -1)),
     )
     rewards_EK = torch.zeros(E, K)
     mask_EK = torch.zeros(E, K, dtype=torch.bool)
@@ -341,7 +389,8 @@ def _assemble(eps: list[_Episode], envs: Sequence[Env], params: SamplingParams, 
                         outcomes=[ep.outcome for ep in eps], success_E=success, failed=failed,
                         action_spans=[ep.spans for ep in eps],
                         messages=[list(getattr(env, "messages", None) or []) or None for env in envs],
-                        failure_EK=failure_EK, replayed_EK=replayed_EK)
+                        failure_EK=failure_EK, replayed_EK=replayed_EK,
+                        labels=[ep.labels for ep in eps] if any(ep.labels for ep in eps) else [])
 
 
 def broadcast_turns(values_EK: Tensor, rollout: Rollout) -> Tensor:

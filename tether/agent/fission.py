@@ -16,7 +16,7 @@ The reading implemented here (each point a choice where the paper's text is not 
   there is no reply to recover from, so the fork replays turns ``0..k*-1`` and resamples turn ``k*``.
 * **restoring the state**: ``reset(seed)`` and replay the prefix actions (``run_episodes(replays=...)``); the
   replayed tokens must equal the failed row's prefix, token for token (else an error: the environment is not
-  deterministic under its seed). Replayed action tokens are ``Source.CACHE`` (their original ``log mu`` and
+  deterministic under its seed). Replayed action tokens are ``Source.REPLAY`` (their original ``log mu`` and
   versions kept, never in the loss); the continuations are ``Source.POLICY``.
 * **advantages**: each forked group is a group of its own (group-relative within it, the same clipped loss and
   credit as the run's); the rows are marked ``EpisodeBatch.fission_B``.

@@ -19,6 +19,7 @@ mismatch control, the presets and the update are the same code.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 from tether.agent.episodes import EpisodeBatch, broadcast_turns, run_episodes
 from tether.agent.render import PlainRenderer, Renderer, as_env
 from tether.agent.task import EnvTask, EpisodeSpec
-from tether.rollout import SamplingParams
+from tether.rollout import Rollout, SamplingParams, Source
 
 
 def renderer_for(policy: Any, cfg: Any) -> Renderer:
@@ -51,10 +52,136 @@ class Episodes:
         self.max_episode_tokens = min(x for x in (self.a.max_episode_tokens, limit) if x is not None) \
             if (self.a.max_episode_tokens or limit) else 1 << 30
         self.credit_fn = None
+        from tether.train.setup import sampling_params
+
+        self.sampling = sampling_params(cfg)
+        if self.a.algorithm == "bepa":
+            from tether.agent.bepa import TrajectoryCache
+
+            self.cache = TrajectoryCache(self.a.bepa_cache_size)
+        if self.a.algorithm == "dagger":
+            from tether.agent.dagger import Aggregate
+
+            self.aggregate = Aggregate()
+        self.has_solver = callable(getattr(task.make(), "expert_action", None))
+        if self.a.algorithm == "dagger" and self.a.dagger_teacher == "scripted" and not self.has_solver:
+            raise ValueError(f"{task.name} has no scripted solver (expert_action()) for --dagger-teacher scripted; "
+                             "give the environment one or use a model teacher (--dagger-teacher builtin or PATH)")
+        self.teacher_engine = self._teacher_engine()
         if self.a.credit != "episode":
             from tether.agent.credit import CREDIT
 
             self.credit_fn = CREDIT[self.a.credit]
+
+    def teacher(self, step: int, n_episodes: int):
+        """DAgger's mixture teacher for step ``step`` (``beta_step``, one seeded draw per episode and turn);
+        None for the other algorithms."""
+        if self.a.algorithm != "dagger":
+            return None
+        from tether.agent.dagger import ScriptedTeacher, beta_schedule, mixture_mask
+        from tether.train.seeds import step_seed
+
+        beta = beta_schedule(step, self.a.dagger_beta, self.a.dagger_beta_decay)
+        mask = mixture_mask(beta, n_episodes, self.a.max_turns, step_seed(self.cfg.seed, step, 7))
+        if self.teacher_engine is not None:
+            from tether.agent.dagger import ModelTeacher
+
+            return ModelTeacher(self.teacher_engine, self.cfg.max_new_tokens, mask)
+        return ScriptedTeacher(self.policy.tokenizer, mask)
+
+    def _teacher_engine(self):
+        """The engine of a model teacher (``dagger_teacher`` builtin or a model directory); None: scripted."""
+        which = self.a.dagger_teacher
+        if self.a.algorithm != "dagger" or which == "scripted":
+            return None
+        from tether.engine.torch_engine import TorchEngine
+
+        tok = self.policy.tokenizer
+        if which == "builtin":
+            from tether.models import builtin
+
+            model, _ = builtin.warm_started_tiny(self.task, seed=self.cfg.seed + 1, steps=self.a.dagger_teacher_steps,
+                                                 max_turns=self.a.max_turns, label="teacher warm start")
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(which)
+        vocab = getattr(model.config, "vocab_size", None)
+        if vocab is not None and vocab < self.policy.engine.vocab_size:
+            raise ValueError(f"config field 'dagger_teacher': the teacher's vocabulary ({vocab}) is smaller than "
+                             f"the student's ({self.policy.engine.vocab_size}); it must share the student's tokenizer")
+        model = model.to(self.cfg.device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return TorchEngine(model, eos_id=tok.eos_ids, pad_id=tok.pad_id)
+
+    def train_batch(self, ep: EpisodeBatch, specs: list[EpisodeSpec], step: int
+                    ) -> tuple[EpisodeBatch, Rollout, Tensor, dict[str, float]]:
+        """What the update trains on, from the step's episodes: (episodes, rollout, rewards, metrics). RL: the
+        episodes' own rows and returns; bepa: the same after the cache's injection; dagger: a sample of the
+        aggregate of teacher-labelled states (``tether.agent.dagger``), rewards 0 (the SFT loss reads none)."""
+        from tether.train.seeds import step_seed
+
+        algo = self.a.algorithm
+        engine = self.policy.engine
+        if algo == "bepa":
+            from tether.agent.bepa import assimilate
+
+            keys = [spec.seed for spec in specs for _ in range(self.cfg.group_size)]
+            seed_fn = self._expert_episode if self.has_solver else None  # no solver: own successes only
+            ep, out = assimilate(ep, keys, self.cache, seed_fn, pad_id=engine.pad_id,
+                                 vocab_size=engine.vocab_size)
+            return ep, ep.rollout, ep.returns_E, out
+        if algo == "dagger":
+            from tether.agent.dagger import label_rows, sft_rollout
+
+            self.aggregate.add(label_rows(ep))
+            rows = self.aggregate.sample(self.a.dagger_rows, step_seed(self.cfg.seed, step, 8))
+            rollout = sft_rollout(rows, pad_id=engine.pad_id, vocab_size=engine.vocab_size, version=step,
+                                  params=self.sampling)
+            teacher_frac = float((ep.rollout.sources_BT == Source.TEACHER).sum()) / max(
+                int(((ep.rollout.sources_BT == Source.TEACHER) | ep.rollout.loss_mask_BT).sum()), 1)
+            out = {"dagger/beta": self._beta(step), "dagger/aggregate_rows": float(len(self.aggregate.rows)),
+                   "dagger/trained_rows": float(len(rows)), "dagger/teacher_token_frac": teacher_frac}
+            return ep, rollout, torch.zeros(rollout.batch_size), out
+        return ep, ep.rollout, ep.returns_E, {}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the agent algorithm: DAgger's aggregate, BEPA's cache (plain data)."""
+        if self.a.algorithm == "dagger":
+            return {"dagger": self.aggregate.state_dict()}
+        if self.a.algorithm == "bepa":
+            return {"bepa": self.cache.state_dict()}
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if "dagger" in sd:
+            self.aggregate.load_state_dict(sd["dagger"])
+        if "bepa" in sd:
+            self.cache.load_state_dict(sd["bepa"], self.sampling)
+
+    @staticmethod
+    def meter_rows(rollout: Rollout) -> Rollout:
+        """``rollout`` with its teacher tokens scored too (``token_logprobs`` scores the loss mask only): what
+        ``agent/mismatch/teacher/...`` reads when the update trains on other rows (DAgger)."""
+        src = rollout.sources_BT
+        return replace(rollout, source_BT=torch.where(src == Source.TEACHER, torch.full_like(src, int(Source.POLICY)), src))
+
+    def _beta(self, step: int) -> float:
+        from tether.agent.dagger import beta_schedule
+
+        return beta_schedule(step, self.a.dagger_beta, self.a.dagger_beta_decay)
+
+    def _expert_episode(self, seed: int) -> EpisodeBatch:
+        """The scripted solver's episode from ``seed`` (acting at every turn; BEPA's LEVEL-1 seeding)."""
+        from tether.agent.dagger import ScriptedTeacher
+
+        always = torch.ones(1, self.a.max_turns, dtype=torch.bool)
+        env = as_env(self.task.make(), self.renderer)
+        return run_episodes(self.policy.engine, [env], [seed], self.sampling, group_B=torch.zeros(1, dtype=torch.long),
+                            seed_fn=lambda k, c: 0, max_turns=self.a.max_turns,
+                            max_episode_tokens=self.max_episode_tokens,
+                            teacher=ScriptedTeacher(self.policy.tokenizer, always))
 
     def envs(self, specs: list[EpisodeSpec], copies: int) -> tuple[list, list[int], Tensor]:
         envs = [as_env(self.task.make(), self.renderer) for _ in specs for _ in range(copies)]
@@ -63,18 +190,20 @@ class Episodes:
 
     def collect(self, specs: list[EpisodeSpec], params: SamplingParams, *, seed_fn: Callable[[int, int], int],
                 before_chunk: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
-                copies: int | None = None) -> EpisodeBatch:
+                copies: int | None = None, step: int | None = None) -> EpisodeBatch:
         """``group_size`` episodes per spec (``copies`` instead: evaluation, never forked); turn k, chunk c sampled
-        with ``seed_fn(k, c)``; with ``fission`` set, the forked groups after them."""
+        with ``seed_fn(k, c)``; with ``fission`` set, the forked groups after them. ``step``: a training step's
+        episodes (DAgger's mixture teacher acts on some turns); None: the student alone."""
         envs, seeds, group_B = self.envs(specs, self.cfg.group_size if copies is None else copies)
+        teacher = None if step is None else self.teacher(step, len(envs))
 
-        def play(envs, seeds, group_B, replays=None, chunk0=0):
+        def play(envs, seeds, group_B, replays=None, chunk0=0, teacher=None):
             return run_episodes(self.policy.engine, envs, seeds, params, group_B=group_B,
                                 seed_fn=lambda k, c: seed_fn(k, chunk0 + c), max_turns=self.a.max_turns,
                                 max_episode_tokens=self.max_episode_tokens, before_turn=before_chunk,
-                                chunk_tokens=chunk_tokens, replays=replays)
+                                chunk_tokens=chunk_tokens, replays=replays, teacher=teacher)
 
-        batch = play(envs, seeds, group_B)
+        batch = play(envs, seeds, group_B, teacher=teacher)
         if self.a.fission is None or copies is not None:
             return batch
         from tether.agent.fission import FISSION_CHUNK, fission

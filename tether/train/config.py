@@ -177,6 +177,14 @@ def _agent_on(values: dict) -> bool:
 
 CREDITS = ("episode", "turn", "turn_unbiased", "gigpo", "discounted")
 """Turn-level credit estimators of multi-turn episodes (``tether.agent.credit``)."""
+def _is_model_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "config.json").is_file()
+
+
+AGENT_ALGORITHMS = ("rl", "dagger", "bepa")
+"""What a run with ``env`` trains (``AgentConfig.algorithm``; docs/agents.md)."""
 CREDIT_BASELINES = ("std", "mean", "loo")
 """How a turn-level credit estimator centres a value against its cell (``tether.agent.credit.BASELINES``)."""
 
@@ -200,9 +208,32 @@ class AgentConfig:
     drift_every: int = opt(1, "measure tokenisation drift every N steps (re-render the chat and compare; 0: never)")
     fission: int | None = opt(None, "Fission-GRPO: fork one failed episode per group at its failing step and sample "
                                     "this many (G' >= 2) continuations from that state as a new group (none: off)")
+    algorithm: str = opt("rl", "agent algorithm: rl (the objective preset on the episodes), dagger (teacher/student "
+                               "mixture, teacher labels, SFT on the aggregate; tether.agent.dagger), bepa (GRPO with "
+                               "a per-task cache injected into all-fail groups; tether.agent.bepa)")
+    dagger_beta: float = opt(1.0, "dagger: beta_0, the probability that the teacher acts at a turn of step 0")
+    dagger_beta_decay: float = opt(0.5, "dagger: p in beta_i = beta_0 * p^i (1: constant beta)")
+    dagger_rows: int = opt(64, "dagger: aggregated (state, teacher action) rows trained on per step (a uniform "
+                               "sample of the aggregate)")
+    dagger_teacher: str = opt("scripted", "dagger: the teacher: scripted (the environment's solver, expert_action()), "
+                                          "builtin (the built-in tiny model warm-started dagger_teacher_steps steps on "
+                                          "the expert episodes) or a Hugging Face model directory sharing the "
+                                          "student's tokenizer; a model teacher acts greedily")
+    dagger_teacher_steps: int = opt(400, "dagger_teacher builtin: its SFT warm-start steps on the expert episodes "
+                                         "(cached on disk)")
+    bepa_cache_size: int = opt(1024, "bepa: tasks the trajectory cache holds at most (the oldest entry goes first)")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        _check(self.algorithm in AGENT_ALGORITHMS, "algorithm", f"must be one of {', '.join(AGENT_ALGORITHMS)}",
+               repr(self.algorithm))
+        _check(0 <= self.dagger_beta <= 1, "dagger_beta", "must be in [0, 1]", self.dagger_beta)
+        _check(0 <= self.dagger_beta_decay <= 1, "dagger_beta_decay", "must be in [0, 1]", self.dagger_beta_decay)
+        _check(self.dagger_rows >= 1, "dagger_rows", "must be >= 1", self.dagger_rows)
+        _check(self.dagger_teacher_steps >= 0, "dagger_teacher_steps", "must be >= 0", self.dagger_teacher_steps)
+        _check(self.dagger_teacher in ("scripted", "builtin") or _is_model_dir(self.dagger_teacher), "dagger_teacher",
+               "must be scripted, builtin or a model directory with a config.json", repr(self.dagger_teacher))
+        _check(self.bepa_cache_size >= 1, "bepa_cache_size", "must be >= 1", self.bepa_cache_size)
         _check(self.max_turns >= 1, "max_turns", "must be >= 1", self.max_turns)
         _check(self.max_episode_tokens is None or self.max_episode_tokens >= 2, "max_episode_tokens",
                "must be >= 2 or none", self.max_episode_tokens)
@@ -218,6 +249,9 @@ class AgentConfig:
         _check(self.drift_every >= 0, "drift_every", "must be >= 0", self.drift_every)
         _check(self.fission is None or self.fission >= 2, "fission",
                "must be >= 2 (a forked group needs two continuations to compare) or none", self.fission)
+        _check(self.fission is None or self.algorithm == "rl", "fission",
+               f"forks the sampled episodes of algorithm 'rl'; algorithm {self.algorithm!r} trains on teacher labels "
+               "or cached episodes, which a fork's replayed prefix would mix with", self.fission)
 
 
 @dataclass
@@ -494,6 +528,23 @@ class TrainConfig:
                              "policy (bypass mode), so no other anchor is kept")
 
     def _validate_agent(self) -> None:
+        algo = self.agent.algorithm
+        if algo != "rl" and self.mode is not TrainMode.SYNC:
+            raise ValueError(f"config field 'algorithm' {algo} needs mode 'sync' (its episodes and cache are built "
+                             "between steps)")
+        if algo == "dagger":
+            if self.objective == "grpo":  # the default: DAgger's update is SFT on the teacher's labels
+                self.objective = "sft"
+            teacher = self.agent.dagger_teacher
+            _check(teacher != "builtin" or self.model == "tiny", "dagger_teacher",
+                   "builtin needs the built-in student (--model tiny: the teacher shares its tokenizer)", repr(teacher))
+            _check(teacher in ("scripted", "builtin") or self.model != "tiny", "dagger_teacher",
+                   "a model directory needs a Hugging Face student sharing its tokenizer (--model PATH)", repr(teacher))
+            _check(self.objective in ("sft", "pear"), "objective", "must be sft (or pear) with algorithm dagger "
+                   "(SFT on the teacher's labels)", repr(self.objective))
+        elif self.objective in ("sft", "pear"):
+            raise ValueError(f"config field 'objective' {self.objective} trains on labels: with env use --algorithm "
+                             "dagger (the episodes' own tokens are sampled, not labelled)")
         if self.overlong_buffer is not None:
             raise ValueError("config field 'overlong_buffer' is a single-turn length penalty; with env the episode's "
                              "token budget is max_episode_tokens")

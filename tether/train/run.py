@@ -239,6 +239,8 @@ class Run:
                 self.alp.load_state_dict(ckpt["alp"])
             self.last_checkpoint = self.state.step
             self.old_logits.load_state_dict(ckpt["old_logits"])
+            if self.episodes is not None:  # DAgger's aggregate, BEPA's cache
+                self.episodes.load_state_dict(ckpt.get("agent", {}))
         else:
             self.old_logits.publish(0)
         self.control = MismatchControl(self.cfg, self.objective_args, self.state.mismatch_control, self.state.counters)
@@ -342,11 +344,14 @@ class Run:
         if self.episodes is not None:
             calls = itertools.count()  # chunks numbered across turns: a later turn never gets older weights
             hook = None if before_chunk is None else (lambda c: before_chunk(next(calls)))
+            step = self.state.step
             ep = self.episodes.collect(examples, self.sampling, seed_fn=lambda k, c: seed_fn(1000 * k + c),
-                                       before_chunk=hook, chunk_tokens=chunk_tokens)
+                                       before_chunk=hook, chunk_tokens=chunk_tokens, step=step)
             self.state.counters["env_failed"] = self.state.counters.get("env_failed", 0) + ep.failed
-            return Batch(-1, ep.rollout, ep.returns_E, ep.failed, examples=examples, episodes=ep,
-                         metrics={"time/rollout_s": time.perf_counter() - t0, "time/score_s": 0.0})
+            # the agent algorithm's training rows: the episodes (rl), after BEPA's injection, or DAgger's labels
+            ep, rows, rewards_B, algo_metrics = self.episodes.train_batch(ep, examples, step)
+            return Batch(-1, rows, rewards_B, ep.failed, examples=examples, episodes=ep,
+                         metrics={"time/rollout_s": time.perf_counter() - t0, "time/score_s": 0.0, **algo_metrics})
         if before_chunk is None and chunk_tokens is None:
             rollout = self.generate(examples, seed=seed_fn(0))
         else:
@@ -408,6 +413,10 @@ class Run:
             with torch.set_grad_enabled(one_forward):
                 theta_BT, entropy_BT = self.logprobs(model, rollout) if need_current else (None, None)
             current_BT = None if theta_BT is None else theta_BT.detach()
+            episodes_BT = current_BT  # the episodes' log-probs for their meter (DAgger trains on other rows)
+            if batch.episodes is not None and batch.episodes.rollout is not rollout:
+                with torch.no_grad():
+                    episodes_BT = self.logprobs(model, self.episodes.meter_rows(batch.episodes.rollout))[0]
             entropy_BT = None if entropy_BT is None else entropy_BT.detach()
             current_s = time.perf_counter() - t0
             anchor_BT, behave_BT, old_s = self.old_logits.anchor(rollout, current_BT)
@@ -424,7 +433,7 @@ class Run:
             keep_B = keep_B & info_B
         old_for_loss = anchor_BT if anchor_BT is not None else rollout.logp_mu_BT
         include_B = None if expert_B is None else ~expert_B  # group statistics over sampled rows only
-        if batch.episodes is not None:  # turn-level credit on each turn's action tokens (tether.agent.loop)
+        if batch.episodes is not None and batch.episodes.rollout is rollout:  # turn-level credit (tether.agent.loop)
             advantages_B, advantages_BT = self.episodes.advantages(batch.episodes, rewards_B, self.advantage_fn,
                                                                    include_B)
             advantages_BT = advantages_BT.to(old_for_loss.dtype)
@@ -472,7 +481,7 @@ class Run:
                                   if rollout_m.loss_mask_BT.any() else s),
             **self.experts.metrics,
             **(self.alp.metrics() if self.alp is not None else {}),
-            **(self.episodes.metrics(batch.episodes, s, model, current_BT) if batch.episodes is not None else {}),
+            **(self.episodes.metrics(batch.episodes, s, model, episodes_BT) if batch.episodes is not None else {}),
         })
         return metrics
 
@@ -560,6 +569,7 @@ class Run:
             "old_logits": self.old_logits.state_dict(),
             **({"ref_model": self.ref_model.state_dict()} if self.ref_model is not None else {}),
             **({"alp": self.alp.state_dict()} if self.alp is not None else {}),
+            **({"agent": self.episodes.state_dict()} if self.episodes is not None else {}),
             **(extra or {}),
         })
         self.last_checkpoint = step
