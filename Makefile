@@ -8,7 +8,7 @@ demo:
 # The suite, then the verl parity tests against verl's own code (test-verl: its own PYTHONPATH, so verl's
 # packages never sit on the path of the main run).
 test:
-	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench,trl,agents
+	bash scripts/bootstrap.sh dev,hf,parquet,math,tensorboard,wandb,mlflow,bench,trl,agents,dist
 	.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=300 -n auto --dist loadfile tests
 	$(MAKE) --no-print-directory test-verl
 
