@@ -18,7 +18,7 @@ from tether.engine.conformance import (
     max_abs_diff,
 )
 
-B, M, V = 3, 7, 13
+B, N, V = 3, 7, 13
 TAU, K, P = 0.7, 6, 0.8
 
 
@@ -44,14 +44,13 @@ def slow_logprob(z: list[float], x: int, tau: float, top_k: int | None, top_p: f
 @pytest.fixture
 def case():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, M, V, generator=g, dtype=torch.float64) * 2
-    tokens = torch.randint(0, V, (B, M), generator=g)
-    tokens[:, 1:] = logits[:, 1:].argsort(-1, descending=True)[..., 1]  # completion tokens inside the kept set
+    logits = torch.randn(B, N, V, generator=g, dtype=torch.float64) * 2
+    tokens = logits.argsort(-1, descending=True)[..., 1]  # the second most likely token: inside the kept set
     return logits, tokens
 
 
 def slow(logits, tokens, tau, k, p):
-    return torch.tensor([[slow_logprob(logits[b, j].tolist(), int(tokens[b, j]), tau, k, p) for j in range(M)]
+    return torch.tensor([[slow_logprob(logits[b, j].tolist(), int(tokens[b, j]), tau, k, p) for j in range(N)]
                          for b in range(B)], dtype=torch.float64)
 
 
@@ -60,20 +59,23 @@ def test_candidates_match_a_slow_per_token_reference(case):
     c = candidate_logprobs(logits, tokens, temperature=TAU, top_k=K, top_p=P)
     sampled, raw = slow(logits, tokens, TAU, K, P), slow(logits, tokens, 1.0, None, None)
     tempered = slow(logits, tokens, TAU, None, None)
-    torch.testing.assert_close(c[SAMPLED].double(), sampled[:, 1:], rtol=0, atol=1e-5)
-    torch.testing.assert_close(c["tempered"].double(), tempered[:, 1:], rtol=0, atol=1e-5)
-    torch.testing.assert_close(c["raw"].double(), raw[:, 1:], rtol=0, atol=1e-5)
-    torch.testing.assert_close(c["sampled-shift-prev"].double(), sampled[:, :-1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(c["raw-shift-next"][:, :-1].double(), raw[:, 2:], rtol=0, atol=1e-5)
-    assert torch.isnan(c["raw-shift-next"][:, -1]).all() and torch.isnan(c["sampled-shift-next"][:, -1]).all()
+    torch.testing.assert_close(c[SAMPLED].double(), sampled, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c["tempered"].double(), tempered, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c["raw"].double(), raw, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c["sampled-shift-prev"][:, 1:].double(), sampled[:, :-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(c["raw-shift-next"][:, :-1].double(), raw[:, 1:], rtol=0, atol=1e-5)
+    for name in ("sampled-shift-prev", "raw-shift-prev"):
+        assert torch.isnan(c[name][:, 0]).all()
+    for name in ("sampled-shift-next", "raw-shift-next"):
+        assert torch.isnan(c[name][:, -1]).all()
 
 
 @pytest.mark.parametrize("name, build", [
-    ("sampled", lambda s, r: s[:, 1:]),
-    ("raw", lambda s, r: r[:, 1:]),
-    ("sampled-shift-prev", lambda s, r: s[:, :-1]),  # token i reported with token i-1's value
-    ("sampled-shift-next", lambda s, r: torch.cat([s[:, 2:], torch.zeros(B, 1, dtype=s.dtype)], 1)),
-    ("raw-shift-prev", lambda s, r: r[:, :-1]),
+    ("sampled", lambda s, r: s),
+    ("raw", lambda s, r: r),
+    ("sampled-shift-prev", lambda s, r: torch.cat([torch.zeros(B, 1, dtype=s.dtype), s[:, :-1]], 1)),  # x_i gets x_{i-1}'s
+    ("sampled-shift-next", lambda s, r: torch.cat([s[:, 1:], torch.zeros(B, 1, dtype=s.dtype)], 1)),
+    ("raw-shift-prev", lambda s, r: torch.cat([torch.full((B, 1), -3.0, dtype=s.dtype), r[:, :-1]], 1)),
 ])
 def test_each_case_is_recognised(case, name, build):
     logits, tokens = case
@@ -86,10 +88,10 @@ def test_each_case_is_recognised(case, name, build):
 
 def test_raw_and_processed_are_told_apart_by_temperature_alone(case):
     logits, tokens = case
-    returned = slow(logits, tokens, 1.0, None, None)[:, 1:]
+    returned = slow(logits, tokens, 1.0, None, None)
     cands = candidate_logprobs(logits, tokens, temperature=0.5)
     assert classify_logprobs(returned, cands, tol=1e-6).kind == "raw"
-    returned = slow(logits, tokens, 0.5, None, None)[:, 1:]
+    returned = slow(logits, tokens, 0.5, None, None)
     v = classify_logprobs(returned, cands, tol=1e-6)  # no truncation: sampled and tempered coincide
     assert v.kind == AMBIGUOUS and set(v.matches) == {SAMPLED, "tempered"}
 
@@ -119,5 +121,7 @@ def test_max_abs_diff_edge_cases():
         classify_logprobs(torch.zeros(1), {"a": torch.zeros(1)}, tol=-1)
     with pytest.raises(ValueError, match="no candidates"):
         classify_logprobs(torch.zeros(1), {}, tol=0)
-    with pytest.raises(ValueError, match="at least one completion token"):
+    with pytest.raises(ValueError, match="at least two tokens"):
         candidate_logprobs(torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long), temperature=1.0)
+    with pytest.raises(ValueError, match=r"\[B, N, V\]"):
+        candidate_logprobs(torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long), temperature=1.0)

@@ -10,9 +10,8 @@ or a flag: it recomputes, from the model's own logits on the engine's own tokens
 * ``sampled``:  ``log mu_i(x_i)`` with ``mu_i`` the tempered, truncated distribution at step ``i``;
 * ``tempered``: ``log softmax(z_i / tau)(x_i)`` (temperature, no truncation);
 * ``raw``:      ``log softmax(z_i)(x_i)`` (the model's logits untouched);
-* ``<c>-shift-prev``: ``c`` of the previous token, ``c_{i-1}(x_{i-1})`` (``i = 1`` reads the last
-  prompt token under the logits before it), and ``<c>-shift-next``: ``c_{i+1}(x_{i+1})`` (undefined
-  at ``i = N``), for ``c`` in ``sampled`` and ``raw``;
+* ``<c>-shift-prev``: ``c`` of the previous token, ``c_{i-1}(x_{i-1})`` (undefined at ``i = 1``), and
+  ``<c>-shift-next``: ``c_{i+1}(x_{i+1})`` (undefined at ``i = N``), for ``c`` in ``sampled`` and ``raw``;
 
 and :func:`classify_logprobs` names the one whose ``max_i |r_i - c_i|`` is within the tolerance.
 Undefined entries are NaN and left out of the maximum; ``r_i = c_i = -inf`` counts as equal.
@@ -80,30 +79,27 @@ def classify_logprobs(returned_x: Tensor, candidates: Mapping[str, Tensor], *, t
     return Verdict(kind=kind, max_abs_diff=diffs, matches=matches)
 
 
-def _shifts(name: str, full_BM: Tensor) -> dict[str, Tensor]:
-    """``full_BM[:, j]`` scores token ``j`` of (last prompt token, x_1 .. x_N); ``M = N + 1``."""
-    nan_B1 = torch.full_like(full_BM[:, :1], float("nan"))
-    return {f"{name}-shift-prev": full_BM[:, :-1], f"{name}-shift-next": torch.cat([full_BM[:, 2:], nan_B1], 1)}
+def _shifts(name: str, c_BN: Tensor) -> dict[str, Tensor]:
+    nan_B1 = torch.full_like(c_BN[:, :1], float("nan"))
+    return {f"{name}-shift-prev": torch.cat([nan_B1, c_BN[:, :-1]], 1),
+            f"{name}-shift-next": torch.cat([c_BN[:, 1:], nan_B1], 1)}
 
 
-def candidate_logprobs(logits_BMV: Tensor, tokens_BM: Tensor, *, temperature: float, top_k: int | None = None,
+def candidate_logprobs(logits_BNV: Tensor, tokens_BN: Tensor, *, temperature: float, top_k: int | None = None,
                        top_p: float | None = None) -> dict[str, Tensor]:
-    """Every candidate of the module docstring, each ``[B, N]``.
-
-    ``tokens_BM`` is the last prompt token then the ``N`` completion tokens (``M = N + 1``), and
-    ``logits_BMV[:, j]`` the model's logits that predict ``tokens_BM[:, j]`` (teacher-forced).
-    """
-    if logits_BMV.dim() != 3 or tokens_BM.shape != logits_BMV.shape[:2]:
-        raise ValueError(f"candidate_logprobs: logits {tuple(logits_BMV.shape)} must be [B, M, V] with tokens "
-                         f"{tuple(tokens_BM.shape)} = [B, M]")
-    if tokens_BM.shape[1] < 2:
-        raise ValueError("candidate_logprobs: need the last prompt token and at least one completion token")
-    z = logits_BMV.float()
-    idx = tokens_BM[..., None]
-    sampled_BM = sampling_logprobs(z, temperature, top_k, top_p)[0].gather(-1, idx)[..., 0]
-    tempered_BM = torch.log_softmax(z / temperature, dim=-1).gather(-1, idx)[..., 0]
-    raw_BM = torch.log_softmax(z, dim=-1).gather(-1, idx)[..., 0]
-    out = {SAMPLED: sampled_BM[:, 1:], "tempered": tempered_BM[:, 1:], "raw": raw_BM[:, 1:]}
-    out.update(_shifts(SAMPLED, sampled_BM))
-    out.update(_shifts("raw", raw_BM))
+    """Every candidate of the module docstring, each ``[B, N]``, from the ``N`` sampled tokens
+    ``tokens_BN`` and the model's teacher-forced logits ``logits_BNV[:, i]`` that predict ``tokens_BN[:, i]``."""
+    if logits_BNV.dim() != 3 or tokens_BN.shape != logits_BNV.shape[:2]:
+        raise ValueError(f"candidate_logprobs: logits {tuple(logits_BNV.shape)} must be [B, N, V] with tokens "
+                         f"{tuple(tokens_BN.shape)} = [B, N]")
+    if tokens_BN.shape[1] < 2:
+        raise ValueError("candidate_logprobs: need at least two tokens per row (a shift needs a neighbour)")
+    z = logits_BNV.float()
+    idx = tokens_BN[..., None]
+    sampled_BN = sampling_logprobs(z, temperature, top_k, top_p)[0].gather(-1, idx)[..., 0]
+    raw_BN = torch.log_softmax(z, dim=-1).gather(-1, idx)[..., 0]
+    out = {SAMPLED: sampled_BN, "tempered": torch.log_softmax(z / temperature, dim=-1).gather(-1, idx)[..., 0],
+           "raw": raw_BN}
+    out.update(_shifts(SAMPLED, sampled_BN))
+    out.update(_shifts("raw", raw_BN))
     return out
