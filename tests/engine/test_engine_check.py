@@ -87,3 +87,27 @@ def test_model_folder(tmp_path):
 def test_bad_input_is_refused(flags, message, capsys):
     assert main(["engine-check", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_vllm_probe_classifies_what_the_server_returns(tmp_path, monkeypatch):
+    """The stand-in server (tests/engine/fake_vllm_server.py) returns made-up log-probs -(0.01 j): the
+    probe must find them to be none of the candidates and fail the check, since tether samples with vLLM."""
+    from tests.engine.test_engine_contract import FAKE_SERVER
+
+    monkeypatch.setattr(check, "VLLM_COMMAND", FAKE_SERVER)
+    rc, rows = report(tmp_path, "--engines", "vllm")
+    row = rows["vllm"]
+    assert (row["status"], row["kind"], row["used_by_tether"], row["passed"]) == ("ran", "none", True, False)
+    assert row["max_abs_diff"]["raw"] > 1e-2  # and "sampled" is infinite (null): tokens outside top-k / top-p
+    assert rc == 1
+
+
+def test_a_probe_that_raises_is_an_error_row(tmp_path, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(check, "_torch_engine", broken)
+    rc, rows = report(tmp_path, "--engines", "torch-stock", "hf-generate-scores")
+    assert rc == 1
+    assert rows["torch-stock"]["status"] == "error" and "engine exploded" in rows["torch-stock"]["note"]
+    assert rows["hf-generate-scores"]["kind"] == "sampled"  # the other probes still ran

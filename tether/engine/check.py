@@ -12,9 +12,10 @@ calls after one warm-up call (a comparison figure at this size, not a benchmark)
 Probes: ``torch-builtin`` (the built-in tiny model), ``torch-lean`` and ``torch-stock`` (the torch
 engine on the Hugging Face model, lean decode path and stock forward), ``hf-generate-scores`` and
 ``hf-generate-logits`` (``transformers`` ``generate`` with ``output_scores`` / ``output_logits``,
-log-probs from ``compute_transition_scores(normalize_logits=True)``). vLLM and llama-cpp-python are
-listed as skipped with the reason when they are not installed. The engines tether samples with
-(``torch-*``) must classify as ``sampled``.
+log-probs from ``compute_transition_scores(normalize_logits=True)``), ``vllm`` (the vLLM engine's server
+on the same weights; skipped when there is no ``.venv-vllm`` python), ``llama-cpp`` (always skipped:
+no probe yet; the row says whether ``llama_cpp`` is importable). The engines tether samples with
+(:data:`USED_BY_TETHER`) must classify as ``sampled``; a probe that raises is an ``error`` row.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from torch import Tensor
 from tether.engine.conformance import SAMPLED, candidate_logprobs, classify_logprobs
 from tether.rollout import SamplingParams
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+USED_BY_TETHER = ("torch-builtin", "torch-lean", "torch-stock", "vllm")
+"""The probes of engines tether samples with (``--engine torch`` / ``vllm``): they must return ``sampled``."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class EngineResult:
     used_by_tether: bool
     """Tether samples with this engine: it must classify as ``sampled``."""
     status: str
-    """``ran`` or ``skipped``."""
+    """``ran``, ``skipped`` (not installed) or ``error`` (the probe raised: the note says what)."""
     kind: str | None = None
     """The classification (:func:`~tether.engine.conformance.classify_logprobs`), None when skipped."""
     max_abs_diff: dict[str, float] = field(default_factory=dict)
@@ -103,9 +105,9 @@ class EngineResult:
 
     @property
     def passed(self) -> bool:
-        """Skipped, not used by tether, or ``sampled`` among the matches (alone, or tied with a candidate that
+        """Skipped, not used by tether, or ran with ``sampled`` among the matches (alone, or tied with a candidate that
         this transform makes equal to it, e.g. ``tempered`` without truncation)."""
-        return self.status != "ran" or not self.used_by_tether or SAMPLED in self.matches
+        return self.status == "skipped" or not self.used_by_tether or SAMPLED in self.matches
 
     def to_dict(self) -> dict:
         """JSON-ready: an infinite difference (a returned log-prob where the candidate is ``-inf``, or a
@@ -178,7 +180,7 @@ def _finish(name: str, s: _Setup, model, tokens_BN: Tensor, logp_BN: Tensor, tps
         raise RuntimeError(f"engine-check: {name} returned tokens of shape {tuple(tokens_BN.shape)}, expected "
                            f"{(s.cfg.batch, s.cfg.max_new_tokens)} (did a row stop early?)")
     v = classify_logprobs(logp_BN.float(), _score(model, s.prompts_BP, tokens_BN, s.cfg), tol=s.cfg.tol)
-    return EngineResult(name, name.startswith("torch-"), "ran", v.kind, v.max_abs_diff, v.matches, tps, note)
+    return EngineResult(name, name in USED_BY_TETHER, "ran", v.kind, v.max_abs_diff, v.matches, tps, note)
 
 
 def probe_builtin(name: str, s: _Setup) -> EngineResult:
@@ -228,11 +230,37 @@ def _skipped(reason: Callable[[], str]):
     return probe
 
 
-def _vllm_reason() -> str:
-    venv = REPO_ROOT / ".venv-vllm"
-    if not venv.is_dir():
-        return f"{venv} does not exist (scripts/setup_vllm.sh makes it)"
-    return "a .venv-vllm exists, but this check has no vLLM probe yet"
+VLLM_COMMAND: list[str] | None = None
+"""The vLLM server command line (None: the vLLM venv's python running ``vllm_server.py``); tests
+point it at a stand-in server."""
+
+
+def probe_vllm(name: str, s: _Setup) -> EngineResult:
+    """The vLLM engine (a server in ``.venv-vllm``, fp32) on the Hugging Face model, saved to a
+    temporary folder; skipped when no vLLM python exists. Without ``record_support`` (the kept counts
+    come from full-vocabulary log-probs, which vLLM caps): the check reads only the returned log-probs."""
+    import tempfile
+
+    from tether.engine.vllm_engine import VLLMEngine, VLLMOptions, default_python
+
+    if VLLM_COMMAND is None and not Path(default_python()).is_file():
+        return EngineResult(name, True, "skipped", note=f"no vLLM python at {default_python()} "
+                                                         "(scripts/setup_vllm.sh makes .venv-vllm)")
+    with tempfile.TemporaryDirectory(prefix="tether-engine-check-") as folder:
+        s.hf_model.save_pretrained(folder, safe_serialization=True)
+        engine = VLLMEngine(folder, eos_id=-1, pad_id=0, vocab_size=int(s.hf_model.config.vocab_size),
+                            options=VLLMOptions(seed=s.cfg.seed, record_support=False), command=VLLM_COMMAND)
+        try:
+            P, N = s.prompts_BP.shape[1], s.cfg.max_new_tokens
+
+            def run() -> tuple[Tensor, Tensor]:
+                r = engine.generate(s.prompts_BP.tolist(), s.sampling, seed=s.cfg.seed)
+                return r.tokens_BT[:, P:P + N], r.logp_mu_BT[:, P:P + N]
+
+            (tokens, logp), tps = _timed(run, s.cfg.batch * N)
+        finally:
+            engine.close()
+    return _finish(name, s, s.hf_model, tokens, logp, tps, f"{s.model_name}, vLLM server, fp32")
 
 
 def _llama_cpp_reason() -> str:
@@ -249,10 +277,18 @@ PROBES: dict[str, Callable[[str, _Setup], EngineResult]] = {
     "torch-stock": _probe_torch_hf(lean=False),
     "hf-generate-scores": _probe_generate("scores"),
     "hf-generate-logits": _probe_generate("logits"),
-    "vllm": _skipped(_vllm_reason),
+    "vllm": probe_vllm,
     "llama-cpp": _skipped(_llama_cpp_reason),
 }
 """Every probe, in report order."""
+
+
+def _guarded(name: str, setup: _Setup) -> EngineResult:
+    """One probe; an engine that fails to run is a row with status ``error`` (failed when tether uses it)."""
+    try:
+        return PROBES[name](name, setup)
+    except Exception as e:  # noqa: BLE001 (any engine failure is reported, the other probes still run)
+        return EngineResult(name, name in USED_BY_TETHER, "error", note=f"{type(e).__name__}: {e}")
 
 
 def run_engine_check(cfg: EngineCheckConfig, *, hf_model: torch.nn.Module | None = None) -> list[EngineResult]:
@@ -273,6 +309,6 @@ def run_engine_check(cfg: EngineCheckConfig, *, hf_model: torch.nn.Module | None
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return [PROBES[e](e, setup) for e in PROBES if e in chosen]
+        return [_guarded(e, setup) for e in PROBES if e in chosen]
     finally:
         torch.set_num_threads(before)
