@@ -111,3 +111,19 @@ def test_a_probe_that_raises_is_an_error_row(tmp_path, monkeypatch):
     assert rc == 1
     assert rows["torch-stock"]["status"] == "error" and "engine exploded" in rows["torch-stock"]["note"]
     assert rows["hf-generate-scores"]["kind"] == "sampled"  # the other probes still ran
+
+
+def test_threads_apply_during_the_check_and_are_restored(tmp_path, monkeypatch):
+    real, seen = check._torch_engine, []
+
+    def spy(*a, **kw):
+        seen.append(torch.get_num_threads())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(check, "_torch_engine", spy)
+    before = torch.get_num_threads()
+    out = tmp_path / "t.json"
+    assert main(["engine-check", "--engines", "torch-builtin", "--threads", "2", "--max-new-tokens", "3",
+                 "--json", str(out)]) == 0
+    assert set(seen) == {2} and torch.get_num_threads() == before
+    assert json.loads(out.read_text())["config"]["threads"] == 2
