@@ -127,3 +127,13 @@ def test_threads_apply_during_the_check_and_are_restored(tmp_path, monkeypatch):
                  "--json", str(out)]) == 0
     assert set(seen) == {2} and torch.get_num_threads() == before
     assert json.loads(out.read_text())["config"]["threads"] == 2
+
+
+def test_without_transformers_the_builtin_probe_runs_and_the_others_are_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(check, "transformers_available", lambda: False)
+    rc, rows = report(tmp_path)
+    assert rc == 0
+    assert rows["torch-builtin"]["kind"] == "sampled"
+    for name in check.HF_PROBES:
+        assert rows[name]["status"] == "skipped" and "needs transformers" in rows[name]["note"]
+    assert main(["engine-check", "--model", "smollm2"]) == 2  # refused before anything loads

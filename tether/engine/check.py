@@ -120,7 +120,7 @@ class EngineResult:
 @dataclass
 class _Setup:
     cfg: EngineCheckConfig
-    hf_model: torch.nn.Module
+    hf_model: torch.nn.Module | None
     model_name: str
     prompts_BP: Tensor
 
@@ -291,17 +291,30 @@ def _guarded(name: str, setup: _Setup) -> EngineResult:
         return EngineResult(name, name in USED_BY_TETHER, "error", note=f"{type(e).__name__}: {e}")
 
 
-def run_engine_check(cfg: EngineCheckConfig, *, hf_model: torch.nn.Module | None = None) -> list[EngineResult]:
-    """Run the chosen probes (all by default). ``hf_model`` overrides ``cfg.model`` (tests pass a tiny one)."""
-    if hf_model is not None:
-        model, name = hf_model.eval(), type(hf_model).__name__
-    elif cfg.model is not None:
+HF_PROBES = ("torch-lean", "torch-stock", "hf-generate-scores", "hf-generate-logits", "vllm")
+"""The probes that run the Hugging Face model (skipped without ``transformers``)."""
+
+
+def transformers_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformers") is not None
+
+
+def run_engine_check(cfg: EngineCheckConfig) -> list[EngineResult]:
+    """Run the chosen probes (all by default), in :data:`PROBES` order. Without ``transformers`` the
+    built-in model's probe still runs and the Hugging Face ones are skipped rows (``--model`` is refused)."""
+    has_hf = transformers_available()
+    if cfg.model is not None and not has_hf:
+        raise ValueError("engine-check: --model needs transformers (pip install -e '.[hf]')")
+    model, name = None, "no Hugging Face model"
+    if cfg.model is not None:
         from tether.models.hf import load_hf
 
         model, name = load_hf(cfg.model)[0], cfg.model
-    else:
+    elif has_hf:
         model, name = tiny_llama(cfg.seed), "tiny random Llama"
-    V = int(model.config.vocab_size)
+    V = 99 if model is None else int(model.config.vocab_size)
     g = torch.Generator().manual_seed(cfg.seed)
     prompts_BP = torch.randint(1, min(V, 99), (cfg.batch, cfg.prompt_len), generator=g)  # ids every model embeds
     setup = _Setup(cfg, model, name, prompts_BP)
@@ -309,6 +322,7 @@ def run_engine_check(cfg: EngineCheckConfig, *, hf_model: torch.nn.Module | None
     before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return [_guarded(e, setup) for e in PROBES if e in chosen]
+        return [EngineResult(e, e in USED_BY_TETHER, "skipped", note="needs transformers (pip install -e '.[hf]')")
+                if model is None and e in HF_PROBES else _guarded(e, setup) for e in PROBES if e in chosen]
     finally:
         torch.set_num_threads(before)
