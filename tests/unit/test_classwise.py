@@ -131,3 +131,30 @@ def test_rank_ema_matches_a_loop_over_steps():
     a, m2, v2 = rank_ema(torch.tensor([1.0]), torch.tensor([0]), torch.tensor([False]), ema_mean=m, ema_var=v,
                          alpha=alpha, coeff=c)
     assert (m2, v2) == (m, v)
+
+
+def test_the_run_stage_applies_this_steps_multipliers_then_updates_them_from_the_rate_emas():
+    from tether.train.classwise import ClasswiseReward, KLCoefController
+    from tether.train.config import TrainConfig
+
+    cfg = TrainConfig.from_flat(class_bounds="0,10,20,40,82", class_fa_penalty=0.5, class_kp=1.0, class_ki=0.5,
+                                kl_placement="loss", kl_coef=0.01, kl_target=0.1)
+    state: dict = {}
+    stage = ClasswiseReward(cfg, lambda: state)
+    texts, answers = ["25", "x", "3", "50"], ["30", "12", "45", "5"]  # hit, unread, miss, false alarm
+    r1, m1 = stage(texts, answers)
+    plain = [1.0, 0.5, 0.0, -0.5]  # coarse + exact; unread vs a low gold (class 1): coarse; miss: 0; false alarm
+    # constraints with lam 0.2: gold-high rows 0 and 2 get 0.2 (1[high p] - 0.6); predicted-high rows 0 and 3 get
+    # -0.2 max(0, 1[gold low] - 0.18)
+    want = [plain[0] + 0.2 * 0.4, plain[1], plain[2] - 0.2 * 0.6, plain[3] - 0.2 * 0.82]
+    assert r1.double().tolist() == pytest.approx(want, abs=1e-6)
+    assert (m1["class/recall"], m1["class/far"]) == (0.5, 0.5)
+    lam_rec, i_rec = pi_update(0.2, 0.0, 0.6 - 0.5, kp=1.0, ki=0.5, decay=0.95, lo=0.0, hi=3.0)
+    lam_far, i_far = pi_update(0.2, 0.0, 0.5 - 0.18, kp=1.0, ki=0.5, decay=0.95, lo=0.0, hi=3.0)
+    assert (state["lam_rec"], state["lam_far"]) == pytest.approx((lam_rec, lam_far))
+    r2, _ = stage(texts, answers)  # the second step uses the moved multipliers
+    assert r2[0].item() == pytest.approx(plain[0] + lam_rec * 0.4, abs=1e-6)
+    kl = KLCoefController(cfg.kl, lambda: state)
+    coef, m = kl.coef(0.3)  # above target: the coefficient rises from 0.01
+    assert coef == pytest.approx(min(0.1, 0.01 * math.exp(0.08 * 0.2 + 0.02 * 0.2)))
+    assert m["kl/coef"] == coef and state["kl_coef"] == coef
