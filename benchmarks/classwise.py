@@ -1,9 +1,9 @@
 """FAKER-Air's class-wise recipe against plain GRPO on a task with graded numeric answers (issue 19 item 4).
 
-Task: single-digit products ``a*b=`` (a, b in 1..9, answers 1..81) written to ``out/products.jsonl``, binned
-into four classes at 0/10/20/40 with classes 2-3 (products >= 20) 'high'. The classic job (sync, GRPO, fp32
-engine) on the built-in tiny model with a short warm start (``--warmstart-steps``, default 60, so the exact
-answer is far from solved), ``--steps`` RL steps, one ``tether train`` subprocess per run
+Task: products ``a*b=`` (a in 1..40, b in 1..9, answers 1..360) written to ``out/products.jsonl``, binned into
+four classes at 0/40/80/160 with classes 2-3 (products >= 80) 'high'; 60 of the 360 rows are held out. The
+classic job (sync, GRPO, fp32 engine) on the built-in tiny model with a short warm start (``--warmstart-steps``,
+default 100: too short to memorise the answers, so neither the exact number nor its class is solved), ``--steps`` RL steps, one ``tether train`` subprocess per run
 (benchmarks/train_runs.py). Methods:
 
     grpo-numeric   plain GRPO on the exact-number reward (``--reward numeric``)
@@ -15,7 +15,7 @@ Reported per method: held-out greedy accuracy change on the exact-number reward 
 the task's reward), and for the class-wise methods the training recall and false-alarm ratio over the first and
 last quarter of steps (the plain run does not bin its answers, so it has no such column).
 
-    python benchmarks/classwise.py [--steps 40] [--seeds 0 1 2] [--jobs 3] [--warmstart-steps 60] [--out DIR [--reuse]]
+    python benchmarks/classwise.py [--steps 40] [--seeds 0 1 2] [--jobs 3] [--warmstart-steps 100] [--out DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from train_runs import accuracy_change, add_run_options, by_method, fmt, mean_of, run_and_print, run_dir
 
 SOURCE = "products"
-CLASS = ["--class-bounds", "0,10,20,40,82", "--class-fa-penalty", "0.5"]
+CLASS = ["--class-bounds", "0,40,80,160,361", "--class-fa-penalty", "0.5"]
 
 
 def methods() -> list[tuple[str, list[str]]]:
@@ -43,7 +43,7 @@ def methods() -> list[tuple[str, list[str]]]:
 def write_task(out: Path) -> Path:
     path = out / "products.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"{a}*{b}=", "answer": str(a * b)}) + "\n"
-                            for a in range(1, 10) for b in range(1, 10)))
+                            for a in range(1, 41) for b in range(1, 10)))
     return path
 
 
@@ -74,12 +74,12 @@ def table(results: list[dict], out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_options(ap, seeds=[0, 1, 2])
-    ap.add_argument("--warmstart-steps", type=int, default=60, help="SFT steps of the built-in model before RL")
+    ap.add_argument("--warmstart-steps", type=int, default=100, help="SFT steps of the built-in model before RL")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="tether-classwise-"))
     out.mkdir(parents=True, exist_ok=True)
     base = ["--classic", "--task", str(write_task(out)), "--reward", "numeric", "--warmstart-steps",
-            str(args.warmstart_steps), "--no-plots"]
+            str(args.warmstart_steps), "--eval-size", "60", "--no-plots"]
     todo = [(SOURCE, name, base + flags, seed) for name, flags in methods()
             if args.only is None or args.only in name for seed in args.seeds]
     run_and_print(todo, args, out, f"steps {args.steps}, seeds {args.seeds}, warm start {args.warmstart_steps}", table)
