@@ -158,3 +158,28 @@ def test_the_run_stage_applies_this_steps_multipliers_then_updates_them_from_the
     coef, m = kl.coef(0.3)  # above target: the coefficient rises from 0.01
     assert coef == pytest.approx(min(0.1, 0.01 * math.exp(0.08 * 0.2 + 0.02 * 0.2)))
     assert m["kl/coef"] == coef and state["kl_coef"] == coef
+
+
+@pytest.mark.parametrize("flat,field", [
+    (dict(class_bounds="5,1"), "class_bounds"),
+    (dict(class_bounds="0,a"), "class_bounds"),
+    (dict(class_bounds="0,10,20", class_high_from=2), "class_high_from"),
+    (dict(class_bounds="0,10,20", class_recall_floor=1.5), "class_recall_floor"),
+    (dict(class_bounds="0,10,20", class_lambda_init=4.0), "class_lambda_init"),
+    (dict(class_bounds="0,10,20", class_fa_penalty=-1.0), "class_fa_penalty"),
+    (dict(class_high_from=1), "class_high_from"),  # a class setting without class_bounds
+    (dict(class_bounds="0,10,20,30", mode="async"), "class_bounds"),
+    (dict(class_bounds="0,10,20,30", env="frozenlake"), "class_bounds"),
+    (dict(advantage="rank_emma"), "advantage"),
+    (dict(adv_ema_alpha=0.0), "adv_ema_alpha"),
+    (dict(adv_ema_coeff=1.5), "adv_ema_coeff"),
+    (dict(kl_target=0.1), "kl_target"),  # needs kl_placement
+    (dict(kl_placement="loss", kl_coef=0.5, kl_target=0.1), "kl_coef"),  # outside [kl_coef_min, kl_coef_max]
+    (dict(kl_placement="loss", kl_coef=0.01, kl_target=-1.0), "kl_target"),
+    (dict(kl_placement="loss", kl_coef=0.01, kl_target=0.1, mode="async", old_logits="loglinear"), "kl_target"),
+])
+def test_classwise_flags_are_refused_at_the_edge_naming_the_field(flat, field):
+    from tether.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match=field):
+        TrainConfig.from_flat(**flat)
