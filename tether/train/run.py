@@ -4,9 +4,10 @@ A driver (``sync.py``, ``async_loop.py``, later a distributed or multi-turn one)
 when and where rollouts are generated and scored, and when weights reach the engine. It hands each step's
 scored rollouts to :meth:`Run.learn`, which runs the step's stages in this order:
 
-    expert rows (CalibRL / RL-PLUS) -> shaping (overlong penalty) -> pi_old / the old-logit anchor (+ pi_ref)
-    -> expert baseline -> KL in the reward
-    -> dynamic sampling -> advantages (the preset's estimator) x staleness weights
+    class-wise reward (class_bounds; classwise.py) -> expert rows (CalibRL / RL-PLUS) -> shaping (overlong
+    penalty) -> pi_old / the old-logit anchor (+ pi_ref) -> expert baseline -> the PI-controlled KL coefficient
+    (kl_target) -> KL in the reward
+    -> dynamic sampling -> advantages (the preset's estimator, or --advantage) x staleness weights
     -> meter -> mismatch control (budget actions, auto correction: this step's objective arguments)
     -> update phase (update.py) -> LR schedule or a counted non-finite step -> version + 1
 
