@@ -29,7 +29,7 @@ from train_runs import (  # benchmarks/ is on sys.path when run
     add_run_options,
     fmt,
     mean_of,
-    run_all,
+    run_and_print,
     run_dir,
 )
 
@@ -84,13 +84,8 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="tether-alp-"))
     todo = [(SOURCE, name, BASE + flags, seed) for name, flags in methods(args.alp_std, args.alp_lr)
             if args.only is None or args.only in name for seed in args.seeds]
-    results = run_all(todo, steps=args.steps, out=out, threads=args.threads, jobs=args.jobs, reuse=args.reuse,
-                      table_only=args.table_only)
-    if not args.table_only:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        print(f"steps {args.steps}, seeds {args.seeds}, alp std {args.alp_std} lr {args.alp_lr}; runs in {out}")
-    print(table(results, out))
-
+    run_and_print(todo, args, out, f"steps {args.steps}, seeds {args.seeds}, alp std {args.alp_std} lr {args.alp_lr}",
+                  table)
 
 if __name__ == "__main__":
     main()

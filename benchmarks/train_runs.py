@@ -127,3 +127,28 @@ def accuracy_change(ok: list[dict]) -> str:
 
 def fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def run_and_print(todo: list[tuple[str, str, list[str], int]], args: argparse.Namespace, out: Path, note: str,
+                  table) -> None:
+    """``run_all`` with a benchmark's ``add_run_options`` arguments; ``out/results.json`` (unless
+    ``--table-only``), ``note`` and ``table(results, out)`` printed."""
+    results = run_all(todo, steps=args.steps, out=out, threads=args.threads, jobs=args.jobs, reuse=args.reuse,
+                      table_only=args.table_only)
+    if not args.table_only:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(f"{note}; runs in {out}")
+    print(table(results, out))
+
+
+def by_method(results: list[dict]) -> list[tuple[str, list[dict], str | None]]:
+    """``(method, finished runs, None)`` per method in first-seen order, or ``(method, [], "| method | failed:
+    ... |")`` (a table row) when none of its runs finished."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        out.append((method, ok, None if ok else f"| {method} | failed: {rs[0]['error'][-200:]!r} |"))
+    return out

@@ -12,6 +12,11 @@ item 14); every row still gets an advantage. Statistics are computed in float64.
                  included member of their group get 0. Excluded rows use the mean of all included rows.
 - ``reinforce_pp``: REINFORCE++-baseline (Hu et al. 2025; OpenRLHF / verl): ``a_i = R_i - mean_g R``,
                  then ``A_i = (a_i - mean_batch a) / (std_batch a + 1e-6)`` over included rows.
+- ``rank_ema``:  FAKER-Air's robust advantage (methods.md (a)11), stateful across steps:
+                 ``A_i = (1 - c) rank_i + c (R_i - m') / (sqrt(v') + 1e-6)``, ``rank_i`` the centred rank in the
+                 group (``centred_rank``), ``(m', v')`` the EMA of the batch mean reward and its squared
+                 deviation (``rank_ema``). Not in ``ADVANTAGES`` (it needs its state): the trainer keeps that
+                 state in the run state (tether/train/classwise.py) and binds it per step.
 """
 
 from __future__ import annotations
@@ -96,6 +101,48 @@ def reinforce_pp(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = 
     sd = sel.std() if sel.numel() > 1 else torch.ones((), dtype=torch.float64)
     return _out((a - mu) / (sd + EPS), rewards_B)
 
+
+def centred_rank(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None) -> Tensor:
+    """Centred rank in ``[-1, 1]`` within each group, ties at their average rank:
+
+    ``rank_i = #{j != i: R_j < R_i} + 1/2 #{j != i: R_j = R_i}`` over the included rows j of i's group, ``m_i`` the
+    number of those rows, ``u_i = 2 rank_i / m_i - 1`` (0 when ``m_i = 0``). Without ties, for an included row,
+    this is FAKER-Air's ``2 (argsort(argsort(R)) / (n - 1) - 1/2)``; ties there get an arbitrary order, here
+    their mean (order-insensitive)."""
+    _check(rewards_B, group_B, include_B)
+    r = rewards_B.to(torch.float64)
+    inc = torch.ones_like(r, dtype=torch.bool) if include_B is None else include_B.to(torch.bool)
+    same = (group_B[:, None] == group_B[None, :]) & inc[None, :]
+    same.fill_diagonal_(False)
+    less = (same & (r[None, :] < r[:, None])).sum(1).to(torch.float64)
+    tie = (same & (r[None, :] == r[:, None])).sum(1).to(torch.float64)
+    m = same.sum(1).to(torch.float64)
+    u = torch.where(m > 0, 2.0 * (less + 0.5 * tie) / m.clamp(min=1) - 1.0, torch.zeros_like(r))
+    return _out(u, rewards_B)
+
+
+def rank_ema(rewards_B: Tensor, group_B: Tensor, include_B: Tensor | None = None, *, ema_mean: float,
+             ema_var: float, alpha: float, coeff: float) -> tuple[Tensor, float, float]:
+    """FAKER-Air's advantage with its EMA state passed in and returned (``grpo_train.py`` main loop):
+
+    ``Rbar`` the mean reward of the included rows, ``m' = (1 - alpha) m + alpha Rbar``,
+    ``v' = (1 - alpha) v + alpha (Rbar - m')^2``, ``A_ema_i = (R_i - m') / (sqrt(v') + 1e-6)`` and
+    ``A_i = (1 - coeff) u_i + coeff A_ema_i`` with ``u`` the ``centred_rank``. Returns ``(A, m', v')``; with no
+    included row the state is unchanged."""
+    _check(rewards_B, group_B, include_B)
+    r = rewards_B.to(torch.float64)
+    inc = torch.ones_like(r, dtype=torch.bool) if include_B is None else include_B.to(torch.bool)
+    if inc.any():
+        rbar = float(r[inc].mean())
+        ema_mean = (1.0 - alpha) * ema_mean + alpha * rbar
+        ema_var = (1.0 - alpha) * ema_var + alpha * (rbar - ema_mean) ** 2
+    a_ema = (r - ema_mean) / (ema_var ** 0.5 + EPS)
+    a = (1.0 - coeff) * centred_rank(r, group_B, include_B).to(torch.float64) + coeff * a_ema
+    return _out(a, rewards_B), ema_mean, ema_var
+
+
+STATEFUL_ADVANTAGES = ("rank_ema",)
+"""Estimators that carry state across steps; the trainer binds them (tether/train/classwise.py)."""
 
 ADVANTAGES: dict[str, AdvantageFn] = {"grpo": grpo, "dr_grpo": dr_grpo, "rloo": rloo, "reinforce_pp": reinforce_pp}
 

@@ -21,7 +21,7 @@ from tether.configs import build, coerce, coerce_fields, opt, section
 from tether.dist.transport import WeightTransport
 from tether.engine.kinds import EngineKind, RolloutPrecision  # the engine's enums, still importable from here
 from tether.meter.budget import BudgetAction, MeterRatio
-from tether.objectives.advantages import ADVANTAGES
+from tether.objectives.advantages import ADVANTAGES, STATEFUL_ADVANTAGES
 
 
 class KLPlacement(str, enum.Enum):
@@ -136,9 +136,23 @@ class KLConfig:
     estimator: str = opt("k3", "KL estimator: k1, k2, k3, k3plus, k3_is ((pi_theta/mu) k3, unbiased from the "
                                "engine's samples; kl_placement loss only)")
 
+    target: float | None = opt(None, "PI-control kl_coef toward this KL (token-mean k3 of pi_old to the reference, "
+                                     "EMA-smoothed; FAKER-Air): kl_coef is the initial value (none: fixed)")
+    coef_min: float = opt(5e-6, "the PI-controlled kl_coef's lower bound (with kl_target)")
+    coef_max: float = opt(0.1, "the PI-controlled kl_coef's upper bound (with kl_target)")
+    kp: float = opt(0.08, "the KL controller's proportional gain (with kl_target)")
+    ki: float = opt(0.02, "the KL controller's integral gain (with kl_target; the integral decays by 0.95 a step)")
+    ema_alpha: float = opt(0.05, "EMA smoothing of the measured KL the controller reads (with kl_target)")
+
     def __post_init__(self) -> None:
         coerce_fields(self)
         _check(self.coef > 0, "kl_coef", "must be > 0 when kl_placement is not 'none'", self.coef)
+        _check(self.target is None or self.target > 0, "kl_target", "must be > 0 or none", self.target)
+        _check(0 < self.coef_min <= self.coef_max, "kl_coef_min", "must be > 0 and <= kl_coef_max", self.coef_min)
+        _check(self.target is None or self.coef_min <= self.coef <= self.coef_max, "kl_coef",
+               "must lie in [kl_coef_min, kl_coef_max] with kl_target", self.coef)
+        _check(self.kp >= 0 and self.ki >= 0, "kl_kp", "kl_kp and kl_ki must be >= 0", (self.kp, self.ki))
+        _check(0 < self.ema_alpha <= 1, "kl_ema_alpha", "must be in (0, 1]", self.ema_alpha)
         _check(self.estimator in KL_ESTIMATORS, "kl_estimator", f"must be one of {', '.join(KL_ESTIMATORS)}",
                repr(self.estimator))
 
@@ -273,6 +287,39 @@ class AlpConfig:
         _check(self.end is None or self.end > self.start, "alp_end", "must be > alp_start or none", self.end)
 
 
+@dataclass
+class ClasswiseConfig:
+    """FAKER-Air's class-wise reward on graded numeric answers (docs/tasks.md, class-wise rewards); exists only
+    with ``class_bounds`` (a top-level field: the section's switch). Defaults: FAKER-Air's (coarse 0.5, exact 0.5, no false-alarm penalty, recall floor 0.60,
+    false-alarm target 0.18, multipliers from 0.2 in [0, 3], gains 0.05 / 0.01, metric EMA 0.05)."""
+    FLAT_PREFIX = "class_"
+    high_from: int = opt(2, "classes >= this are 'high' (an alarm): the coarse match, recall and false alarms read it")
+    coarse: float = opt(0.5, "reward for predicting the gold's side (high or not)")
+    exact: float = opt(0.5, "reward for predicting the gold's class exactly")
+    fa_penalty: float = opt(0.0, "penalty for a false alarm (high predicted, gold not high)")
+    constraints: bool = opt(True, "add the PI-controlled recall-floor and false-alarm-target terms to the reward")
+    recall_floor: float = opt(0.6, "recall floor of the constraint term, in [0, 1]")
+    far_target: float = opt(0.18, "false-alarm-ratio target of the constraint term, in [0, 1]")
+    lambda_init: float = opt(0.2, "initial value of both constraint multipliers")
+    lambda_max: float = opt(3.0, "upper bound of both constraint multipliers (lower bound 0)")
+    kp: float = opt(0.05, "the constraint controllers' proportional gain")
+    ki: float = opt(0.01, "the constraint controllers' integral gain (integral decay 0.95)")
+    metric_alpha: float = opt(0.05, "EMA smoothing of the batch recall and false-alarm ratio the controllers read")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        for name in ("coarse", "exact", "fa_penalty", "kp", "ki"):
+            _check(getattr(self, name) >= 0, f"class_{name}", "must be >= 0", getattr(self, name))
+        for name in ("recall_floor", "far_target"):
+            _check(0 <= getattr(self, name) <= 1, f"class_{name}", "must be in [0, 1]", getattr(self, name))
+        _check(0 <= self.lambda_init <= self.lambda_max, "class_lambda_init", "must be in [0, class_lambda_max]",
+               self.lambda_init)
+        _check(0 < self.metric_alpha <= 1, "class_metric_alpha", "must be in (0, 1]", self.metric_alpha)
+
+def _class_on(values: dict) -> bool:
+    return values.get("class_bounds") not in (None, "")
+
+
 def _alp_on(values: dict) -> bool:
     return values.get("alp") is True
 
@@ -353,7 +400,18 @@ class TrainConfig:
     objective_args: dict | None = opt(None, 'JSON dict of preset hyper-parameter overrides, e.g. {"eps_high": 0.28}',
                                       group="objective")
     advantage: str | None = opt(None, "advantage estimator instead of the preset's own: grpo, dr_grpo, rloo, "
-                                "reinforce_pp (none: the preset's; tether objectives shows it)", group="objective")
+                                "reinforce_pp, rank_ema (FAKER-Air's centred rank + EMA z-score) (none: the preset's; tether objectives shows it)", group="objective")
+    adv_ema_alpha: float = opt(0.05, "advantage rank_ema: EMA smoothing of the batch mean reward and its spread",
+                               group="objective")
+    adv_ema_coeff: float = opt(0.5, "advantage rank_ema: weight c of the EMA z-score against the centred rank "
+                               "(A = (1 - c) rank + c z)", group="objective")
+    class_bounds: str | None = opt(None, "class-wise reward (FAKER-Air): ascending class bounds b_0,...,b_K; the "
+                                   "completion's number and the answer's fall in class k for b_k <= v < b_{k+1} "
+                                   "(clamped to the ends), e.g. 0,15,35,75,800; replaces the task's reward (none: off)",
+                                   group="class-wise reward")
+    classwise: ClasswiseConfig | None = section(ClasswiseConfig, "class-wise reward on graded numeric answers",
+                                                prefix="class_", switch=_class_on, needs="class_bounds",
+                                                group="class-wise reward")
     dynamic_sampling: bool = opt(False, "drop groups whose rewards are all equal (DAPO)", group="objective")
     overlong_buffer: int | None = opt(None, "soft overlong penalty buffer L_buf in tokens (none: off)",
                                       group="objective")
@@ -504,8 +562,23 @@ class TrainConfig:
                              if self.kl is None else "config section 'kl' (KLConfig) needs kl_placement reward or loss")
         if self.kl is not None and self.kl.estimator == "k3_is" and self.kl_placement is not KLPlacement.LOSS:
             raise ValueError("config field 'kl_estimator' k3_is needs kl_placement 'loss' (its ratio carries the gradient)")
-        _check(self.advantage is None or self.advantage in ADVANTAGES, "advantage",
-               f"must be one of {', '.join(ADVANTAGES)} or none", repr(self.advantage))
+        valid = (*ADVANTAGES, *STATEFUL_ADVANTAGES)
+        _check(self.advantage is None or self.advantage in valid, "advantage",
+               f"must be one of {', '.join(valid)} or none", repr(self.advantage))
+        _check(0 < self.adv_ema_alpha <= 1, "adv_ema_alpha", "must be in (0, 1]", self.adv_ema_alpha)
+        _check(0 <= self.adv_ema_coeff <= 1, "adv_ema_coeff", "must be in [0, 1]", self.adv_ema_coeff)
+        if self.classwise is not None:
+            self._validate_classwise()
+        if self.classwise is not None and self.mode is not TrainMode.SYNC:
+            raise ValueError("config field 'class_bounds' needs mode 'sync' (the step's rows must line up with its "
+                             f"examples), got {self.mode.value!r}")
+        if self.kl is not None and self.kl.target is not None and self.old_logits is OldLogits.LOGLINEAR \
+                and self.kl_placement is not KLPlacement.REWARD:
+            raise ValueError("config field 'kl_target' needs the step's recomputed log-probs, which old_logits "
+                             "'loglinear' skips (use recompute or snapshot)")
+        if self.classwise is not None and self.env is not None:
+            raise ValueError("config field 'class_bounds' needs a task with answers (it bins each completion's number "
+                             "against its example's); an environment scores its own episodes")
         self._check_ranges()
         self._check_rewards()
         if (self.prompts_per_step * self.group_size) % self.minibatches:
@@ -515,6 +588,21 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ValueError("config field 'overwrite' cannot be combined with 'resume' (a resume continues the run)")
         self._validate_offpolicy()
+
+    @property
+    def class_bound_values(self) -> tuple[float, ...]:
+        return tuple(float(x) for x in (self.class_bounds or "").split(","))
+
+    def _validate_classwise(self) -> None:
+        try:
+            values = self.class_bound_values
+        except ValueError:
+            values = ()
+        ok = len(values) >= 2 and all(math.isfinite(v) for v in values) and all(b > a for a, b in zip(values, values[1:]))
+        _check(ok, "class_bounds", "must be at least two strictly ascending comma-separated numbers",
+               repr(self.class_bounds))
+        h = self.classwise.high_from
+        _check(0 <= h <= len(values) - 2, "class_high_from", f"must be a class index in [0, {len(values) - 2}]", h)
 
     def _validate_alp(self) -> None:
         if self.mode is TrainMode.DIST:

@@ -4,9 +4,10 @@ A driver (``sync.py``, ``async_loop.py``, later a distributed or multi-turn one)
 when and where rollouts are generated and scored, and when weights reach the engine. It hands each step's
 scored rollouts to :meth:`Run.learn`, which runs the step's stages in this order:
 
-    expert rows (CalibRL / RL-PLUS) -> shaping (overlong penalty) -> pi_old / the old-logit anchor (+ pi_ref)
-    -> expert baseline -> KL in the reward
-    -> dynamic sampling -> advantages (the preset's estimator) x staleness weights
+    class-wise reward (class_bounds; classwise.py) -> expert rows (CalibRL / RL-PLUS) -> shaping (overlong
+    penalty) -> pi_old / the old-logit anchor (+ pi_ref) -> expert baseline -> the PI-controlled KL coefficient
+    (kl_target) -> KL in the reward
+    -> dynamic sampling -> advantages (the preset's estimator, or --advantage) x staleness weights
     -> meter -> mismatch control (budget actions, auto correction: this step's objective arguments)
     -> update phase (update.py) -> LR schedule or a counted non-finite step -> version + 1
 
@@ -33,11 +34,12 @@ from tether.agent.episodes import EpisodeBatch
 from tether.configs import to_dict
 from tether.engine.partial import generate_partial
 from tether.objectives import get_preset
-from tether.objectives.advantages import advantage_metrics, get_advantage
+from tether.objectives.advantages import STATEFUL_ADVANTAGES, advantage_metrics, get_advantage
 from tether.objectives.kl import check_kl_combination
 from tether.rollout import Rollout
 from tether.tasks.base import Example
 from tether.train import setup
+from tether.train.classwise import ClasswiseReward, KLCoefController, RankEmaAdvantage, measured_kl
 from tether.train.config import AsyncConfig, KLPlacement, OldLogits, TrainConfig
 from tether.train.errors import TrainingStopped
 from tether.train.expert import expert_rows_for, on_policy_rows
@@ -46,7 +48,7 @@ from tether.train.metrics_log import MetricsLog
 from tether.train.mismatch_control import MismatchControl
 from tether.train.old_logits import OldLogitSource
 from tether.train.progress import Reporter, StepProgress, Stopwatch
-from tether.train.requirements import check_requirements
+from tether.train.requirements import check_requirements, needs_expert_rows
 from tether.train.run_dir import open_run_dir
 from tether.train.scoring import Scorer, reward_terms
 from tether.train.seeds import step_seed
@@ -64,6 +66,8 @@ class RunState:
     accuracy_before: float | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"reward_failed": 0, "skipped_steps": 0, "dropped_groups": 0})
     mismatch_control: dict[str, float] = field(default_factory=dict)
+    classwise: dict[str, float] = field(default_factory=dict)
+    """The class-wise reward's multipliers, the rank_ema advantage's EMA and the KL controller (classwise.py)."""
 
 
 @dataclass
@@ -165,7 +169,14 @@ class Run:
                 self._stack.callback(self.ranks.close)
         self.preset = get_preset(cfg.objective)
         self.objective_args = self.preset.resolve(cfg.objective_args)  # validate overrides before any compute
-        self.advantage_fn = get_advantage(cfg.advantage or self.preset.advantage)  # --advantage overrides the preset
+        adv = cfg.advantage or self.preset.advantage  # --advantage overrides the preset
+        state = lambda: self.state.classwise  # noqa: E731 (read at each call: a resume replaces self.state)
+        self.advantage_fn = RankEmaAdvantage(cfg, state) if adv in STATEFUL_ADVANTAGES else get_advantage(adv)
+        self.class_reward = ClasswiseReward(cfg, state) if cfg.classwise is not None else None
+        if self.class_reward is not None and needs_expert_rows(self.preset):
+            raise ValueError(f"config field 'class_bounds' cannot be combined with objective {cfg.objective!r}: its "
+                             "expert rows are scored by the task's reward, not the class-wise one")
+        self.kl_control = KLCoefController(cfg.kl, state) if cfg.kl is not None and cfg.kl.target is not None else None
         if cfg.kl is not None:
             check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
@@ -390,6 +401,11 @@ class Run:
         rollout, rewards_B = batch.rollout, batch.rewards_B
         counters = self.state.counters
         raw_reward_mean = rewards_B.mean()
+        step_m: dict[str, Any] = {}
+        if self.class_reward is not None:  # FAKER-Air's class-wise reward replaces the task's (its mean stays logged)
+            texts = [self.policy.tokenizer.decode(x) for x in setup.completion_ids(self.policy, rollout)]
+            rewards_B, step_m = self.class_reward(texts, [batch.examples[i // cfg.group_size].answer
+                                                          for i in range(rollout.batch_size)])
         # expert presets: each group's expert solution as one more row, scored like a completion (sync only)
         rollout, rewards_B, expert_B, expert_failed = self.experts.append(rollout, rewards_B, batch.examples)
         counters["reward_failed"] += expert_failed
@@ -425,8 +441,12 @@ class Run:
             with torch.no_grad():
                 logp_ref_BT = self.logprobs(self.ref_model, rollout)[0] if self.ref_model is not None else None
         rollout, expert_inputs = self.experts.loss_inputs(rollout, current_BT, expert_B)  # expert_B, baseline
+        kl_coef = None  # the config's, unless PI-controlled (kl_target): updated from this step's KL, then used
+        if self.kl_control is not None:
+            kl_coef, kl_m = self.kl_control.coef(measured_kl(current_BT, logp_ref_BT, mask_BT))
+            step_m.update(kl_m)
         if cfg.kl_placement is KLPlacement.REWARD:
-            rewards_B = rewards_B + setup.kl_reward(current_BT, logp_ref_BT, mask_BT, cfg)
+            rewards_B = rewards_B + setup.kl_reward(current_BT, logp_ref_BT, mask_BT, cfg, kl_coef)
         if cfg.dynamic_sampling:  # DAPO: groups whose rewards are all equal carry no signal
             info_B = informative_groups(rewards_B, rollout.group_B)
             counters["dropped_groups"] += int(torch.unique(rollout.group_B[keep_B & ~info_B]).numel())
@@ -460,7 +480,7 @@ class Run:
                 update = update_phase(
                     cfg, self.preset, step_args, model, self.optimizer, rollout, keep_B, old_for_loss, logp_ref_BT,
                     advantages_BT, s, logprobs=self.logprobs,
-                    kl_loss=(lambda lp, ref, m, mu: setup.kl_loss_terms(lp, ref, m, mu, cfg))
+                    kl_loss=(lambda lp, ref, m, mu: setup.kl_loss_terms(lp, ref, m, mu, cfg, kl_coef))
                     if cfg.kl_placement is KLPlacement.LOSS else None,
                     first_logp_theta_BT=theta_BT if one_forward else None,
                     prox_fn=self.old_logits.prox_fn(rollout, s), extra_inputs=expert_inputs, ranks=self.ranks)
@@ -476,6 +496,7 @@ class Run:
             "reward/mean": raw_reward_mean, "reward/shaped_mean": rewards_B.mean(), "reward/failed": batch.failed,
             "length/mean": rollout.completion_len_B.float().mean(), "time/old_logits_s": old_s,
             **advantage_metrics(advantages_B, include_B),
+            **step_m,
             "mem/old_logits_bytes": self.old_logits.extra_bytes(),
             "async/version_min": (int(rollout_m.version_BT[rollout_m.loss_mask_BT].min())
                                   if rollout_m.loss_mask_BT.any() else s),

@@ -228,21 +228,25 @@ def evaluate(policy: Policy, scorer: Scorer, cfg: TrainConfig) -> float:
     return sum(r.reward for r in results) / max(len(examples), 1)
 
 
-def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig) -> Tensor:
+def kl_reward(logp_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, cfg: TrainConfig, coef: float | None = None
+              ) -> Tensor:
+    """The KL penalty in the reward, ``coef`` (None: ``cfg.kl.coef``; the PI-controlled value with kl_target)."""
     from tether.objectives.kl import kl_penalty_in_reward
 
-    per_token = kl_penalty_in_reward(logp_BT, logp_ref_BT, mask_BT, coef=cfg.kl.coef, estimator=cfg.kl.estimator)
+    per_token = kl_penalty_in_reward(logp_BT, logp_ref_BT, mask_BT, coef=cfg.kl.coef if coef is None else coef,
+                                     estimator=cfg.kl.estimator)
     return per_token.sum(-1).to(torch.float32)
 
 
 def kl_loss_terms(logp_theta_BT: Tensor, logp_ref_BT: Tensor, mask_BT: Tensor, logp_mu_BT: Tensor | None,
-                  cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """The per-token KL penalty in the loss and its metrics (``kl/is_weight_mean``, the mean of ``pi_theta/mu``
+                  cfg: TrainConfig, coef: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-token KL penalty in the loss (``coef``: None, ``cfg.kl.coef``) and its metrics (``kl/is_weight_mean``, the mean of ``pi_theta/mu``
     over loss tokens, with the importance-corrected estimator ``k3_is``)."""
     from tether.objectives.inputs import masked_mean
     from tether.objectives.kl import IMPORTANCE_CORRECTED, kl_penalty_in_loss
 
-    kl_BT = kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl.estimator, coef=cfg.kl.coef,
+    kl_BT = kl_penalty_in_loss(logp_theta_BT, logp_ref_BT, mask_BT, estimator=cfg.kl.estimator,
+                               coef=cfg.kl.coef if coef is None else coef,
                                logp_mu_BT=logp_mu_BT)
     metrics = {}
     if cfg.kl.estimator == IMPORTANCE_CORRECTED:
