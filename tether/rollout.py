@@ -43,8 +43,9 @@ class Source(IntEnum):
     CACHE = 5
     """Replayed from a cache of earlier trajectories (BEPA): in the loss, with the ``logp_mu`` it was recorded with."""
     REPLAY = 6
-    """A fork's replayed prefix (Fission-GRPO, ``tether.agent.fission``): the policy's own earlier actions, replayed
-    to restore a state; context for the continuations sampled from it, never in the loss."""
+    """The policy's own actions kept as context only, never in the loss: a fork's replayed prefix (Fission-GRPO,
+    ``tether.agent.fission``: earlier actions replayed to restore a state), or, in the update's copy of a batch
+    only, the turns DART's entropy selection leaves out (``tether.agent.dart``)."""
 
 
 @dataclass(frozen=True)

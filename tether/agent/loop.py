@@ -63,6 +63,16 @@ class Episodes:
             from tether.agent.dagger import Aggregate
 
             self.aggregate = Aggregate()
+        if self.a.dart_reuse:
+            from tether.agent.bepa import TrajectoryCache
+
+            self.cache = TrajectoryCache(self.a.bepa_cache_size)
+        self.history = None
+        if self.a.dart_adaptive:
+            from tether.agent.dart import SuccessHistory
+
+            self.history = SuccessHistory(self.a.dart_window)
+        self.train_seeds: list[int] = []  # the episode seed of every row of the last training collect
         self.has_solver = callable(getattr(task.make(), "expert_action", None))
         if self.a.algorithm == "dagger" and self.a.dagger_teacher == "scripted" and not self.has_solver:
             raise ValueError(f"{task.name} has no scripted solver (expert_action()) for --dagger-teacher scripted; "
@@ -124,13 +134,16 @@ class Episodes:
 
         algo = self.a.algorithm
         engine = self.policy.engine
-        if algo == "bepa":
+        if algo == "bepa" or self.a.dart_reuse:
             from tether.agent.bepa import assimilate
 
-            keys = [spec.seed for spec in specs for _ in range(self.cfg.group_size)]
-            seed_fn = self._expert_episode if self.has_solver else None  # no solver: own successes only
+            keys = list(self.train_seeds)
+            # no solver (or DART's reuse): the policy's own successes only
+            seed_fn = self._expert_episode if self.has_solver and algo == "bepa" else None
             ep, out = assimilate(ep, keys, self.cache, seed_fn, pad_id=engine.pad_id,
                                  vocab_size=engine.vocab_size)
+            if algo != "bepa":
+                out = {"dart/reuse_" + k.removeprefix("bepa/"): v for k, v in out.items()}
             return ep, ep.rollout, ep.returns_E, out
         if algo == "dagger":
             from tether.agent.dagger import label_rows, sft_rollout
@@ -150,15 +163,43 @@ class Episodes:
         """What a checkpoint keeps of the agent algorithm: DAgger's aggregate, BEPA's cache (plain data)."""
         if self.a.algorithm == "dagger":
             return {"dagger": self.aggregate.state_dict()}
-        if self.a.algorithm == "bepa":
-            return {"bepa": self.cache.state_dict()}
-        return {}
+        out = {}
+        if self.a.algorithm == "bepa" or self.a.dart_reuse:
+            out["bepa"] = self.cache.state_dict()
+        if self.history is not None:
+            out["dart_history"] = self.history.state_dict()
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
         if "dagger" in sd:
             self.aggregate.load_state_dict(sd["dagger"])
         if "bepa" in sd:
             self.cache.load_state_dict(sd["bepa"], self.sampling)
+        if "dart_history" in sd and self.history is not None:
+            self.history.load_state_dict(sd["dart_history"])
+
+    def select_steps(self, rollout: Rollout, entropy_BT: Tensor | None) -> tuple[Rollout, dict[str, float]]:
+        """DART's high-entropy step selection (``dart_entropy_top``; ``tether.agent.dart.entropy_selection``): the
+        rollout the update trains on; ``rollout`` itself when the switch is off."""
+        if self.a.dart_entropy_top is None:
+            return rollout, {}
+        if entropy_BT is None:
+            raise ValueError("dart_entropy_top: this step computed no entropy (old_logits loglinear)")
+        from tether.agent.dart import entropy_selection
+
+        return entropy_selection(rollout, entropy_BT, self.a.dart_entropy_top)
+
+    def rollout_counts(self, specs: list[EpisodeSpec]) -> list[int]:
+        """Episodes per spec of a training step: ``group_size`` each, or with ``dart_adaptive`` DART's
+        allocation by recent success rate (``tether.agent.dart.allocate_rollouts``; the total is unchanged)."""
+        g = self.cfg.group_size
+        if self.history is None:
+            return [g] * len(specs)
+        from tether.agent.dart import allocate_rollouts
+
+        hi = self.a.dart_max_rollouts if self.a.dart_max_rollouts is not None else 2 * g
+        return allocate_rollouts([self.history.rate(spec.seed) for spec in specs], g * len(specs),
+                                 self.a.dart_min_rollouts, hi)
 
     @staticmethod
     def meter_rows(rollout: Rollout) -> Rollout:
@@ -183,10 +224,12 @@ class Episodes:
                             max_episode_tokens=self.max_episode_tokens,
                             teacher=ScriptedTeacher(self.policy.tokenizer, always))
 
-    def envs(self, specs: list[EpisodeSpec], copies: int) -> tuple[list, list[int], Tensor]:
-        envs = [as_env(self.task.make(), self.renderer) for _ in specs for _ in range(copies)]
-        seeds = [spec.seed for spec in specs for _ in range(copies)]
-        return envs, seeds, torch.arange(len(specs)).repeat_interleave(copies)
+    def envs(self, specs: list[EpisodeSpec], copies: int | list[int]) -> tuple[list, list[int], Tensor]:
+        """Environments, seeds and group ids of ``copies`` episodes per spec (one count, or one per spec)."""
+        counts = [copies] * len(specs) if isinstance(copies, int) else list(copies)
+        seeds = [spec.seed for spec, n in zip(specs, counts) for _ in range(n)]
+        envs = [as_env(self.task.make(), self.renderer) for _ in seeds]
+        return envs, seeds, torch.arange(len(specs)).repeat_interleave(torch.tensor(counts, dtype=torch.long))
 
     def collect(self, specs: list[EpisodeSpec], params: SamplingParams, *, seed_fn: Callable[[int, int], int],
                 before_chunk: Callable[[int], None] | None = None, chunk_tokens: int | None = None,
@@ -194,7 +237,8 @@ class Episodes:
         """``group_size`` episodes per spec (``copies`` instead: evaluation, never forked); turn k, chunk c sampled
         with ``seed_fn(k, c)``; with ``fission`` set, the forked groups after them. ``step``: a training step's
         episodes (DAgger's mixture teacher acts on some turns); None: the student alone."""
-        envs, seeds, group_B = self.envs(specs, self.cfg.group_size if copies is None else copies)
+        counts = self.rollout_counts(specs) if copies is None else copies
+        envs, seeds, group_B = self.envs(specs, counts)
         teacher = None if step is None else self.teacher(step, len(envs))
 
         def play(envs, seeds, group_B, replays=None, chunk0=0, teacher=None):
@@ -204,6 +248,11 @@ class Episodes:
                                 chunk_tokens=chunk_tokens, replays=replays, teacher=teacher)
 
         batch = play(envs, seeds, group_B, teacher=teacher)
+        if copies is None:
+            self.train_seeds = list(seeds)
+            if self.history is not None:  # DART's success history: the sampled episodes (forks not counted)
+                for seed, ok in zip(seeds, batch.success_E.tolist()):
+                    self.history.add(seed, ok)
         if self.a.fission is None or copies is not None:
             return batch
         from tether.agent.fission import FISSION_CHUNK, fission
@@ -252,6 +301,11 @@ class Episodes:
 
         out: dict[str, Any] = ep.metrics()
         r = ep.rollout
+        if self.history is not None:  # DART's adaptive counts: the group sizes this step played
+            sizes = torch.bincount(r.group_B[~ep.fission_B] if ep.fission_B is not None else r.group_B)
+            sizes = sizes[sizes > 0]
+            out.update({"dart/rollouts_min": float(sizes.min()), "dart/rollouts_max": float(sizes.max()),
+                        "dart/tasks_tracked": float(len(self.history.seen))})
         if logp_BT is not None:
             out.update(mismatch_by_source(r, logp_BT, r.logp_mu_BT))
             out.update(mismatch_by_turn(r, logp_BT, r.logp_mu_BT))

@@ -46,8 +46,11 @@ class EnvTask:
     def make(self) -> TextEnv | Env:
         return self.factory(**self.options)
 
+    pool: int | None = None
+    """Training seeds come from ``0..pool-1`` (tasks repeat; ``AgentConfig.task_pool``); None: from ``0..10^9-1``."""
+
     def sample(self, rng: random.Random) -> EpisodeSpec:
-        return EpisodeSpec(rng.randrange(EVAL_SEED_BASE))
+        return EpisodeSpec(rng.randrange(self.pool or EVAL_SEED_BASE))
 
     def eval_examples(self, n: int = 200) -> list[EpisodeSpec]:
         return [EpisodeSpec(EVAL_SEED_BASE + i) for i in range(n)]

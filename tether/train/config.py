@@ -236,6 +236,18 @@ class AgentConfig:
     dagger_teacher_steps: int = opt(400, "dagger_teacher builtin: its SFT warm-start steps on the expert episodes "
                                          "(cached on disk)")
     bepa_cache_size: int = opt(1024, "bepa: tasks the trajectory cache holds at most (the oldest entry goes first)")
+    task_pool: int | None = opt(None, "draw training episode seeds from the N seeds 0..N-1, so tasks repeat (none: "
+                                      "a fresh seed from 10^9 each time)")
+    dart_entropy_top: float | None = opt(None, "DART: train only on this fraction (0, 1] of the batch's agent steps "
+                                               "(turns), those of highest mean token entropy; the rest leave the loss "
+                                               "mask (none: off; tether.agent.dart)")
+    dart_adaptive: bool = opt(False, "DART: share each step's episodes among its tasks by recent success rate p, "
+                                     "weight p(1-p), within dart_min_rollouts..dart_max_rollouts (total fixed)")
+    dart_min_rollouts: int = opt(2, "dart_adaptive: episodes per task at least")
+    dart_max_rollouts: int | None = opt(None, "dart_adaptive: episodes per task at most (none: 2 * group_size)")
+    dart_window: int = opt(8, "dart_adaptive: a task's success rate is over its last N episodes")
+    dart_reuse: bool = opt(False, "DART experience reuse: keep each task's latest successful episode and replay it "
+                                  "into groups where every sampled episode failed (BEPA's cache, own successes only)")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -248,6 +260,21 @@ class AgentConfig:
         _check(self.dagger_teacher in ("scripted", "builtin") or _is_model_dir(self.dagger_teacher), "dagger_teacher",
                "must be scripted, builtin or a model directory with a config.json", repr(self.dagger_teacher))
         _check(self.bepa_cache_size >= 1, "bepa_cache_size", "must be >= 1", self.bepa_cache_size)
+        _check(self.task_pool is None or 1 <= self.task_pool <= 1_000_000_000, "task_pool",
+               "must be in [1, 10^9] or none", self.task_pool)
+        _check(self.dart_entropy_top is None or 0 < self.dart_entropy_top <= 1, "dart_entropy_top",
+               "must be in (0, 1] or none", self.dart_entropy_top)
+        _check(self.dart_entropy_top is None or self.algorithm != "dagger", "dart_entropy_top",
+               "selects among sampled agent steps; algorithm 'dagger' trains on teacher labels", self.dart_entropy_top)
+        _check(self.dart_min_rollouts >= 1, "dart_min_rollouts", "must be >= 1", self.dart_min_rollouts)
+        _check(self.dart_max_rollouts is None or self.dart_max_rollouts >= self.dart_min_rollouts, "dart_max_rollouts",
+               "must be >= dart_min_rollouts or none", self.dart_max_rollouts)
+        _check(self.dart_window >= 1, "dart_window", "must be >= 1", self.dart_window)
+        _check(not self.dart_reuse or self.algorithm == "rl", "dart_reuse",
+               f"is algorithm 'rl''s switch (algorithm {self.algorithm!r} has its own rows: bepa already injects its "
+               "cache)", self.dart_reuse)
+        _check(not self.dart_reuse or self.fission is None, "dart_reuse",
+               "excludes fission (a fork's replayed prefix would mix with the replayed episodes)", self.dart_reuse)
         _check(self.max_turns >= 1, "max_turns", "must be >= 1", self.max_turns)
         _check(self.max_episode_tokens is None or self.max_episode_tokens >= 2, "max_episode_tokens",
                "must be >= 2 or none", self.max_episode_tokens)
@@ -617,6 +644,17 @@ class TrainConfig:
 
     def _validate_agent(self) -> None:
         algo = self.agent.algorithm
+        a = self.agent
+        for name in ("dart_adaptive", "dart_reuse"):
+            _check(not getattr(a, name) or self.mode is TrainMode.SYNC, name,
+                   "needs mode 'sync' (its success history and cache are updated between steps)", getattr(a, name))
+        _check(a.dart_entropy_top is None or self.old_logits is not OldLogits.LOGLINEAR, "dart_entropy_top",
+               "needs the trainer's entropy, which old_logits 'loglinear' never computes", a.dart_entropy_top)
+        if a.dart_adaptive:
+            hi = a.dart_max_rollouts if a.dart_max_rollouts is not None else 2 * self.group_size
+            _check(a.dart_min_rollouts <= self.group_size <= hi, "dart_min_rollouts",
+                   f"and dart_max_rollouts ({hi}) must bracket group_size {self.group_size} (the step's total "
+                   "stays prompts_per_step * group_size)", a.dart_min_rollouts)
         if algo != "rl" and self.mode is not TrainMode.SYNC:
             raise ValueError(f"config field 'algorithm' {algo} needs mode 'sync' (its episodes and cache are built "
                              "between steps)")

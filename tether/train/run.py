@@ -474,11 +474,16 @@ class Run:
                 raise
         finite = bool(torch.isfinite(torch.where(mask_BT, old_for_loss, 0)).all()
                       and torch.isfinite(rollout.logp_mu_BT).all())
+        trained = rollout  # DART's high-entropy step selection may take agent steps out of the loss mask
+        if batch.episodes is not None:
+            trained, dart_metrics = self.episodes.select_steps(rollout, entropy_BT)
+            advantages_BT = advantages_BT * trained.loss_mask_BT
+            metrics.update(dart_metrics)
         if finite and keep_B.any():
             before = [t.clone() for t in self._trainable()] if cfg.max_update_ratio is not None else None
             with clock("update"):
                 update = update_phase(
-                    cfg, self.preset, step_args, model, self.optimizer, rollout, keep_B, old_for_loss, logp_ref_BT,
+                    cfg, self.preset, step_args, model, self.optimizer, trained, keep_B, old_for_loss, logp_ref_BT,
                     advantages_BT, s, logprobs=self.logprobs,
                     kl_loss=(lambda lp, ref, m, mu: setup.kl_loss_terms(lp, ref, m, mu, cfg, kl_coef))
                     if cfg.kl_placement is KLPlacement.LOSS else None,

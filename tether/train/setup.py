@@ -36,7 +36,9 @@ def build_task(cfg: TrainConfig) -> Task:
     if cfg.env is not None:  # multi-turn episodes: the environment is the task (tether.agent.task)
         from tether.agent.task import build_env_task
 
-        return build_env_task(cfg.env, cfg.agent.env_options)
+        task = build_env_task(cfg.env, cfg.agent.env_options)
+        task.pool = cfg.agent.task_pool
+        return task
     from tether.tasks.registry import get_task
 
     options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
