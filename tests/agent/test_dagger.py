@@ -119,8 +119,9 @@ def test_dagger_flags_are_validated_at_the_edge():
                          ("algorithm", "dagg"), ("objective", "grpo_x")]:
         with pytest.raises(ValueError, match=field if field != "objective" else "objective"):
             TrainConfig.from_flat(**{**base, field: value})
-    with pytest.raises(ValueError, match="objective"):
-        TrainConfig.from_flat(**base, objective="ppo")
+    for objective in ("ppo", "grpo"):  # an objective given explicitly is kept and refused, never replaced by sft
+        with pytest.raises(ValueError, match="must be sft \\(or pear\\) with algorithm dagger"):
+            TrainConfig.from_flat(**base, objective=objective)
     with pytest.raises(ValueError, match="mode 'sync'"):
         TrainConfig.from_flat(**base, mode="async")
     with pytest.raises(ValueError, match="algorithm dagger"):

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tether.train.checkpoint import CheckpointError
-    from tether.train.config import TrainConfig, TrainMode, default_job
+    from tether.train.config import TrainConfig, TrainMode, algorithm_defaults, default_job
     from tether.train.signals import Interrupted
     from tether.train.summary import print_summary
     from tether.train.sync import TrainingStopped, train
@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         if not saved.exists():
             raise FileNotFoundError(f"--resume {resume}: no config.json there (not a tether run directory?)")
         args.config = str(saved)  # the run's own config; explicit flags still override it
-    cfg = config_from_args(TrainConfig, args, job=None if args.classic else default_job)
+    cfg = config_from_args(TrainConfig, args, job=algorithm_defaults if args.classic
+                           else lambda given: {**default_job(given), **algorithm_defaults(given)})
     if cfg.mode is TrainMode.ASYNC:  # docs/async.md
         from tether.train.async_loop import train
     elif cfg.mode is TrainMode.DIST:  # docs/distributed.md

@@ -395,6 +395,14 @@ def default_job(given: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in DEFAULT_JOB.items() if k not in given}
 
 
+def algorithm_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
+    """What an agent algorithm adds under the values ``given``: DAgger's objective (``sft``: its update is SFT on the
+    teacher's labels) where they name algorithm dagger and no objective. An objective given explicitly is kept and
+    validated (``grpo`` with dagger is an error, not silently replaced). Used by ``from_flat``, ``default`` and
+    ``tether train`` alike."""
+    return {"objective": "sft"} if given.get("algorithm") == "dagger" and "objective" not in given else {}
+
+
 @dataclass
 class TrainConfig:
     """``tether train``'s config (module docstring). Build it from flat names with ``TrainConfig.from_flat``."""
@@ -547,14 +555,14 @@ class TrainConfig:
     def from_flat(cls, **values: Any) -> TrainConfig:
         """The config from flat field names and values, exactly as the CLI and config files give them
         (``TrainConfig.from_flat(mode="async", max_staleness=2, kl_placement="reward", kl_coef=0.1)``)."""
-        return build(cls, values)
+        return build(cls, {**algorithm_defaults(values), **values})
 
     @classmethod
     def default(cls, **values: Any) -> TrainConfig:
         """The config ``tether train`` runs for these flat values: the default job (``DEFAULT_JOB``) under them,
         unless they pick a job of their own (``default_job``). ``TrainConfig.default()`` is a bare
         ``tether train``; ``TrainConfig()`` / ``from_flat()`` are the classic job (``tether train --classic``)."""
-        return build(cls, {**default_job(values), **values})
+        return build(cls, {**default_job(values), **algorithm_defaults(values), **values})
 
     def __post_init__(self) -> None:
         coerce_fields(self)
@@ -659,8 +667,6 @@ class TrainConfig:
             raise ValueError(f"config field 'algorithm' {algo} needs mode 'sync' (its episodes and cache are built "
                              "between steps)")
         if algo == "dagger":
-            if self.objective == "grpo":  # the default: DAgger's update is SFT on the teacher's labels
-                self.objective = "sft"
             teacher = self.agent.dagger_teacher
             _check(teacher != "builtin" or self.model == "tiny", "dagger_teacher",
                    "builtin needs the built-in student (--model tiny: the teacher shares its tokenizer)", repr(teacher))
