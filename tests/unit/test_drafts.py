@@ -125,3 +125,14 @@ def test_template_check():
     assert check_template("Draft: {draft}\n{prompt}") is None
     assert "both" in check_template("{draft}")
     assert check_template("{draft}{prompt}{0}") is not None
+
+
+def test_the_trainer_wraps_a_given_task_once():
+    from tether.train.setup import with_drafts
+
+    cfg = TrainConfig.from_flat(drafts="matched-wrong", draft_template="{draft}|{prompt}", seed=5)
+    inner = ListTask(PROBLEMS)
+    task = with_drafts(inner, cfg)
+    assert isinstance(task, DraftedTask) and task.seed == 5 and task.template == "{draft}|{prompt}"
+    assert with_drafts(task, cfg) is task
+    assert with_drafts(inner, TrainConfig.from_flat()) is inner  # --drafts off: the task itself

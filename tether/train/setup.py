@@ -49,11 +49,14 @@ def build_task(cfg: TrainConfig) -> Task:
 
 
 def with_drafts(task: Task, cfg: TrainConfig) -> Task:
-    """``task`` with weak-to-strong drafts in its training prompts (``cfg.drafts``), or ``task`` itself."""
+    """``task`` with weak-to-strong drafts in its training prompts (``cfg.drafts``), or ``task`` itself (also when it
+    already carries drafts: a task passed in is wrapped once)."""
     if cfg.drafts is None:
         return task
     from tether.tasks.drafts import DraftedTask
 
+    if isinstance(task, DraftedTask):
+        return task
     return DraftedTask(task, cfg.drafts, template=cfg.draft_template, seed=cfg.seed)
 
 
