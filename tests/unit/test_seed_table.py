@@ -92,9 +92,9 @@ def check_command(span: str) -> str | None:
         return f"tether's parser refuses {span!r}"
     try:
         if args.command == "train":
-            from tether.train.config import TrainConfig
+            from tether.commands.train import train_config
 
-            cfg = config_from_args(TrainConfig, args)
+            cfg = train_config(args)  # exactly the config `tether train` would run (default job, algorithm)
             get_preset(cfg.objective).resolve(cfg.objective_args)
         elif args.command == "distill":
             from tether.distill.config import DEFAULT_OBJECTIVE, DistillConfig

@@ -25,9 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, TrainConfig)
 
 
+def train_config(args: argparse.Namespace):
+    """The ``TrainConfig`` that ``tether train`` runs for parsed ``args``: the flags over the config file, over the
+    default job (unless ``--classic``) and the agent algorithm's defaults."""
+    from tether.train.config import TrainConfig, algorithm_defaults, default_job
+
+    return config_from_args(TrainConfig, args, job=algorithm_defaults if args.classic
+                            else lambda given: {**default_job(given), **algorithm_defaults(given)})
+
+
 def run(args: argparse.Namespace) -> int:
     from tether.train.checkpoint import CheckpointError
-    from tether.train.config import TrainConfig, TrainMode, algorithm_defaults, default_job
+    from tether.train.config import TrainMode
     from tether.train.signals import Interrupted
     from tether.train.summary import print_summary
     from tether.train.sync import TrainingStopped, train
@@ -38,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if not saved.exists():
             raise FileNotFoundError(f"--resume {resume}: no config.json there (not a tether run directory?)")
         args.config = str(saved)  # the run's own config; explicit flags still override it
-    cfg = config_from_args(TrainConfig, args, job=algorithm_defaults if args.classic
-                           else lambda given: {**default_job(given), **algorithm_defaults(given)})
+    cfg = train_config(args)
     if cfg.mode is TrainMode.ASYNC:  # docs/async.md
         from tether.train.async_loop import train
     elif cfg.mode is TrainMode.DIST:  # docs/distributed.md

@@ -460,6 +460,11 @@ class TrainConfig:
                     group="ALP perturbation")
     perturb: AlpConfig | None = section(AlpConfig, "ALP's perturbation", prefix="alp_", switch=_alp_on, needs="alp",
                                         group="ALP perturbation")
+    drafts: str | None = opt(None, "weak-to-strong drafts in the training prompts (context only, outside the loss "
+                             "mask; evaluation prompts stay plain): matched-correct, matched-wrong, mismatched-correct, "
+                             "mismatched-wrong (none: off; docs/tasks.md)", group="task")
+    draft_template: str = opt("Draft: {draft}\n{prompt}", "how a draft joins the prompt: a format string with "
+                              "{draft} and {prompt}", group="task")
     # the run
     steps: int = opt(100, "number of RL steps (one optimiser update phase each)", group="run")
     seed: int = opt(0, "seed of everything: task sampling, generation, initialisation", group="run")
@@ -614,6 +619,7 @@ class TrainConfig:
         if self.classwise is not None and self.env is not None:
             raise ValueError("config field 'class_bounds' needs a task with answers (it bins each completion's number "
                              "against its example's); an environment scores its own episodes")
+        self._validate_drafts()
         self._check_ranges()
         self._check_rewards()
         if (self.prompts_per_step * self.group_size) % self.minibatches:
@@ -638,6 +644,16 @@ class TrainConfig:
                repr(self.class_bounds))
         h = self.classwise.high_from
         _check(0 <= h <= len(values) - 2, "class_high_from", f"must be a class index in [0, {len(values) - 2}]", h)
+
+    def _validate_drafts(self) -> None:
+        from tether.tasks.drafts import VARIANTS, check_template
+
+        _check(self.drafts is None or self.drafts in VARIANTS, "drafts", f"must be one of {', '.join(VARIANTS)} or "
+               "none", repr(self.drafts))
+        problem = check_template(self.draft_template)
+        _check(problem is None, "draft_template", problem or "", repr(self.draft_template))
+        _check(self.drafts is None or self.env is None, "drafts", "needs a task with answers, not an environment",
+               repr(self.drafts))
 
     def _validate_alp(self) -> None:
         if self.mode is TrainMode.DIST:

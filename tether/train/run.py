@@ -180,7 +180,7 @@ class Run:
         if cfg.kl is not None:
             check_kl_combination(cfg.kl.estimator, cfg.kl_placement.value)
 
-        self.task = self.given.task if self.given.task is not None else setup.build_task(cfg)
+        self.task = setup.with_drafts(self.given.task, cfg) if self.given.task is not None else setup.build_task(cfg)
         # every reward loaded (a bad name, module or signature stops here, before any model is built)
         self.reward_terms = None if cfg.env is not None else reward_terms(self.task, cfg, self.given.rewards)
         check_requirements(self.preset, cfg, self.task)  # refuse a preset this run cannot feed, before any model

@@ -43,8 +43,21 @@ def build_task(cfg: TrainConfig) -> Task:
 
     options = cfg.task_options if cfg.task_options is not None else DEFAULT_TASK_OPTIONS.get(cfg.task, {})
     # the first reward decides how a dataset is read (tether or TRL convention) and checks its answers
-    return get_task(cfg.task, reward=cfg.rewards[0][0] if cfg.rewards else None, skip_bad_rows=cfg.skip_bad_rows or None,
+    task = get_task(cfg.task, reward=cfg.rewards[0][0] if cfg.rewards else None, skip_bad_rows=cfg.skip_bad_rows or None,
                     text_check=builtin_text_check(cfg.model), **options)
+    return with_drafts(task, cfg)
+
+
+def with_drafts(task: Task, cfg: TrainConfig) -> Task:
+    """``task`` with weak-to-strong drafts in its training prompts (``cfg.drafts``), or ``task`` itself (also when it
+    already carries drafts: a task passed in is wrapped once)."""
+    if cfg.drafts is None:
+        return task
+    from tether.tasks.drafts import DraftedTask
+
+    if isinstance(task, DraftedTask):
+        return task
+    return DraftedTask(task, cfg.drafts, template=cfg.draft_template, seed=cfg.seed)
 
 
 def builtin_text_check(model: str):
