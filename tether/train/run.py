@@ -477,7 +477,8 @@ class Run:
         trained = rollout  # DART's high-entropy step selection may take agent steps out of the loss mask
         if batch.episodes is not None:
             trained, dart_metrics = self.episodes.select_steps(rollout, entropy_BT)
-            advantages_BT = advantages_BT * trained.loss_mask_BT
+            if trained is not rollout:  # the dropped steps' advantages go with them (the switch off: nothing to do)
+                advantages_BT = advantages_BT * trained.loss_mask_BT
             metrics.update(dart_metrics)
         if finite and keep_B.any():
             before = [t.clone() for t in self._trainable()] if cfg.max_update_ratio is not None else None
